@@ -83,13 +83,13 @@ PATHS = {
 
 TOOL_DESCRIPTIONS = {
     "Search": "Search[entity], which returns the facts about a person, city or company.",
-    "Lookup": ("Lookup[entity, attribute], which returns one attribute: born, city, employer of a "
-               "person; country, population of a city; founded, ceo, headquarters of a company."),
+    "Lookup": ("Lookup[entity, attribute], which returns one attribute: born, city, employer "
+               "(person); country, population (city); founded, ceo, headquarters (company)."),
     "Calculate": "Calculate[expression], which computes arithmetic such as 2030 - 1975.",
 }
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Knowledge base and tools
 
 
@@ -209,7 +209,7 @@ def format_number(value: int | float) -> str:
     return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # World generation
 
 _ONSETS = "b br d dr f fl g gr h k kl l m n p pr r s st t tr v z".split()
@@ -279,7 +279,7 @@ def kb_tools(kb: KnowledgeBase) -> dict[str, Tool]:
             "Calculate": (calculate, TOOL_DESCRIPTIONS["Calculate"])}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Questions and gold solutions
 
 
@@ -413,7 +413,7 @@ def gold_script(kb: KnowledgeBase, q: Question, templates: ReActTemplates, rng: 
         else:
             turns.extend([(writer, action, None), ("action", argument, None)])
 
-    def reflect(answer: str, right: bool, why: str) -> None:
+    def reflect(right: bool, why: str) -> None:
         verdict = templates.right if right else templates.wrong
         cycle("reflect", why, templates.reflect_request, templates.reflect, verdict)
 
@@ -432,7 +432,7 @@ def gold_script(kb: KnowledgeBase, q: Question, templates: ReActTemplates, rng: 
             wrong = step.value
             cycle("plan", f"{step.fact}. So the answer is {wrong}.", step.value, templates.finish,
                   wrong)
-            reflect(wrong, False, f"{wrong} is {step.describe}, but the question asks for {goal}.")
+            reflect(False, f"{wrong} is {step.describe}, not {goal}.")
             expect_next = templates.retry
             nxt = steps[i + 1]
             cycle("plan", f"{step.fact}. Now I need {nxt.need}.", expect_next, nxt.tool, nxt.argument)
@@ -452,17 +452,17 @@ def gold_script(kb: KnowledgeBase, q: Question, templates: ReActTemplates, rng: 
         misread_fact = last.fact[:-len(last.value)] + wrong
         cycle("plan", f"{misread_fact}. So the answer is {wrong}.",
               last.value, templates.finish, wrong)
-        reflect(wrong, False, f"The observation says {last.value}, not {wrong}.")
+        reflect(False, f"The observation says {last.value}, not {wrong}.")
         cycle("plan", f"{last.fact}. So the answer is {q.answer}.", templates.retry,
               templates.finish, q.answer)
     else:
         cycle("plan", f"{last.fact}. So the answer is {q.answer}.", last.value, templates.finish,
               q.answer)
-    reflect(q.answer, True, f"{q.answer} is {goal}, as the observations show.")
+    reflect(True, f"{q.answer} is {goal}.")
     return turns
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The task
 
 
@@ -581,7 +581,7 @@ class KBTask:
         return paths
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Published-format role files
 
 
