@@ -427,6 +427,8 @@ class ReActWorkflow(Workflow):
                               malformed=True)
             elif match.group(2) is not None:
                 self._act(state, name, match.group(2).strip(), close="")
+            elif (problem := self._order_problem(state, name)) is not None:
+                self._observe(state, problem, malformed=True)  # no argument turn for a bad order
             else:
                 state.action_type = name
                 state.phase = "argument"
@@ -441,12 +443,18 @@ class ReActWorkflow(Workflow):
 
     # -- internals --
 
-    def _act(self, state: ReActState, name: str, argument: str, close: str) -> None:
+    def _order_problem(self, state: ReActState, name: str) -> str | None:
         t = self.templates
         if state.awaiting_reflection and name != t.reflect:
-            return self._observe(state, t.invalid_need_reflect, close, malformed=True)
+            return t.invalid_need_reflect
         if name == t.reflect and not state.awaiting_reflection:
-            return self._observe(state, t.invalid_reflect_first, close, malformed=True)
+            return t.invalid_reflect_first
+        return None
+
+    def _act(self, state: ReActState, name: str, argument: str, close: str) -> None:
+        t = self.templates
+        if (problem := self._order_problem(state, name)) is not None:
+            return self._observe(state, problem, close, malformed=True)
         if not argument:
             return self._observe(state, t.invalid_empty.format(action=name), close, malformed=True)
         if name == t.finish:

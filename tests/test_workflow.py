@@ -97,7 +97,8 @@ def test_reflect_wrong_then_retry():
 
 @pytest.mark.parametrize("bad, message", [
     (["Fly", ], "Invalid action. The action must be one of: Search, Explode, Finish, Reflect."),
-    (["Reflect", "right"], "Invalid action. Reflect only follows the Finish action."),
+    (["Reflect"], "Invalid action. Reflect only follows the Finish action."),
+    (["Reflect[right]"], "Invalid action. Reflect only follows the Finish action."),
     (["Search", "  "], "Invalid action. Search needs an argument."),
     (["Finish[]"], "Invalid action. Finish needs an argument."),
 ])
@@ -110,12 +111,12 @@ def test_malformed_actions_are_observed_and_counted(bad, message):
 
 
 def test_reflect_phase_rejects_other_actions():
-    script = ["t", "Finish", "Paris", "judge", "Search[Ada]", "judge", "Reflect[maybe]", "judge",
-              "Reflect[right]"]
+    script = ["t", "Finish", "Paris", "judge", "Search[Ada]", "judge", "Search", "judge",
+              "Reflect[maybe]", "judge", "Reflect[right]"]
     [record] = run_episodes(ReActWorkflow(toy_tools()), ["q"], ScriptedPolicy.from_outputs({0: script}))
     assert "After Finish the action must be Reflect[right] or Reflect[wrong]" in record.text
     assert "Reflect takes right or wrong" in record.text
-    assert record.malformed == 2 and record.answer == "Paris"
+    assert record.malformed == 3 and record.answer == "Paris"
     assert {t.agent for t in record.turns[3:]} == {"reflect"}
 
 

@@ -422,30 +422,18 @@ def gold_script(kb: KnowledgeBase, q: Question, templates: ReActTemplates, rng: 
         early = None  # misread instead, so reflect sees both kinds of mistakes on multi-step questions
     if early is not None and steps[early].value == q.answer:
         early = None
-    previous: _Step | None = None
     for i, step in enumerate(steps):
-        expect = previous.value if previous else None
-        thought = f"I need {step.need}." if previous is None else \
-            f"{previous.fact}. Now I need {step.need}."
+        if i == 0:
+            thought, expect = f"I need {step.need}.", None
+        else:  # right after a rejected early answer, the retry message replaces the observation
+            expect = templates.retry if early == i - 1 else steps[i - 1].value
+            thought = f"{steps[i - 1].fact}. Now I need {step.need}."
         cycle("plan", thought, expect, step.tool, step.argument)
         if early == i:
-            wrong = step.value
-            cycle("plan", f"{step.fact}. So the answer is {wrong}.", step.value, templates.finish,
-                  wrong)
-            reflect(False, f"{wrong} is {step.describe}, not {goal}.")
-            expect_next = templates.retry
-            nxt = steps[i + 1]
-            cycle("plan", f"{step.fact}. Now I need {nxt.need}.", expect_next, nxt.tool, nxt.argument)
-            previous = nxt
-            steps_left = steps[i + 2:]
-            for later in steps_left:
-                cycle("plan", f"{previous.fact}. Now I need {later.need}.", previous.value,
-                      later.tool, later.argument)
-                previous = later
-            break
-        previous = step
+            cycle("plan", f"{step.fact}. So the answer is {step.value}.", step.value,
+                  templates.finish, step.value)
+            reflect(False, f"{step.value} is {step.describe}, not {goal}.")
     last = steps[-1]
-    assert previous is last
     if wrong_first and early is None:
         wrong = _misread(kb, q, last.value, rng)
         assert last.fact.endswith(last.value)  # every fact sentence ends with its value
