@@ -1,0 +1,423 @@
+"""Hugging Face checkpoint folders: ``config.json`` + safetensors (one file, or shards + index).
+
+The mapping from HF tensor names to our parameter pytree is data (``GLOBAL_KEYS``, ``LAYER_KEYS``):
+each row names the HF key, the leaf it fills and how the stored array becomes ours. The GGUF
+loader reuses the same table, so both formats agree on layout by construction.
+
+Our pytree (weights [in, out], every per-layer leaf stacked on a leading L axis)::
+
+    embed [V, D], final_norm [D], lm_head [D, V] (untied only),
+    layers: attn_norm, mlp_norm [L, D]; q [L, D, N*H]; k, v [L, D, K*H]; o [L, N*H, D];
+            q_bias [L, N*H], k_bias, v_bias [L, K*H] (qkv_bias only);
+            gate, up [L, D, F]; down [L, F, D]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from lragent_jax.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Loadable parameter dtypes; the checkpoint may hold any of these too.
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; ``problems`` lists every defect found, one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        listed = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"cannot load checkpoint {source}: {len(self.problems)} problem(s):\n"
+                         f"{listed}")
+
+
+def _identity(array: np.ndarray) -> np.ndarray:
+    return array
+
+
+def _transpose(array: np.ndarray) -> np.ndarray:
+    # HF (and GGUF, in numpy order) store linear weights [out, in]; our forward does x @ W.
+    return array.T
+
+
+def _always(config: ModelConfig) -> bool:
+    return True
+
+
+def _untied(config: ModelConfig) -> bool:
+    return not config.tie_embeddings
+
+
+def _with_bias(config: ModelConfig) -> bool:
+    return config.qkv_bias
+
+
+# (HF key, our leaf, stored -> ours (its own inverse), present when)
+GLOBAL_KEYS: tuple[tuple[str, str, Callable, Callable], ...] = (
+    ("model.embed_tokens.weight", "embed", _identity, _always),
+    ("model.norm.weight", "final_norm", _identity, _always),
+    ("lm_head.weight", "lm_head", _transpose, _untied),
+)
+LAYER_KEYS: tuple[tuple[str, str, Callable, Callable], ...] = (
+    ("model.layers.{layer}.input_layernorm.weight", "attn_norm", _identity, _always),
+    ("model.layers.{layer}.post_attention_layernorm.weight", "mlp_norm", _identity, _always),
+    ("model.layers.{layer}.self_attn.q_proj.weight", "q", _transpose, _always),
+    ("model.layers.{layer}.self_attn.k_proj.weight", "k", _transpose, _always),
+    ("model.layers.{layer}.self_attn.v_proj.weight", "v", _transpose, _always),
+    ("model.layers.{layer}.self_attn.o_proj.weight", "o", _transpose, _always),
+    ("model.layers.{layer}.self_attn.q_proj.bias", "q_bias", _identity, _with_bias),
+    ("model.layers.{layer}.self_attn.k_proj.bias", "k_bias", _identity, _with_bias),
+    ("model.layers.{layer}.self_attn.v_proj.bias", "v_bias", _identity, _with_bias),
+    ("model.layers.{layer}.mlp.gate_proj.weight", "gate", _transpose, _always),
+    ("model.layers.{layer}.mlp.up_proj.weight", "up", _transpose, _always),
+    ("model.layers.{layer}.mlp.down_proj.weight", "down", _transpose, _always),
+)
+
+# Present in some checkpoints, carry nothing the model needs.
+_HARMLESS_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """The parameter pytree's structure with shape tuples as leaves (per-layer leaves carry L)."""
+    d, f, v, num_layers = (config.hidden_size, config.intermediate_size, config.vocab_size,
+                           config.num_layers)
+    per_layer = {
+        "attn_norm": (d,), "mlp_norm": (d,),
+        "q": (d, config.q_dim), "k": (d, config.kv_dim), "v": (d, config.kv_dim),
+        "o": (config.q_dim, d),
+        "q_bias": (config.q_dim,), "k_bias": (config.kv_dim,), "v_bias": (config.kv_dim,),
+        "gate": (d, f), "up": (d, f), "down": (f, d),
+    }
+    global_shapes = {"embed": (v, d), "final_norm": (d,), "lm_head": (d, v)}
+    shapes: dict[str, Any] = {leaf: global_shapes[leaf]
+                              for _, leaf, _, present in GLOBAL_KEYS if present(config)}
+    shapes["layers"] = {leaf: (num_layers, *per_layer[leaf])
+                        for _, leaf, _, present in LAYER_KEYS if present(config)}
+    return shapes
+
+
+def _stored_shape(shape: tuple[int, ...], transform: Callable) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if transform is _transpose else tuple(shape)
+
+
+def normalize_dtype(dtype: Any) -> np.dtype:
+    """A numpy dtype among ``SUPPORTED_DTYPES`` (accepts jnp/np types and names like "bfloat16")."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported parameter dtype {dtype!r}; allowed: float32, bfloat16, "
+                         "float16")
+    return resolved
+
+
+class TensorSource(Protocol):
+    """Tensors under HF key names, in stored orientation; implemented per file format."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def read(self, key: str) -> np.ndarray: ...
+
+    def where(self, key: str) -> str: ...
+
+
+def assemble_params(config: ModelConfig, source: TensorSource, dtype: Any, source_name: str,
+                    problems: Iterable[str] = (),
+                    reported_absent: Iterable[str] = ()) -> dict[str, Any]:
+    """Check every tensor ``config`` needs against ``source``, then read them into our pytree.
+
+    All problems (missing, unexpected, wrong shape, unreadable) are collected and raised together
+    as one ``CheckpointError``. ``problems`` carries ones the caller found earlier;
+    ``reported_absent`` names keys whose absence those already explain (e.g. a missing shard), so
+    they are not listed once more each.
+    """
+    target_dtype = normalize_dtype(dtype)
+    problems = list(problems)
+    reported_absent = set(reported_absent)
+    available = set(source.keys())
+    expected = param_shapes(config)
+    plan: list[tuple[str, str, int | None, Callable]] = []  # (key, leaf, layer, transform)
+    for key, leaf, transform, present in GLOBAL_KEYS:
+        if present(config):
+            plan.append((key, leaf, None, transform))
+    for layer in range(config.num_layers):
+        for key, leaf, transform, present in LAYER_KEYS:
+            if present(config):
+                plan.append((key.format(layer=layer), leaf, layer, transform))
+
+    for key, leaf, layer, transform in plan:
+        want = expected[leaf] if layer is None else expected["layers"][leaf][1:]
+        want = _stored_shape(want, transform)
+        if key not in available:
+            if key not in reported_absent:
+                problems.append(f"missing key {key} (expected shape {want})")
+            continue
+        found = tuple(source.shape(key))
+        if found != want:
+            problems.append(f"{key}: expected shape {want}, found {found} ({source.where(key)})")
+    planned = {key for key, *_ in plan}
+    for key in sorted(available - planned):
+        if _HARMLESS_KEYS.match(key) or (key == "lm_head.weight" and config.tie_embeddings):
+            continue
+        problems.append(f"unexpected key {key} ({source.where(key)}); the config does not use it")
+    if problems:
+        raise CheckpointError(source_name, problems)
+
+    top_level: dict[str, np.ndarray] = {}
+    stacks = {leaf: np.empty(shape, target_dtype) for leaf, shape in expected["layers"].items()}
+    for key, leaf, layer, transform in plan:
+        try:
+            array = transform(np.asarray(source.read(key))).astype(target_dtype, copy=False)
+        except Exception as err:  # a corrupt payload: report it with the rest
+            problems.append(f"cannot read {key} ({source.where(key)}): {err}")
+            continue
+        if layer is None:
+            top_level[leaf] = array
+        else:
+            stacks[leaf][layer] = array
+    if problems:
+        raise CheckpointError(source_name, problems)
+    # device_put, not jnp.asarray: the latter compiles a staging program per shape and dtype.
+    params: dict[str, Any] = {leaf: jax.device_put(array) for leaf, array in top_level.items()}
+    params["layers"] = {leaf: jax.device_put(stack) for leaf, stack in stacks.items()}
+    return params
+
+
+def check_params(params: Mapping[str, Any], config: ModelConfig) -> None:
+    """Raise a ValueError naming every leaf of ``params`` that is missing or mis-shaped."""
+    expected = param_shapes(config)
+    problems = []
+    for group, tree in (("", expected), ("layers/", expected["layers"])):
+        given = params if not group else params.get("layers", {})
+        for leaf, shape in tree.items():
+            if leaf == "layers":
+                continue
+            if leaf not in given:
+                problems.append(f"missing leaf {group}{leaf} (expected shape {shape})")
+            elif tuple(given[leaf].shape) != shape:
+                problems.append(f"{group}{leaf}: expected shape {shape}, found "
+                                f"{tuple(given[leaf].shape)}")
+    if problems:
+        raise ValueError(f"params do not match config {config.name!r}:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+class _SafetensorsSource:
+    def __init__(self, handles: Mapping[str, Any], locations: Mapping[str, tuple[str, str]]):
+        self._handles = handles  # file name -> open safe_open handle
+        self._locations = locations  # our key -> (file name, stored tensor name)
+
+    def keys(self) -> Iterable[str]:
+        return self._locations.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        file, stored = self._locations[key]
+        return tuple(self._handles[file].get_slice(stored).get_shape())
+
+    def read(self, key: str) -> np.ndarray:
+        file, stored = self._locations[key]
+        return self._handles[file].get_tensor(stored)
+
+    def where(self, key: str) -> str:
+        return f"in {self._locations[key][0]}"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(str(path), [f"{path.name} is not valid JSON: {err}"]) from err
+    if not isinstance(data, dict):
+        raise CheckpointError(str(path), [f"{path.name} must hold a JSON object"])
+    return data
+
+
+def load_hf_config(folder: str | os.PathLike) -> ModelConfig:
+    """The ``ModelConfig`` of an HF checkpoint folder (reads only ``config.json``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    raw = _read_json(folder / CONFIG_FILE, "config.json")
+    return ModelConfig.from_hf_dict(raw, name=folder.name or "hf")
+
+
+def load_hf_checkpoint(folder: str | os.PathLike,
+                       dtype: Any = jnp.float32) -> tuple[ModelConfig, dict[str, Any]]:
+    """Load ``config.json`` and the safetensors weights of an HF checkpoint folder.
+
+    Returns ``(config, params)``; parameters are cast to ``dtype`` (float32, bfloat16 or float16).
+    Raises ``FileNotFoundError`` for a missing folder, ``config.json`` or weights file, and one
+    ``CheckpointError`` listing every missing key, shape mismatch and unreadable shard.
+    """
+    from safetensors import safe_open
+
+    normalize_dtype(dtype)
+    folder = Path(folder)
+    config = load_hf_config(folder)
+    index_path, single_path = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index_path.is_file():
+        index = _read_json(index_path, "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(str(index_path), ["index has no 'weight_map' object"])
+        stored_to_file = {str(k): str(v) for k, v in weight_map.items()}
+    elif single_path.is_file():
+        stored_to_file = None
+    else:
+        raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+    problems: list[str] = []
+    with ExitStack() as stack:
+        handles: dict[str, Any] = {}
+        files = sorted(set(stored_to_file.values())) if stored_to_file else [SINGLE_FILE]
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"missing shard file {path}")
+                continue
+            try:
+                handles[name] = stack.enter_context(safe_open(str(path), framework="numpy"))
+            except Exception as err:
+                problems.append(f"unreadable safetensors file {path} (truncated or corrupt?): "
+                                f"{err}")
+        in_file = {name: set(handle.keys()) for name, handle in handles.items()}
+        if stored_to_file is None:
+            stored_to_file = {key: SINGLE_FILE for key in in_file.get(SINGLE_FILE, ())}
+        # Checkpoints of the bare decoder (``LlamaModel``) lack the ``model.`` prefix.
+        bare = not any(key.startswith("model.") for key in stored_to_file)
+        locations: dict[str, tuple[str, str]] = {}
+        absent: set[str] = set()  # keys in a shard already reported unreadable
+        for stored, file in stored_to_file.items():
+            ours = f"model.{stored}" if bare and stored != "lm_head.weight" else stored
+            if file not in handles:
+                absent.add(ours)
+            elif stored not in in_file[file]:
+                problems.append(f"index lists {stored} in {file}, but that file lacks it")
+                absent.add(ours)
+            else:
+                locations[ours] = (file, stored)
+        source = _SafetensorsSource(handles, locations)
+        params = assemble_params(config, source, dtype, str(folder), problems, absent)
+    return config, params
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def to_hf_tensors(params: Mapping[str, Any], config: ModelConfig,
+                  dtype: Any = None) -> Iterable[tuple[str, np.ndarray]]:
+    """Yield ``(HF key, array in HF layout)`` for every tensor, one at a time."""
+    check_params(params, config)
+    out_dtype = None if dtype is None else normalize_dtype(dtype)
+
+    def convert(array: Any, transform: Callable) -> np.ndarray:
+        host = np.asarray(array)
+        host = host if out_dtype is None else host.astype(out_dtype, copy=False)
+        return np.ascontiguousarray(transform(host))
+
+    for key, leaf, transform, present in GLOBAL_KEYS:
+        if present(config):
+            yield key, convert(params[leaf], transform)
+    # Leaf by leaf: one host copy of a stacked leaf at a time, and no per-layer device slicing
+    # (which would compile a program per shape).
+    for key, leaf, transform, present in LAYER_KEYS:
+        if present(config):
+            stack = np.asarray(params["layers"][leaf])
+            for layer in range(config.num_layers):
+                yield key.format(layer=layer), convert(stack[layer], transform)
+
+
+def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
+                       folder: str | os.PathLike, *, max_shard_bytes: int | None = None,
+                       dtype: Any = None) -> Path:
+    """Write ``config.json`` and safetensors weights loadable by ``load_hf_checkpoint`` (and HF).
+
+    One ``model.safetensors`` unless ``max_shard_bytes`` splits the tensors, then
+    ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``.
+    ``dtype`` casts on the way out (default: keep each leaf's dtype). Returns the folder.
+    """
+    from safetensors.numpy import save_file
+
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int)
+                                        or max_shard_bytes < 1):
+        raise ValueError(f"max_shard_bytes must be a positive int or None; got "
+                         f"{max_shard_bytes!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    total = 0
+    for key, array in to_hf_tensors(params, config, dtype):
+        if (max_shard_bytes is not None and shards[-1]
+                and shard_bytes + array.nbytes > max_shard_bytes):
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = array
+        shard_bytes += array.nbytes
+        total += array.nbytes
+
+    stored_dtype = next(iter(shards[0].values())).dtype
+    hf_config = config.to_hf_dict()
+    hf_config["dtype"] = stored_dtype.name
+    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(
+        json.dumps(hf_config, indent=2) + "\n", encoding="utf-8"))
+
+    metadata = {"format": "pt"}  # what transformers expects of a safetensors weights file
+    stale = [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]
+    for path in stale:  # a previous export with another sharding must not linger
+        if path.exists():
+            path.unlink()
+    if len(shards) == 1:
+        _atomic_write(folder / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata))
+        return folder
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
+        weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write(folder / INDEX_FILE, lambda tmp: Path(tmp).write_text(
+        json.dumps(index, indent=2) + "\n", encoding="utf-8"))
+    return folder
