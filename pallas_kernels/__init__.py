@@ -1,0 +1,1 @@
+"""Pallas kernels of lragent-jax, usable on their own."""

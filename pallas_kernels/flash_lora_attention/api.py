@@ -1,0 +1,230 @@
+"""Public entry point of Flash-LoRA-Attention: validation, defaults and backend dispatch.
+
+Forward only: the Pallas backends define no gradient. Training uses ``implementation="reference"``,
+which is plain JAX and differentiable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.flash_lora_attention.reference import flash_lora_attention_reference
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+KERNEL_HEAD_DIMS = (64, 128, 256)
+KERNEL_MAX_RANK = 128
+IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu")
+
+# backend name -> module path; each module exposes `unsupported_reason(**shape_info) -> str | None`
+# and `flash_lora_attention(...)` with the reference's keyword arguments plus `block_sizes`,
+# `interpret`.
+_BACKEND_MODULES = {
+    "triton": "pallas_kernels.flash_lora_attention.triton_gpu",
+    "mosaic_tpu": "pallas_kernels.flash_lora_attention.mosaic_tpu",
+}
+_PLATFORM_DEFAULT = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
+
+
+class UnsupportedError(ValueError):
+    """The requested implementation cannot run this call (shape, dtype or platform)."""
+
+
+def _is_concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def _check_index_values(name: str, index, upper: int, allow_negative: bool) -> None:
+    if not _is_concrete(index):
+        return
+    values = np.asarray(index)
+    lower = -1 if allow_negative else 0
+    bad = (values < lower) | (values >= upper)
+    if bad.any():
+        allowed = f"-1 (no adapter) or 0..{upper - 1}" if allow_negative else f"0..{upper - 1}"
+        raise ValueError(f"{name} has values {values[bad].tolist()} out of range; allowed: {allowed}")
+
+
+def _validate(q, k, v, lowrank, lora_b, adapter_index, kv_lengths, q_offset, layer, kv_index,
+              lowrank_index):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, N, H]; got shape {q.shape}")
+    batch, t_len, n_heads, head_dim = q.shape
+    lead = 1 if layer is not None else 0
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim != 4 + lead:
+            want = "[L, Rows, S, K, H]" if lead else "[B, S, K, H]"
+            raise ValueError(f"{name} must be {want}; got shape {x.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {k.shape}, v {v.shape}")
+    rows, s_len, kv_heads, k_head_dim = k.shape[lead:]
+    if k_head_dim != head_dim:
+        raise ValueError(f"head dim of k/v ({k_head_dim}) differs from q's ({head_dim})")
+    if kv_heads < 1 or n_heads % kv_heads:
+        raise ValueError(
+            f"query heads N={n_heads} must be a multiple of kv heads K={kv_heads} (GQA group N/K)")
+    if kv_index is None and rows != batch:
+        raise ValueError(f"k/v have {rows} rows but q has batch {batch}; pass kv_index to map rows")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {_dtype_name(x.dtype)}; allowed: float32, bfloat16, "
+                             "float16")
+    if k.dtype != v.dtype:
+        raise ValueError(f"k and v dtypes differ: {_dtype_name(k.dtype)} vs {_dtype_name(v.dtype)}")
+    if s_len < 1 or t_len < 1:
+        raise ValueError(f"T and S must be >= 1; got T={t_len}, S={s_len}")
+
+    num_agents = rank = 0
+    if (lowrank is None) != (lora_b is None):
+        raise ValueError("pass both lowrank and lora_b, or neither (plain attention)")
+    if lowrank is not None:
+        if lowrank.ndim != 3 + lead:
+            want = "[L, Rows, S, R]" if lead else "[B, S, R]"
+            raise ValueError(f"lowrank must be {want}; got shape {lowrank.shape}")
+        lr_rows, lr_s, rank = lowrank.shape[lead:]
+        if lr_s != s_len:
+            raise ValueError(f"lowrank has {lr_s} positions but k/v have S={s_len}")
+        if lowrank_index is None and lr_rows != batch:
+            raise ValueError(f"lowrank has {lr_rows} rows but q has batch {batch}; pass "
+                             "lowrank_index to map rows")
+        if lora_b.ndim != 4:
+            raise ValueError(f"lora_b must be [A, K, R, H]; got shape {lora_b.shape}")
+        num_agents = lora_b.shape[0]
+        if lora_b.shape[1:] != (kv_heads, rank, head_dim):
+            raise ValueError(
+                f"lora_b must be [A, K={kv_heads}, R={rank}, H={head_dim}]; got {lora_b.shape}")
+        if rank < 1:
+            raise ValueError(f"rank R must be >= 1; got {rank}")
+        if num_agents < 1:
+            raise ValueError("lora_b has no agents (A = 0)")
+        for name, x in (("lowrank", lowrank), ("lora_b", lora_b)):
+            if x.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(f"{name} has dtype {_dtype_name(x.dtype)}; allowed: float32, "
+                                 "bfloat16, float16")
+        if adapter_index is None:
+            raise ValueError("adapter_index [B] is required when lowrank is given")
+        if adapter_index.shape != (batch,):
+            raise ValueError(f"adapter_index must be [B={batch}]; got shape {adapter_index.shape}")
+        _check_index_values("adapter_index", adapter_index, num_agents, allow_negative=True)
+    for name, x in (("kv_lengths", kv_lengths), ("q_offset", q_offset), ("kv_index", kv_index),
+                    ("lowrank_index", lowrank_index)):
+        if x is not None and x.shape != (batch,):
+            raise ValueError(f"{name} must be [B={batch}]; got shape {x.shape}")
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array; got {_dtype_name(x.dtype)}")
+    if _is_concrete(kv_lengths):
+        values = np.asarray(kv_lengths)
+        if ((values < 0) | (values > s_len)).any():
+            raise ValueError(f"kv_lengths {values.tolist()} out of range; allowed: 0..S={s_len}")
+    _check_index_values("kv_index", kv_index, rows, allow_negative=False)
+    if lowrank is not None:
+        _check_index_values("lowrank_index", lowrank_index, lowrank.shape[lead], allow_negative=False)
+    return dict(batch=batch, t_len=t_len, s_len=s_len, n_heads=n_heads, kv_heads=kv_heads,
+                head_dim=head_dim, rank=rank, num_agents=num_agents, dtype=q.dtype,
+                has_lowrank=lowrank is not None)
+
+
+def _load_backend(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def default_implementation() -> str:
+    """The backend ``implementation=None`` tries first on the default platform."""
+    return _PLATFORM_DEFAULT.get(jax.default_backend(), "reference")
+
+
+def flash_lora_attention(
+    q,
+    k,
+    v,
+    lowrank=None,
+    lora_b=None,
+    adapter_index=None,
+    *,
+    kv_lengths=None,
+    q_offset=None,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    implementation: str | None = None,
+    block_sizes: Any = None,
+    interpret: bool = False,
+    layer=None,
+    kv_index=None,
+    lowrank_index=None,
+):
+    """Attention over a base KV cache plus each row's low-rank value adapter.
+
+    Args:
+      q: [B, T, N, H] queries.
+      k, v: [B, S, K, H] base keys and values (no adapter), or with ``layer`` given a layer-stacked
+        cache [L, Rows, S, K, H] of which layer ``layer`` is read.
+      lowrank: [B, S, R] (x @ A of the value projection), or [L, Rows, S, R] with ``layer``; None for
+        plain attention.
+      lora_b: [A, K, R, H] one B per agent (scale alpha/r folded in); None for plain attention.
+      adapter_index: [B] int32, the row's agent; -1 means no adapter.
+      kv_lengths: [B] int32 valid keys per row (default S).
+      q_offset: [B] int32 cache position of query row 0 (default kv_lengths - T).
+      causal: key j is visible to query row t iff j <= q_offset + t (and always j < kv_lengths).
+      sm_scale: softmax scale (default 1/sqrt(H)).
+      implementation: None (best for the platform, falling back to "reference" when the kernel cannot
+        take the call), "reference", "triton" or "mosaic_tpu" (raise if it cannot run).
+      block_sizes: backend-specific frozen block sizes; None picks by shape bucket.
+      interpret: run a Pallas backend in interpret mode (CPU tests).
+      layer: scalar int, the layer to read from layer-stacked k/v/lowrank (avoids slicing a copy).
+      kv_index: [B] int32, the k/v row each batch row reads (default: row b reads row b).
+      lowrank_index: [B] int32, the lowrank row each batch row reads.
+
+    Returns:
+      [B, T, N, H] in q's dtype. Rows that see no key are zeros.
+
+    Forward only: no gradient is defined for the Pallas backends.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS} or None")
+    info = _validate(q, k, v, lowrank, lora_b, adapter_index, kv_lengths, q_offset, layer, kv_index,
+                     lowrank_index)
+    batch, t_len, s_len = info["batch"], info["t_len"], info["s_len"]
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(info["head_dim"])
+    if kv_lengths is None:
+        kv_lengths = jnp.full((batch,), s_len, jnp.int32)
+    kv_lengths = kv_lengths.astype(jnp.int32)
+    if q_offset is None:
+        q_offset = kv_lengths - t_len
+    q_offset = q_offset.astype(jnp.int32)
+    if adapter_index is not None:
+        adapter_index = adapter_index.astype(jnp.int32)
+    if layer is not None:
+        layer = jnp.asarray(layer, jnp.int32)
+    if kv_index is not None:
+        kv_index = kv_index.astype(jnp.int32)
+    if lowrank_index is not None:
+        lowrank_index = lowrank_index.astype(jnp.int32)
+
+    args = (q, k, v, lowrank, lora_b, adapter_index)
+    kwargs = dict(kv_lengths=kv_lengths, q_offset=q_offset, causal=causal, sm_scale=float(sm_scale),
+                  layer=layer, kv_index=kv_index, lowrank_index=lowrank_index)
+
+    requested = implementation
+    if requested is None:
+        requested = default_implementation()
+    if requested == "reference":
+        return flash_lora_attention_reference(*args, **kwargs)
+
+    backend = _load_backend(requested)
+    reason = backend.unsupported_reason(interpret=interpret, **info)
+    if reason is not None:
+        if implementation is None:
+            return flash_lora_attention_reference(*args, **kwargs)
+        raise UnsupportedError(f"implementation={requested!r} cannot run this call: {reason}")
+    return backend.flash_lora_attention(*args, **kwargs, block_sizes=block_sizes,
+                                        interpret=interpret)
