@@ -1,0 +1,285 @@
+"""Pure-functional Llama-family decoder with per-row multi-agent LoRA and an optional shared cache.
+
+Dimension alphabet: B batch, T new tokens, S cache positions, D model width, N query heads,
+K kv heads, G = N/K, H head dim, R rank, A agents, L layers, V vocab, F mlp width.
+
+Parameter pytree (weights stored [in, out], layers stacked on a leading L axis and run under
+``lax.scan`` so compile time does not grow with depth):
+
+    params = {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
+              "layers": {"attn_norm": [L, D], "mlp_norm": [L, D],
+                         "q": [L, D, N*H], "k": [L, D, K*H], "v": [L, D, K*H], "o": [L, N*H, D],
+                         "q_bias"/"k_bias"/"v_bias": [L, N*H | K*H] (qkv_bias only),
+                         "gate": [L, D, F], "up": [L, D, F], "down": [L, F, D]}}
+
+Head layout and RoPE follow Hugging Face (head n = columns n*H .. n*H+H-1, rotate-half RoPE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from lragent_jax.config import ModelConfig
+from lragent_jax.lora import expand_lowrank, lora_delta, project_lowrank
+from pallas_kernels.flash_lora_attention import flash_lora_attention
+
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    L, D, F, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    layers = {
+        "attn_norm": (L, D), "mlp_norm": (L, D),
+        "q": (L, D, config.q_dim), "k": (L, D, config.kv_dim), "v": (L, D, config.kv_dim),
+        "o": (L, config.q_dim, D),
+        "gate": (L, D, F), "up": (L, D, F), "down": (L, F, D),
+    }
+    if config.qkv_bias:
+        layers.update(q_bias=(L, config.q_dim), k_bias=(L, config.kv_dim), v_bias=(L, config.kv_dim))
+    shapes = {"embed": (V, D), "final_norm": (D,), "layers": layers}
+    if not config.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(key, config: ModelConfig, dtype=F32) -> dict:
+    """Random weights of the real shapes (tests, speed benchmarks)."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, shape, path in zip(keys, leaves, paths):
+        if "norm" in path:
+            x = 1.0 + 0.1 * jax.random.normal(k, shape, F32)
+        elif "bias" in path:
+            x = 0.1 * jax.random.normal(k, shape, F32)
+        elif "embed" in path:
+            x = jax.random.normal(k, shape, F32)
+        else:
+            fan_in = shape[-2]
+            x = jax.random.normal(k, shape, F32) / math.sqrt(fan_in)
+        out.append(x.astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.bfloat16) -> dict:
+    """ShapeDtypeStructs of the parameters (no allocation)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(config),
+                        is_leaf=lambda s: isinstance(s, tuple))
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float):
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(F32)).astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [H/2], with llama3 / linear scaling (as Hugging Face computes them)."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs.kind == "linear":
+        return inv_freq / rs.factor
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = ((rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
+              / (rs.high_freq_factor - rs.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Float[Array, "B T heads H"], positions: Int[Array, "B T"], inv_freq: np.ndarray):
+    angles = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].astype(F32)
+    x2 = x[..., half:].astype(F32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _project(h, layer_params, layer_adapters, module, adapter_index):
+    y = jnp.einsum("btd,do->bto", h, layer_params[module])
+    if layer_params.get(f"{module}_bias") is not None:
+        y = y + layer_params[f"{module}_bias"].astype(y.dtype)
+    if layer_adapters is not None and module in layer_adapters:
+        y = y + lora_delta(h, layer_adapters[module], adapter_index).astype(y.dtype)
+    return y
+
+
+# ----------------------------------------------------------------------------- the cache contract
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["positions", "q_offset", "kv_lengths", "base_write",
+                                "lowrank_write", "kv_row", "lowrank_row"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class ChunkPlan:
+    """Where a chunk of new tokens sits in the cache and which cache entries it writes.
+
+    positions [B, T]: absolute position of each new token. q_offset [B]: position of token 0.
+    kv_lengths [B]: keys visible after this chunk is written. base_write / lowrank_write [B, T]:
+    destination position of each token's base k/v and low-rank entries, or S (the capacity) to
+    skip the write (padding, or entries another agent already wrote to a shared leaf).
+    kv_row / lowrank_row [B]: the cache row each batch row reads and writes.
+    """
+
+    positions: jax.Array
+    q_offset: jax.Array
+    kv_lengths: jax.Array
+    base_write: jax.Array
+    lowrank_write: jax.Array
+    kv_row: jax.Array
+    lowrank_row: jax.Array
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "lowrank"], meta_fields=[])
+@dataclasses.dataclass
+class CacheArrays:
+    """Layer-stacked cache storage: k, v [L, Rows, S, K, H]; lowrank [L, Rows, S, R] or None."""
+
+    k: jax.Array
+    v: jax.Array
+    lowrank: jax.Array | None
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _layer(x, layer_params, layer_adapters, layer_index, *, config, adapter_index, positions,
+           plan, cache, bake_v, attn_impl):
+    B, T, _ = x.shape
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    inv_freq = rope_inv_freq(config)
+
+    h = rms_norm(x, layer_params["attn_norm"], config.rms_norm_eps)
+    q = _project(h, layer_params, layer_adapters, "q", adapter_index).reshape(B, T, N, H)
+    k = _project(h, layer_params, layer_adapters, "k", adapter_index).reshape(B, T, K, H)
+    v = _project(h, layer_params, None, "v", adapter_index)
+    v_adapter = None if layer_adapters is None else layer_adapters.get("v")
+    lowrank = None
+    if v_adapter is not None:
+        lowrank = project_lowrank(h, v_adapter["a"], adapter_index)  # [B, T, R]
+        if bake_v or cache is None or cache.lowrank is None:
+            v = v + expand_lowrank(lowrank, v_adapter["b"], adapter_index).astype(v.dtype)
+            lowrank = None
+    v = v.reshape(B, T, K, H)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    if cache is None:
+        attn = flash_lora_attention(q, k, v, kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
+                                    implementation=attn_impl)
+    else:
+        rows = plan.kv_row[:, None]
+        cache = dataclasses.replace(
+            cache,
+            k=cache.k.at[layer_index, rows, plan.base_write].set(k.astype(cache.k.dtype),
+                                                                mode="drop"),
+            v=cache.v.at[layer_index, rows, plan.base_write].set(v.astype(cache.v.dtype),
+                                                                mode="drop"))
+        lora_b = None
+        if lowrank is not None:
+            cache = dataclasses.replace(cache, lowrank=cache.lowrank.at[
+                layer_index, plan.lowrank_row[:, None], plan.lowrank_write].set(
+                    lowrank.astype(cache.lowrank.dtype), mode="drop"))
+            b = v_adapter["b"]  # [A, R, K*H] -> [A, K, R, H]
+            lora_b = b.reshape(b.shape[0], b.shape[1], K, H).transpose(0, 2, 1, 3).astype(q.dtype)
+        attn = flash_lora_attention(
+            q, cache.k, cache.v, cache.lowrank if lora_b is not None else None, lora_b,
+            adapter_index if lora_b is not None else None,
+            kv_lengths=plan.kv_lengths, q_offset=plan.q_offset, implementation=attn_impl,
+            layer=layer_index, kv_index=plan.kv_row,
+            lowrank_index=plan.lowrank_row if lora_b is not None else None)
+
+    x = x + _project(attn.reshape(B, T, N * H), layer_params, layer_adapters, "o", adapter_index)
+    h = rms_norm(x, layer_params["mlp_norm"], config.rms_norm_eps)
+    gate = _project(h, layer_params, layer_adapters, "gate", adapter_index)
+    up = _project(h, layer_params, layer_adapters, "up", adapter_index)
+    act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(h.dtype)
+    x = x + _project(act, layer_params, layer_adapters, "down", adapter_index)
+    return x, cache
+
+
+def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConfig,
+                   adapters: dict | None = None, adapter_index: Int[Array, "B"] | None = None,
+                   plan: ChunkPlan | None = None, lengths: Int[Array, "B"] | None = None,
+                   cache: CacheArrays | None = None, bake_v: bool = True,
+                   attn_impl: str | None = None, remat: bool = False):
+    """Run the decoder over new tokens; returns (final hidden states [B, T, D], updated cache).
+
+    Without a cache, ``tokens`` is a right-padded batch starting at position 0 and ``lengths`` [B]
+    gives each row's valid tokens. With a cache, ``plan`` says where the chunk sits and what it
+    writes; the cache is read after this chunk's entries are written, layer by layer.
+    ``bake_v``: add the v adapter into the cached values (full cache) instead of keeping it
+    factored in the low-rank cache.
+    """
+    B, T = tokens.shape
+    if adapter_index is None:
+        adapter_index = jnp.full((B,), -1, jnp.int32)
+    if plan is None:
+        if cache is not None:
+            raise ValueError("a cache needs a ChunkPlan")
+        if lengths is None:
+            lengths = jnp.full((B,), T, jnp.int32)
+        zeros = jnp.zeros((B,), jnp.int32)
+        plan = ChunkPlan(positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+                         q_offset=zeros, kv_lengths=lengths.astype(jnp.int32), base_write=None,
+                         lowrank_write=None, kv_row=None, lowrank_row=None)
+    compute_dtype = params["embed"].dtype
+    x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
+
+    layer_fn = functools.partial(_layer, config=config, adapter_index=adapter_index,
+                                 positions=plan.positions, plan=plan, bake_v=bake_v,
+                                 attn_impl=attn_impl)
+
+    def body(carry, xs):
+        x, cache = carry
+        layer_params, layer_adapters, layer_index = xs
+        x, cache = layer_fn(x, layer_params, layer_adapters, layer_index, cache=cache)
+        return (x, cache), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    xs = (params["layers"], adapters, jnp.arange(config.num_layers, dtype=jnp.int32))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def logits_from_hidden(params: dict, hidden: Float[Array, "... D"], config: ModelConfig):
+    """Vocabulary logits in float32."""
+    if config.tie_embeddings:
+        return jnp.einsum("...d,vd->...v", hidden, params["embed"], preferred_element_type=F32)
+    return jnp.einsum("...d,dv->...v", hidden, params["lm_head"], preferred_element_type=F32)
+
+
+def forward(params: dict, tokens: Int[Array, "B T"], *, config: ModelConfig,
+            adapters: dict | None = None, adapter_index=None, lengths=None,
+            attn_impl: str | None = None) -> Float[Array, "B T V"]:
+    """Full-sequence logits (no cache), float32 [B, T, V]."""
+    hidden, _ = forward_hidden(params, tokens, config=config, adapters=adapters,
+                               adapter_index=adapter_index, lengths=lengths, attn_impl=attn_impl)
+    return logits_from_hidden(params, hidden, config)
