@@ -1,0 +1,145 @@
+"""``Model``: a loaded base model (+ optional multi-agent adapters) with logits and generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.generate import bucket
+from lragent_jax.lora import NO_ADAPTER, validate_adapters
+from lragent_jax.model import forward
+from lragent_jax.session import GenerationSettings, Session, Turn
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl"))
+def _logits(params, tokens, lengths, adapters, adapter_index, *, config, attn_impl):
+    return forward(params, tokens, config=config, adapters=adapters, adapter_index=adapter_index,
+                   lengths=lengths, attn_impl=attn_impl)
+
+
+@dataclasses.dataclass
+class Model:
+    """A base model, its tokenizer and (optionally) role adapters."""
+
+    config: ModelConfig
+    params: dict
+    tokenizer: Any
+    adapters: dict | None = None
+    lora: LoraConfig | None = None
+    attn_impl: str | None = None
+
+    def __post_init__(self):
+        if (self.adapters is None) != (self.lora is None):
+            raise ValueError("pass adapters together with their LoraConfig (or neither)")
+        if self.adapters is not None:
+            validate_adapters(self.adapters, self.config, self.lora)
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    def with_adapters(self, adapters: dict, lora: LoraConfig) -> "Model":
+        return dataclasses.replace(self, adapters=adapters, lora=lora)
+
+    def _agent_index(self, agent) -> int:
+        if agent is None:
+            return NO_ADAPTER
+        if self.lora is None:
+            raise ValueError(f"agent {agent!r} given but the model has no adapters; use agent=None")
+        return self.lora.agent_index(agent)
+
+    def logits(self, batch: Sequence[Sequence[int]], *, agent: str | int | None = None):
+        """Float32 logits [batch, tokens, vocab] of token-id sequences (right-padded to the longest;
+        positions past a row's length are padding). ``agent``: whose adapter (None: none)."""
+        if isinstance(batch, (str, bytes)) or not len(batch):
+            raise ValueError("logits() takes a non-empty list of token-id lists")
+        rows = [list(map(int, r)) for r in batch]
+        if any(not r for r in rows):
+            raise ValueError("logits(): every row needs at least one token")
+        longest = max(map(len, rows))
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"a row has {longest} tokens; the model supports "
+                             f"{self.config.max_position_embeddings}")
+        padded = bucket(longest, 16)
+        tokens = np.zeros((len(rows), padded), np.int32)
+        for i, r in enumerate(rows):
+            bad = [t for t in r if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"row {i}: token ids {bad[:5]} out of range for vocab size "
+                                 f"{self.config.vocab_size}")
+            tokens[i, :len(r)] = r
+        index = jnp.full((len(rows),), self._agent_index(agent), jnp.int32)
+        out = _logits(self.params, jnp.asarray(tokens), jnp.asarray([len(r) for r in rows]),
+                      self.adapters if agent is not None else None, index, config=self.config,
+                      attn_impl=self.attn_impl)
+        return out[:, :longest]
+
+    def session(self, mode: str = "base_lowrank_shared", *, batch: int = 1, capacity: int = 2048,
+                **kwargs) -> Session:
+        """A multi-agent session over this model (see ``Session``)."""
+        kwargs.setdefault("attn_impl", self.attn_impl)
+        return Session(self.config, self.params, self.tokenizer, adapters=self.adapters,
+                       lora=self.lora, mode=mode if self.lora is not None else "non_shared",
+                       batch=batch, capacity=capacity, **kwargs)
+
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 32, *,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 stop: Sequence[str] = (), agent: str | int | None = None, chat: bool = False,
+                 capacity: int | None = None):
+        """Complete a prompt (or a list of prompts, batched). Greedy by default.
+
+        ``chat=True`` wraps each prompt as a user message in the model's chat template and stops at
+        the end-of-turn token. Returns a string, or a list of strings for a list of prompts.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=top_k, stop=tuple(stop))
+        if chat:
+            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                          add_generation_prompt=True)
+                       for p in prompts]
+        encoded = [self.tokenizer.encode(p) for p in prompts]
+        if any(not ids for ids in encoded):
+            raise ValueError("generate(): a prompt encodes to no tokens")
+        need = max(map(len, encoded)) + max_new_tokens
+        capacity = capacity or bucket(need, 64)
+        if need > capacity:
+            raise ValueError(f"a prompt of {max(map(len, encoded))} tokens plus {max_new_tokens} new "
+                             f"tokens does not fit the cache capacity {capacity}")
+        session = Session(self.config, self.params, self.tokenizer, adapters=self.adapters,
+                          lora=self.lora, mode="non_shared", batch=len(prompts),
+                          capacity=capacity, attn_impl=self.attn_impl, seed=seed)
+        agent_name = agent if agent is not None else None
+        results = session.turn({row: Turn(agent_name, append_ids=tuple(ids), settings=settings)
+                                for row, ids in enumerate(encoded)})
+        texts = [results[row].text for row in range(len(prompts))]
+        return texts[0] if single else texts
+
+
+def load_pretrained(source: str | os.PathLike | None = None, *, dtype=jnp.float32,
+                    adapters: str | os.PathLike | None = None,
+                    attn_impl: str | None = None) -> Model:
+    """Load a base model: the embedded SmolLM2-135M-Instruct (``source=None``), a ``.gguf`` file, or
+    a Hugging Face checkpoint folder (config.json + safetensors). ``adapters``: a folder of exported
+    role adapters to attach."""
+    from lragent_jax.loading import load_pretrained as load_files
+
+    config, params, tokenizer = load_files(source, dtype)
+    model = Model(config=config, params=params, tokenizer=tokenizer, attn_impl=attn_impl)
+    if adapters is not None:
+        from lragent_jax.adapters_io import load_adapters
+
+        loaded, lora = load_adapters(adapters, config=config, dtype=dtype)
+        model = model.with_adapters(loaded, lora)
+    return model
