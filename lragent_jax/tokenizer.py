@@ -184,7 +184,7 @@ class Tokenizer:
         elif isinstance(reader_or_metadata, Mapping):
             metadata = reader_or_metadata
         else:
-            raise TypeError(f"expected a gguf.GGUFReader or a metadata dict; got "
+            raise TypeError("expected a gguf.GGUFReader or a metadata dict; got "
                             f"{type(reader_or_metadata).__name__}")
         model_type = metadata.get("tokenizer.ggml.model")
         if model_type != "gpt2":

@@ -339,3 +339,25 @@ def test_save_rejects_params_that_do_not_match_the_config(tmp_path):
     assert "layers/q: expected shape (2, 48, 64), found (2, 48, 8)" in str(info.value)
     assert "missing leaf final_norm (expected shape (48,))" in str(info.value)
 
+
+def test_load_pretrained_hf_folder_carries_the_tokenizer(tmp_path):
+    import tokenizers
+
+    from lragent_jax.loading import load_pretrained
+
+    config = VARIANTS["tied"]
+    params = random_params(config)
+    folder = save_hf_checkpoint(params, config, tmp_path / "ckpt")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+        {"<s>": 0, "</s>": 1, "hello": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
+                                                              "eos_token": "</s>"}))
+    loaded_config, loaded, tokenizer = load_pretrained(folder)
+    assert loaded_config == config.replace(name="ckpt")
+    assert_params_equal(params, loaded)
+    assert tokenizer.encode("hello", add_bos=True) == [0, 2]
+    assert tokenizer.eos_token_ids == (1,)
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        load_pretrained(tmp_path / "nowhere")

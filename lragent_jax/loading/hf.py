@@ -381,7 +381,7 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
 
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int)
                                         or max_shard_bytes < 1):
-        raise ValueError(f"max_shard_bytes must be a positive int or None; got "
+        raise ValueError("max_shard_bytes must be a positive int or None; got "
                          f"{max_shard_bytes!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,430 @@
+"""GGUF files (llama.cpp): read, dequantize and convert to our parameter pytree; write for tests.
+
+Tensor names map to HF keys (``GGUF_GLOBAL_NAMES``/``GGUF_LAYER_NAMES``), and from there through the
+same table the HF loader uses, so both formats share one definition of the layout.
+
+The trap: for the ``llama`` architecture, llama.cpp's converter reorders the rows of the q and k
+projections (weights and biases) so its interleaved RoPE sees pairs (2i, 2i+1) where HF's
+rotate-half sees (i, i + H/2). ``unpermute_qk_rows`` undoes that exactly as transformers' GGUF
+loader does; without it the model runs but produces garbage. ``qwen2`` files use llama.cpp's
+NeoX RoPE, whose layout is HF's already, so nothing is reordered there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from lragent_jax.config import ModelConfig, RopeScaling
+from lragent_jax.loading.hf import (CheckpointError, assemble_params, check_params,
+                                    normalize_dtype, to_hf_tensors)
+
+# architecture -> whether its q/k rows are stored in llama.cpp's interleaved RoPE order
+ARCHITECTURES = {"llama": True, "qwen2": False}
+
+# GGUF tensor name -> HF key; ``hf.GLOBAL_KEYS``/``hf.LAYER_KEYS`` then give our leaf.
+GGUF_GLOBAL_NAMES = (
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+)
+GGUF_LAYER_NAMES = (
+    ("blk.{layer}.attn_norm.weight", "model.layers.{layer}.input_layernorm.weight"),
+    ("blk.{layer}.ffn_norm.weight", "model.layers.{layer}.post_attention_layernorm.weight"),
+    ("blk.{layer}.attn_q.weight", "model.layers.{layer}.self_attn.q_proj.weight"),
+    ("blk.{layer}.attn_k.weight", "model.layers.{layer}.self_attn.k_proj.weight"),
+    ("blk.{layer}.attn_v.weight", "model.layers.{layer}.self_attn.v_proj.weight"),
+    ("blk.{layer}.attn_output.weight", "model.layers.{layer}.self_attn.o_proj.weight"),
+    ("blk.{layer}.attn_q.bias", "model.layers.{layer}.self_attn.q_proj.bias"),
+    ("blk.{layer}.attn_k.bias", "model.layers.{layer}.self_attn.k_proj.bias"),
+    ("blk.{layer}.attn_v.bias", "model.layers.{layer}.self_attn.v_proj.bias"),
+    ("blk.{layer}.ffn_gate.weight", "model.layers.{layer}.mlp.gate_proj.weight"),
+    ("blk.{layer}.ffn_up.weight", "model.layers.{layer}.mlp.up_proj.weight"),
+    ("blk.{layer}.ffn_down.weight", "model.layers.{layer}.mlp.down_proj.weight"),
+)
+# llama.cpp's precomputed Llama 3 RoPE frequency factors; read into ``config.rope_scaling``.
+ROPE_FREQS = "rope_freqs.weight"
+
+_LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+_GGUF_TO_HF_GLOBAL = dict(GGUF_GLOBAL_NAMES)
+_GGUF_TO_HF_LAYER = {g.split(".", 2)[2]: h for g, h in GGUF_LAYER_NAMES}
+_HF_TO_GGUF = {h: g for g, h in GGUF_GLOBAL_NAMES + GGUF_LAYER_NAMES}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The HF key of a GGUF tensor name, or None for names outside the table."""
+    if name in _GGUF_TO_HF_GLOBAL:
+        return _GGUF_TO_HF_GLOBAL[name]
+    match = _LAYER_NAME.match(name)
+    if match and match.group(2) in _GGUF_TO_HF_LAYER:
+        return _GGUF_TO_HF_LAYER[match.group(2)].format(layer=int(match.group(1)))
+    return None
+
+
+def hf_to_gguf_name(key: str) -> str:
+    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", key)
+    if match:
+        template = _HF_TO_GGUF["model.layers.{layer}." + match.group(2)]
+        return template.format(layer=int(match.group(1)))
+    return _HF_TO_GGUF[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# the q/k row permutation
+
+
+def _check_rows(rows: np.ndarray, num_heads: int) -> int:
+    if rows.ndim < 1 or rows.shape[0] % (2 * num_heads):
+        raise ValueError(f"q/k rows {rows.shape} do not split into {num_heads} heads of even size")
+    return rows.shape[0] // num_heads
+
+
+def permute_qk_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """HF row order -> llama.cpp's (``LlamaModel.permute`` of llama.cpp's convert_hf_to_gguf.py).
+
+    ``rows``: a q or k weight [out, in] or bias [out]; ``num_heads``: that projection's heads
+    (query heads for q, kv heads for k). Within each head, row ``j*2 + i`` (j < H/2) takes HF row
+    ``i*H/2 + j``.
+    """
+    head_dim = _check_rows(rows, num_heads)
+    split = rows.reshape(num_heads, 2, head_dim // 2, *rows.shape[1:])
+    return split.swapaxes(1, 2).reshape(rows.shape)
+
+
+def unpermute_qk_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """The inverse of ``permute_qk_rows`` (transformers' ``_reverse_permute_weights``)."""
+    head_dim = _check_rows(rows, num_heads)
+    split = rows.reshape(num_heads, head_dim // 2, 2, *rows.shape[1:])
+    return split.swapaxes(1, 2).reshape(rows.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama 3 RoPE scaling <-> rope_freqs.weight
+
+
+def llama3_rope_factors(head_dim: int, rope_theta: float, scaling: RopeScaling) -> np.ndarray:
+    """Per-frequency divisors [H/2] as llama.cpp's converter writes them for Llama 3.1+."""
+    freqs = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(scaling.factor)
+        else:
+            smooth = ((old_context / wavelen - scaling.low_freq_factor)
+                      / (scaling.high_freq_factor - scaling.low_freq_factor))
+            factors.append(1.0 / ((1.0 - smooth) / scaling.factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+def _rope_scaling_from_factors(factors: np.ndarray, head_dim: int, rope_theta: float,
+                               original_context: int | None) -> RopeScaling:
+    # The file keeps only the factors; the Llama 3.x releases all use low=1, high=4 and an 8192
+    # original context, so recognise those (with the factor read off) and refuse anything else.
+    factor = float(np.max(factors))
+    candidate = RopeScaling("llama3", factor=_float32_value(factor), low_freq_factor=1.0,
+                            high_freq_factor=4.0,
+                            original_max_position_embeddings=original_context or 8192)
+    expected = llama3_rope_factors(head_dim, rope_theta, candidate)
+    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-5):
+        raise ValueError(f"{ROPE_FREQS} does not match Llama 3 RoPE scaling (factor {factor}, "
+                         "low_freq_factor 1, high_freq_factor 4, original context "
+                         f"{candidate.original_max_position_embeddings}); other scalings are not "
+                         "supported")
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _open_reader(path: str | os.PathLike):
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:
+        raise CheckpointError(str(path), ["not a readable GGUF file (truncated or corrupt?): "
+                                          f"{type(err).__name__}: {err}"]) from err
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """Every key/value field of an open ``gguf.GGUFReader`` as plain Python values."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _float32_value(value: float) -> float:
+    # GGUF stores float32; its shortest repr gives back the decimal the writer meant (1e-05).
+    return float(str(np.float32(value)))
+
+
+def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple],
+                         rope_factors: np.ndarray | None = None,
+                         name: str | None = None) -> ModelConfig:
+    """A ``ModelConfig`` from GGUF metadata plus the tensor shapes (numpy order) of the file."""
+    arch = metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture: GGUF general.architecture={arch!r}; supported: "
+                         f"{sorted(ARCHITECTURES)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        return metadata.get(f"{arch}.{key}", default)
+
+    missing = [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
+                                       "attention.head_count") if get(k) is None]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks required keys {missing}")
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        if isinstance(get(key), list):
+            raise ValueError(f"per-layer {arch}.{key} is not supported (got a list)")
+    hidden_size = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length") or hidden_size // num_heads)
+    rope_dims = get("rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise ValueError(f"partial RoPE ({arch}.rope.dimension_count={rope_dims} < head_dim "
+                         f"{head_dim}) is not supported")
+    rope_theta = _float32_value(get("rope.freq_base", 10000.0))
+
+    scaling = None
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", factor=_float32_value(get("rope.scaling.factor")))
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; allowed: "
+                         "linear, or Llama 3 scaling through rope_freqs.weight")
+    if rope_factors is not None:
+        original = get("rope.scaling.original_context_length")
+        scaling = _rope_scaling_from_factors(np.asarray(rope_factors, np.float64), head_dim,
+                                             rope_theta, int(original) if original else None)
+
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    embed_shape = tensor_shapes.get("token_embd.weight")
+    vocab_size = get("vocab_size") or (len(tokens) if tokens else None) or (
+        embed_shape[0] if embed_shape else None)
+    if vocab_size is None:
+        raise ValueError("cannot tell the vocabulary size: no vocab_size, token list or "
+                         "token_embd.weight")
+    eos_ids: list[int] = []
+    for key in ("eos_token_id", "eom_token_id", "eot_token_id"):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is not None and int(value) not in eos_ids:
+            eos_ids.append(int(value))
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    if name is None:
+        basename, size = metadata.get("general.basename"), metadata.get("general.size_label")
+        name = (f"{basename}-{size}".lower() if basename and size
+                else metadata.get("general.name") or "gguf")
+    return ModelConfig(
+        name=name,
+        vocab_size=int(vocab_size),
+        hidden_size=hidden_size,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(get("attention.head_count_kv") or num_heads),
+        head_dim=head_dim,
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        rms_norm_eps=_float32_value(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensor_shapes,
+        qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
+        max_position_embeddings=int(get("context_length") or 8192),
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(eos_ids),
+    )
+
+
+class _GGUFSource:
+    def __init__(self, path: Path, tensors: Mapping[str, Any], config: ModelConfig,
+                 permute_qk: bool):
+        self._path = path
+        self._tensors = tensors  # HF key -> gguf ReaderTensor
+        self._config = config
+        self._permute_qk = permute_qk
+
+    def keys(self) -> Iterable[str]:
+        return self._tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[key].shape))
+
+    def read(self, key: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        tensor = self._tensors[key]
+        array = dequantize(tensor.data, tensor.tensor_type).reshape(self.shape(key))
+        if self._permute_qk:
+            if ".q_proj." in key:
+                array = unpermute_qk_rows(array, self._config.num_heads)
+            elif ".k_proj." in key:
+                array = unpermute_qk_rows(array, self._config.num_kv_heads)
+        return array
+
+    def where(self, key: str) -> str:
+        return f"GGUF tensor {self._tensors[key].name} in {self._path.name}"
+
+
+def _read_header(path: Path):
+    """(metadata, tensors by GGUF name, config) of a GGUF file; tensor data stays on disk."""
+    from gguf.quants import dequantize
+
+    reader = _open_reader(path)
+    try:
+        metadata = read_metadata(reader)
+    except Exception as err:
+        raise CheckpointError(str(path), [f"unreadable GGUF metadata: {err}"]) from err
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
+    rope_factors = None
+    if ROPE_FREQS in by_name:
+        tensor = by_name[ROPE_FREQS]
+        rope_factors = dequantize(tensor.data, tensor.tensor_type).reshape(-1)
+    try:
+        config = config_from_metadata(metadata, shapes, rope_factors)
+    except ValueError as err:
+        raise CheckpointError(str(path), [str(err)]) from err
+    return metadata, by_name, config
+
+
+def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32,
+              ) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """Load a Llama/Qwen2 GGUF file: ``(config, params, metadata)``.
+
+    Quantized tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized to ``dtype``; q/k rows are
+    put back into HF order. ``metadata`` holds every key/value field (the tokenizer's included,
+    for ``Tokenizer.from_gguf_metadata``).
+    """
+    normalize_dtype(dtype)
+    path = Path(path)
+    metadata, by_name, config = _read_header(path)
+    problems = []
+    tensors = {}
+    for name, tensor in by_name.items():
+        if name == ROPE_FREQS:  # already folded into config.rope_scaling
+            continue
+        hf_name = gguf_to_hf_name(name)
+        if hf_name is None:
+            problems.append(f"unexpected GGUF tensor {name} in {path.name}")
+        else:
+            tensors[hf_name] = tensor
+    source = _GGUFSource(path, tensors, config, ARCHITECTURES[metadata["general.architecture"]])
+    params = assemble_params(config, source, dtype, str(path), problems)
+    return config, params, metadata
+
+
+def load_gguf_config(path: str | os.PathLike) -> ModelConfig:
+    """Only the ``ModelConfig`` of a GGUF file (reads no weights)."""
+    return _read_header(Path(path))[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# writing (tests and exports)
+
+_TENSOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.PathLike,
+              tokenizer_metadata: Mapping[str, Any] | None = None, *,
+              dtype: Any = None) -> Path:
+    """Write ``params`` as a GGUF file that ``load_gguf`` (and llama.cpp) reads back.
+
+    Matrices are stored in ``dtype`` (float32, float16 or bfloat16; default: the leaf's own dtype
+    when it is one of those), 1-D tensors in float32, q/k rows permuted as llama.cpp expects.
+    ``tokenizer_metadata``: ``tokenizer.*`` fields to embed (e.g. from ``load_gguf``'s metadata);
+    bos/eos ids come from ``config``.
+    """
+    import gguf
+
+    check_params(params, config)
+    out_dtype = None if dtype is None else normalize_dtype(dtype)
+    arch = "qwen2" if config.qkv_bias else "llama"
+    permute_qk = ARCHITECTURES[arch]
+    if len(config.eos_token_ids) > 3:
+        raise ValueError("GGUF holds at most 3 end ids (eos, eom, eot); got "
+                         f"{config.eos_token_ids}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        writer.add_name(config.name)
+        writer.add_block_count(config.num_layers)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_heads)
+        writer.add_head_count_kv(config.num_kv_heads)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        scaling = config.rope_scaling
+        if scaling is not None and scaling.kind == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(scaling.factor)
+        elif scaling is not None:
+            writer.add_key_value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch),
+                                 scaling.original_max_position_embeddings,
+                                 gguf.GGUFValueType.UINT32)
+        if config.bos_token_id is not None:
+            writer.add_bos_token_id(config.bos_token_id)
+        for add, token_id in zip((writer.add_eos_token_id, writer.add_eom_token_id,
+                                  writer.add_eot_token_id), config.eos_token_ids):
+            add(token_id)
+        skip = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.eom_token_id", "tokenizer.ggml.eot_token_id"}
+        for key, value in (tokenizer_metadata or {}).items():
+            if not key.startswith("tokenizer.") or key in skip:
+                continue
+            if isinstance(value, (list, tuple)):
+                writer.add_array(key, list(value))
+            else:
+                writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
+
+        if scaling is not None and scaling.kind == "llama3":
+            writer.add_tensor(ROPE_FREQS, llama3_rope_factors(config.head_dim, config.rope_theta,
+                                                              scaling))
+        for key, array in to_hf_tensors(params, config):
+            if permute_qk and (".q_proj." in key or ".k_proj." in key):
+                heads = config.num_heads if ".q_proj." in key else config.num_kv_heads
+                array = permute_qk_rows(array, heads)
+            if array.ndim == 1:
+                array = array.astype(np.float32)
+            elif out_dtype is not None:
+                array = array.astype(out_dtype)
+            elif array.dtype not in _TENSOR_DTYPES:
+                array = array.astype(np.float32)
+            array = np.ascontiguousarray(array)
+            if array.dtype == ml_dtypes.bfloat16:  # gguf infers F32/F16 only; say BF16 explicitly
+                writer.add_tensor(hf_to_gguf_name(key), array.view(np.uint16),
+                                  raw_shape=array.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+            else:
+                writer.add_tensor(hf_to_gguf_name(key), array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
