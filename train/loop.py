@@ -1,0 +1,693 @@
+"""Training all role adapters of one base model: loss, optimizer, phases, the step loop.
+
+Variants (``TrainConfig.variant``):
+  joint:        one A per (layer, module) trained on every role's data; each sample is routed to
+                its role's B (the adapter_index of its batch row).
+  frozen:       the paper's recipe: phase 1 trains the first agent as a plain LoRA (its A and B);
+                phase 2 trains the other agents' B with that A frozen.
+  independent:  the baseline: one A per agent, all trained jointly.
+
+Base weights are cast once to the compute dtype (bf16 by default); adapters and optimizer state stay
+float32 and are cast inside the forward. Logits are computed only at the loss positions (output +
+EOS of each row), so a [B, T, V] float32 tensor is never built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lragent_jax.adapters_io import config_fingerprint, describe_model, save_adapters
+from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.lora import count_parameters, expected_parameter_count, init_adapters
+from lragent_jax.model import forward_hidden, logits_from_hidden
+from lragent_jax.sharding import DATA, make_mesh, replicate, shard_params
+from train import data as data_lib
+from train.checkpoint import Checkpointer, Progress, check_compatible, identity_record
+
+VARIANTS = ("joint", "frozen", "independent")
+REMAT = ("full", "dots", "none")
+DEFAULT_TARGETS = ("q", "v", "o", "gate", "up", "down")
+_init_adapters = jax.jit(init_adapters, static_argnums=(1, 2))
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained adapters (a resumed run must match it exactly)."""
+
+    variant: str = "joint"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    agents: tuple[str, ...] = ("plan", "action", "reflect")
+    epochs: int = 2
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 3e-4
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    max_len: int = 1024
+    overlong: str = "drop"
+    bucket_multiple: int = 64
+    bucket_ratio: float = 1.25
+    seed: int = 0
+    compute_dtype: str = "bfloat16"
+    remat: str = "full"
+    max_steps: int | None = None  # per phase; cuts an epoch short (speed runs)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}; got {self.variant!r}")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}; got {self.remat!r}")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"compute dtype must be one of {sorted(_DTYPES)}; got "
+                             f"{self.compute_dtype!r}")
+        if "k" in self.targets:
+            raise ValueError("adapters on k cannot be shared through the cache (a key adapter sits "
+                             "before RoPE); drop 'k' from the targets")
+        for name in ("epochs", "batch_size", "grad_accum", "max_len", "bucket_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if self.variant == "frozen" and len(self.agents) < 2:
+            raise ValueError("the frozen variant needs at least two agents")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning rate must be > 0; got {self.learning_rate}")
+        if self.overlong not in ("drop", "truncate"):
+            raise ValueError(f"overlong must be 'drop' or 'truncate'; got {self.overlong!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
+        self.lora  # validates rank, alpha, targets, agents
+
+    @property
+    def lora(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets),
+                          agents=tuple(self.agents), shared_a=self.variant != "independent")
+
+    @property
+    def dtype(self):
+        return _DTYPES[self.compute_dtype]
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["targets"], out["agents"] = list(self.targets), list(self.agents)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out; none of this changes the result."""
+
+    out_dir: str | Path | None = None
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: int | None = None  # stop (as if killed) after this global step: resume tests
+    log_every: int = 1
+    progress: bool = True
+    eval_batch_size: int | None = None
+    mesh_data: int | None = None
+    mesh_model: int = 1
+    export_dtype: str = "float32"
+    export_dir: str | Path | None = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stage of training: which agents' samples it uses and what it may change."""
+
+    name: str
+    agents: tuple[int, ...]
+    train_a: bool
+    train_b: tuple[int, ...]
+
+
+def phases_for(config: TrainConfig) -> list[Phase]:
+    everyone = tuple(range(len(config.agents)))
+    if config.variant == "frozen":
+        rest = everyone[1:]
+        return [Phase(config.agents[0], (0,), True, (0,)),
+                Phase("+".join(config.agents[1:]), rest, False, rest)]
+    return [Phase("all", everyone, True, everyone)]
+
+
+def update_mask(lora: LoraConfig, phase: Phase) -> dict:
+    """Multipliers (broadcastable to each adapter leaf) that zero what a phase must not change."""
+    b_mask = np.zeros((1, lora.num_agents, 1, 1), np.float32)
+    b_mask[:, list(phase.train_b)] = 1.0
+    return {m: {"a": np.float32(phase.train_a), "b": b_mask} for m in lora.targets}
+
+
+def lr_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` over the phase's steps."""
+    warmup = (config.warmup_steps if config.warmup_steps is not None
+              else int(round(config.warmup_ratio * total_steps)))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else config.learning_rate, peak_value=config.learning_rate,
+        warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=config.learning_rate * config.min_lr_ratio)
+
+
+def make_optimizer(clip_norm: float, b1: float, b2: float,
+                   weight_decay: float) -> optax.GradientTransformation:
+    """Global-norm clip -> Adam -> decoupled weight decay: AdamW without its learning rate, which
+    the step applies (with the phase's update mask) so that the schedule and the mask are inputs
+    of one compiled step rather than constants baked into a new one per phase."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.scale_by_adam(b1=b1, b2=b2),
+                       optax.add_decayed_weights(weight_decay))
+
+
+# ------------------------------------------------------------------------------------ loss
+
+
+def loss_terms(adapters: dict, params: dict, batch: Mapping[str, jax.Array], *,
+               config: ModelConfig, remat: str = "full"):
+    """Per-row sums over the loss positions: (nll [B], targets [B], all targets greedy-correct [B]).
+
+    Only the ``W`` gathered positions of each row get logits: [B, W, V] instead of [B, T, V].
+    """
+    def hidden_of(adapters, params, tokens):
+        hidden, _ = forward_hidden(params, tokens, config=config, adapters=adapters,
+                                   adapter_index=batch["adapter_index"], lengths=batch["lengths"],
+                                   attn_impl="reference", remat=remat == "full")
+        return hidden
+
+    if remat == "dots":
+        # keep the outputs of the big matmuls, recompute the rest (attention included)
+        hidden_of = jax.checkpoint(
+            hidden_of, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    hidden = hidden_of(adapters, params, batch["tokens"])
+    picked = jnp.take_along_axis(hidden, batch["label_positions"][..., None], axis=1)  # [B, W, D]
+    logits = logits_from_hidden(params, picked, config)  # f32 [B, W, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target_logp = jnp.take_along_axis(logp, batch["label_ids"][..., None], axis=-1)[..., 0]
+    weights = batch["label_weights"]
+    nll = -jnp.sum(target_logp * weights, axis=-1)
+    correct = (jnp.argmax(logits, axis=-1) == batch["label_ids"]) | (weights == 0)
+    return nll, jnp.sum(weights, axis=-1), jnp.all(correct, axis=-1)
+
+
+def _grad_fn(config: ModelConfig, remat: str):
+    def summed(adapters, params, batch):
+        nll, count, _ = loss_terms(adapters, params, batch, config=config, remat=remat)
+        return jnp.sum(nll), jnp.sum(count)
+
+    return jax.value_and_grad(summed, has_aux=True)
+
+
+class StepFunctions:
+    """The jitted pieces of a training step (compiled once per batch shape).
+
+    ``apply`` masks the gradients before clipping (frozen parts must not count in the norm) and
+    the updates after AdamW (weight decay must not move frozen parts either).
+    """
+
+    def __init__(self, model_config: ModelConfig, remat: str, optimizer, adapter_sharding):
+        grad_fn = _grad_fn(model_config, remat)
+
+        def accumulate(acc, adapters, params, batch):
+            (loss_sum, count), grads = grad_fn(adapters, params, batch)
+            return jax.tree.map(jnp.add, acc, grads), loss_sum, count
+
+        def apply(adapters, opt_state, acc, count, learning_rate, mask):
+            grads = jax.tree.map(lambda g, m: g * m / jnp.maximum(count, 1.0), acc, mask)
+            updates, opt_state = optimizer.update(grads, opt_state, adapters)
+            updates = jax.tree.map(lambda u, m: -learning_rate * u * m, updates, mask)
+            return optax.apply_updates(adapters, updates), opt_state, optax.tree.norm(grads)
+
+        def evaluate(adapters, params, batch):
+            return loss_terms(adapters, params, batch, config=model_config, remat="none")
+
+        self.optimizer = optimizer
+        self.accumulate = jax.jit(accumulate, out_shardings=(adapter_sharding, None, None))
+        self.apply = jax.jit(apply, donate_argnums=(0, 1))
+        self.evaluate = jax.jit(evaluate)
+
+
+@functools.lru_cache(maxsize=8)
+def step_functions(model_config: ModelConfig, config: TrainConfig,
+                   adapter_sharding) -> StepFunctions:
+    """Cached on what the compiled steps depend on, so that runs in one process share them."""
+    return _step_functions(model_config, config.remat, config.clip_norm, config.adam_b1,
+                           config.adam_b2, config.weight_decay, adapter_sharding)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_functions(model_config, remat, clip_norm, b1, b2, weight_decay, adapter_sharding):
+    optimizer = make_optimizer(clip_norm, b1, b2, weight_decay)
+    return StepFunctions(model_config, remat, optimizer, adapter_sharding)
+
+
+# ------------------------------------------------------------------------------------ placement
+
+
+class Placement:
+    """Where arrays live: one (data, model) mesh; batch rows on ``data``, base weights optionally
+    sharded over ``model``, adapters and optimizer state replicated."""
+
+    def __init__(self, mesh_data: int | None = None, mesh_model: int = 1):
+        devices = jax.devices()
+        if mesh_data is not None:
+            if mesh_data < 1 or mesh_data * mesh_model > len(devices):
+                raise ValueError(f"mesh data={mesh_data} x model={mesh_model} needs "
+                                 f"{mesh_data * mesh_model} devices; {len(devices)} available")
+            devices = devices[:mesh_data * mesh_model]
+        self.mesh = make_mesh(data=mesh_data, model=mesh_model, devices=devices)
+        self.data_size = self.mesh.shape[DATA]
+        self.replicated = NamedSharding(self.mesh, P())
+
+    def params(self, params: dict, config: ModelConfig) -> dict:
+        if self.mesh.shape["model"] > 1:
+            return shard_params(params, config, self.mesh)
+        return replicate(params, self.mesh)
+
+    def replicate(self, tree):
+        return replicate(tree, self.mesh)
+
+    def batch(self, batch: data_lib.Batch) -> dict:
+        """Global arrays with rows split over the data axis (every process holds the whole host
+        batch, so this works on several hosts as well)."""
+        out = {}
+        for name, array in batch.arrays().items():
+            spec = P(DATA, *([None] * (array.ndim - 1)))
+            sharding = NamedSharding(self.mesh, spec)
+            out[name] = jax.make_array_from_callback(array.shape, sharding,
+                                                     lambda index, a=array: a[index])
+        return out
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class BaseModel:
+    config: ModelConfig
+    params: dict
+    tokenizer: Any
+    source: str = ""
+
+    def identity(self) -> dict:
+        return {"name": self.config.name, "fingerprint": config_fingerprint(self.config),
+                "description": describe_model(self.config), "source": self.source}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    adapters: dict
+    lora: LoraConfig
+    progress: Progress
+    history: list[dict]
+    validation: list[dict]
+    interrupted: bool = False
+    export_dir: Path | None = None
+
+
+class MetricsLog:
+    """JSON lines (process 0 only); on resume, records past the checkpoint are dropped."""
+
+    def __init__(self, path: Path | None, resume_step: int | None):
+        self.path = path
+        self.records: list[dict] = []
+        if path is None:
+            return
+        if resume_step is not None and path.is_file():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                if record.get("step", 0) <= resume_step and record.get("event") != "end":
+                    kept.append(record)
+            self.records = kept
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        elif path.exists():
+            path.unlink()
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+class ProgressBar:
+    """One status line on stderr: phase, epoch, bar, loss and tokens/s."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and jax.process_index() == 0
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, text: str, done: int, total: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last < (0.2 if self.tty else 10.0):
+            return
+        self.last = now
+        width = 24
+        filled = int(width * done / max(total, 1))
+        line = f"[{'=' * filled}{'.' * (width - filled)}] {done}/{total} {text}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:160].ljust(160))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def prepare_examples(config: TrainConfig, base: BaseModel,
+                     samples: Mapping[str, Sequence[Mapping[str, Any]]], split: str):
+    eos = _eos_id(base)
+    examples, report = data_lib.tokenize_samples(
+        samples, base.tokenizer, agents=config.agents, eos_id=eos, max_len=config.max_len,
+        overlong=config.overlong)
+    data_lib.check_token_range(examples, base.config.vocab_size)
+    message = report.summary(split)
+    if message:
+        _say("warning: " + message)
+    return examples, report
+
+
+def _eos_id(base: BaseModel) -> int:
+    ids = tuple(getattr(base.tokenizer, "eos_token_ids", ())) or base.config.eos_token_ids
+    if not ids:
+        raise data_lib.DataError("the tokenizer and the model config name no EOS token; the loss "
+                                 "needs one after every output")
+    return int(ids[0])
+
+
+def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=None,
+          run: RunOptions = RunOptions()) -> TrainResult:
+    """Train every agent's adapter on role samples ``{role: [sample]}`` and export them.
+
+    Returns the final adapters; writes checkpoints, ``metrics.jsonl``, ``loss.png`` and the
+    exported adapters under ``run.out_dir`` when given.
+    """
+    lora = config.lora
+    out_dir = Path(run.out_dir) if run.out_dir is not None else None
+    is_main = jax.process_index() == 0
+    if out_dir is not None and is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    train_examples, train_report = prepare_examples(config, base, train_samples, "train")
+    valid_examples, valid_report = (prepare_examples(config, base, valid_samples, "valid")
+                                    if valid_samples else ([], None))
+    if not train_examples:
+        raise data_lib.DataError("no training samples" + (
+            f" left after dropping {train_report.total} longer than --max-len {config.max_len}"
+            if train_report.total else ": the dataset is empty"))
+    phases = phases_for(config)
+    for phase in phases:
+        if not any(e.agent in phase.agents for e in train_examples):
+            raise data_lib.DataError(f"phase {phase.name!r} has no training samples (agents "
+                                     f"{[config.agents[a] for a in phase.agents]})")
+
+    placement = Placement(run.mesh_data, run.mesh_model)
+    if config.batch_size % placement.data_size:
+        raise ValueError(f"batch size {config.batch_size} must be a multiple of the data-parallel "
+                         f"size {placement.data_size}")
+    buckets = data_lib.bucket_lengths(config.max_len, config.bucket_multiple, config.bucket_ratio)
+    window = data_lib.target_window(train_examples + valid_examples, config.max_len)
+    eval_rows = run.eval_batch_size or config.batch_size
+    if eval_rows % placement.data_size:
+        raise ValueError(f"eval batch size {eval_rows} must be a multiple of the data-parallel "
+                         f"size {placement.data_size}")
+
+    params = placement.params(jax.tree.map(lambda x: x.astype(config.dtype), base.params),
+                              base.config)
+    adapters = _init_adapters(jax.random.key(config.seed), base.config, lora)
+    assert count_parameters(adapters) == expected_parameter_count(base.config, lora)
+    adapters = placement.replicate(adapters)
+
+    identity = identity_record(base.identity(), dataclasses.asdict(lora) | {
+        "targets": list(lora.targets), "agents": list(lora.agents)}, config.to_dict(),
+        data_lib.data_fingerprint(train_examples))
+    checkpointer = (Checkpointer(out_dir / "checkpoints", keep=run.keep_checkpoints)
+                    if out_dir is not None else None)
+
+    progress = Progress()
+    resume_step = None
+    if run.resume:
+        if checkpointer is None:
+            raise ValueError("--resume needs an output folder")
+        resume_step = checkpointer.latest_step()
+        if resume_step is None:
+            _say(f"no checkpoint in {checkpointer.directory}; starting from scratch")
+        else:
+            check_compatible(checkpointer.read_record(resume_step)["identity"], identity,
+                             checkpointer.directory / str(resume_step))
+    metrics = MetricsLog(out_dir / "metrics.jsonl" if out_dir is not None and is_main else None,
+                         resume_step)
+    if resume_step is None:
+        metrics.write({"event": "start", "step": 0, "train": config.to_dict(),
+                       "base_model": base.identity(), "adapter_parameters":
+                       count_parameters(adapters), "devices": jax.device_count(),
+                       "mesh": dict(placement.mesh.shape),
+                       "data": {"train": data_lib.describe(train_examples, config.agents),
+                                "valid": data_lib.describe(valid_examples, config.agents),
+                                "truncation": {"train": train_report.to_dict(),
+                                               "valid": valid_report.to_dict()
+                                               if valid_report else None}}})
+    _say(f"training {config.variant} adapters (rank {config.rank}, targets "
+         f"{','.join(lora.targets)}) on {len(train_examples)} samples "
+         f"({len(valid_examples)} valid) of {base.config.name}; "
+         f"{count_parameters(adapters):,} adapter parameters; {jax.device_count()} device(s)")
+
+    valid_batches = [(idx, placement.batch(b)) for idx, b in data_lib.evaluation_batches(
+        valid_examples, batch_size=eval_rows, buckets=buckets, window=window)]
+    bar = ProgressBar(run.progress)
+    history: list[dict] = [r for r in metrics.records if r.get("event") == "step"]
+    validation: list[dict] = [r for r in metrics.records if r.get("event") == "validation"]
+    interrupted = False
+
+    saved_phase = (checkpointer.read_record(resume_step)["progress"]["phase"]
+                   if resume_step is not None else None)
+    for phase_index, phase in enumerate(phases):
+        if saved_phase is not None and phase_index < saved_phase:
+            continue
+        examples = [e for e in train_examples if e.agent in phase.agents]
+        batches_per_epoch = math.ceil(len(examples) / config.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+        if config.max_steps is not None:
+            steps_per_epoch = min(steps_per_epoch, config.max_steps)
+        fns = step_functions(base.config, config, placement.replicated)
+        schedule = lr_schedule(config, steps_per_epoch * config.epochs)
+        mask = placement.replicate(update_mask(lora, phase))
+        opt_state = placement.replicate(fns.optimizer.init(adapters))
+        if saved_phase is not None and phase_index == saved_phase:
+            state, progress = checkpointer.restore(resume_step, {"adapters": adapters,
+                                                                 "opt_state": opt_state})
+            adapters, opt_state = state["adapters"], state["opt_state"]
+            _say(f"resumed from step {progress.global_step} (phase {phase.name}, epoch "
+                 f"{min(progress.epoch + 1, config.epochs)}, step {progress.step_in_epoch} of "
+                 "the epoch)")
+        else:
+            progress = dataclasses.replace(progress, phase=phase_index, epoch=0, step_in_epoch=0)
+
+        while progress.epoch < config.epochs and not interrupted:
+            order = data_lib.epoch_order(examples, batch_size=config.batch_size, buckets=buckets,
+                                         seed=config.seed, phase=phase_index, epoch=progress.epoch)
+            steps = [order[i:i + config.grad_accum]
+                     for i in range(0, len(order), config.grad_accum)][:steps_per_epoch]
+            label = (f"{phase.name} ({phase_index + 1}/{len(phases)}) epoch "
+                     f"{progress.epoch + 1}/{config.epochs}")
+            pending = None  # the previous step's stats, fetched once the next step is queued
+            clock = [time.perf_counter()]
+            for step_index in range(progress.step_in_epoch, len(steps)):
+                acc = jax.tree.map(jnp.zeros_like, adapters)
+                loss_sum = count = 0.0
+                tokens = padded = 0
+                for indices in steps[step_index]:
+                    batch = data_lib.make_batch(examples, indices, batch_size=config.batch_size,
+                                                buckets=buckets, window=window)
+                    tokens += batch.num_tokens
+                    padded += batch.tokens.size
+                    acc, part_loss, part_count = fns.accumulate(acc, adapters, params,
+                                                                placement.batch(batch))
+                    loss_sum, count = loss_sum + part_loss, count + part_count
+                lr = float(schedule(progress.epoch * steps_per_epoch + step_index))
+                adapters, opt_state, grad_norm = fns.apply(adapters, opt_state, acc, count,
+                                                           np.float32(lr), mask)
+                progress = dataclasses.replace(progress, global_step=progress.global_step + 1,
+                                               step_in_epoch=step_index + 1)
+                if pending is not None:
+                    _log_step(pending, clock, metrics, history, bar, label, len(steps))
+                pending = {"event": "step", "step": progress.global_step, "phase": phase.name,
+                           "epoch": progress.epoch + 1, "lr": lr, "tokens": tokens,
+                           "padded_tokens": padded, "_done": step_index + 1,
+                           "_stats": (loss_sum, count, grad_norm)}
+                epoch_done = step_index + 1 == len(steps)
+                if epoch_done:
+                    _log_step(pending, clock, metrics, history, bar, label, len(steps))
+                    pending = None
+                    bar.close()
+                    result = _validate(fns, adapters, params, valid_batches, valid_examples,
+                                       config, progress, phase)
+                    if result is not None:
+                        metrics.write(result)
+                        validation.append(result)
+                        _say(_validation_line(result))
+                    progress = dataclasses.replace(
+                        progress, epoch=progress.epoch + 1, step_in_epoch=0,
+                        finished=(progress.epoch + 1 == config.epochs
+                                  and phase_index == len(phases) - 1))
+                if checkpointer is not None and (epoch_done
+                                                 or progress.global_step % run.save_every == 0):
+                    checkpointer.save(progress.global_step, {"adapters": adapters,
+                                                             "opt_state": opt_state},
+                                      progress, identity)
+                if (run.stop_after is not None and progress.global_step >= run.stop_after
+                        and not progress.finished):
+                    interrupted = True
+                    break
+            if pending is not None:
+                _log_step(pending, clock, metrics, history, bar, label, len(steps))
+        if interrupted:
+            break
+    bar.close()
+
+    if checkpointer is not None:
+        checkpointer.close()
+    adapters = jax.device_get(adapters)
+    export_dir = None
+    if not interrupted:
+        metrics.write({"event": "end", "step": progress.global_step,
+                       "final_validation": validation[-1] if validation else None})
+        if is_main and (run.export_dir is not None or out_dir is not None):
+            export_dir = Path(run.export_dir) if run.export_dir is not None else out_dir / "adapters"
+            save_adapters(export_dir, adapters, lora, base.config, dtype=run.export_dtype,
+                          metadata={"variant": config.variant, "train": config.to_dict(),
+                                    "steps": progress.global_step, **dict(run.metadata),
+                                    "validation": validation[-1] if validation else None})
+            _say(f"adapters exported to {export_dir}")
+        if is_main and out_dir is not None and run.plot:
+            plot_losses(history, validation, out_dir / "loss.png", title=
+                        f"{base.config.name}: {config.variant} adapters (rank {config.rank})")
+    return TrainResult(adapters, lora, progress, history, validation, interrupted, export_dir)
+
+
+def _log_step(record: dict, clock: list, metrics: MetricsLog, history: list, bar,
+              label: str, total: int) -> None:
+    """Fetch a step's stats (by now the device has moved on to the next step) and log them."""
+    loss_sum, count, grad_norm = jax.device_get(record.pop("_stats"))
+    done = record.pop("_done")
+    now = time.perf_counter()
+    elapsed = max(now - clock[0], 1e-9)
+    clock[0] = now
+    record.update(loss=float(loss_sum) / max(float(count), 1.0), targets=int(count),
+                  grad_norm=float(grad_norm), step_seconds=elapsed,
+                  tokens_per_s=record["tokens"] / elapsed)
+    history.append(record)
+    metrics.write(record)
+    bar.update(f"{label} loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s", done,
+               total, force=done == total)
+
+
+def _validate(fns: StepFunctions, adapters, params, valid_batches, valid_examples,
+              config: TrainConfig, progress: Progress, phase: Phase) -> dict | None:
+    """Validation loss and greedy exact match per role (teacher-forced: every output token and
+    EOS is the argmax given the gold prefix, which is what greedy decoding reproduces)."""
+    if not valid_batches:
+        return None
+    agents = config.agents
+    nll = np.zeros(len(agents))
+    targets = np.zeros(len(agents))
+    correct = np.zeros(len(agents))
+    samples = np.zeros(len(agents))
+    for indices, batch in valid_batches:
+        row_nll, row_count, row_ok = jax.device_get(fns.evaluate(adapters, params, batch))
+        for row, i in enumerate(indices):
+            agent = valid_examples[i].agent
+            nll[agent] += row_nll[row]
+            targets[agent] += row_count[row]
+            correct[agent] += bool(row_ok[row])
+            samples[agent] += 1
+    have = samples > 0
+    return {"event": "validation", "step": progress.global_step, "phase": phase.name,
+            "epoch": progress.epoch + 1,
+            "loss": float(nll[have].sum() / max(targets[have].sum(), 1.0)),
+            "loss_per_role": {a: float(nll[i] / targets[i]) for i, a in enumerate(agents)
+                              if have[i]},
+            "exact_match_per_role": {a: float(correct[i] / samples[i])
+                                     for i, a in enumerate(agents) if have[i]},
+            "samples_per_role": {a: int(samples[i]) for i, a in enumerate(agents)}}
+
+
+def _validation_line(result: dict) -> str:
+    em = ", ".join(f"{a} {v:.1%}" for a, v in result["exact_match_per_role"].items())
+    return (f"validation after epoch {result['epoch']} ({result['phase']}): loss "
+            f"{result['loss']:.4f}; greedy exact match {em}")
+
+
+def plot_losses(history: Sequence[dict], validation: Sequence[dict], path: Path,
+                title: str = "") -> None:
+    """Training loss per step (and its running mean) with validation loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if history:
+        steps = np.asarray([r["step"] for r in history])
+        losses = np.asarray([r["loss"] for r in history])
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (step)")
+        window = max(1, len(losses) // 50)
+        if window > 1:
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window})")
+    if validation:
+        ax.plot([r["step"] for r in validation], [r["loss"] for r in validation], "o-",
+                color="tab:red", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
