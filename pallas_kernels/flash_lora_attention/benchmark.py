@@ -244,42 +244,56 @@ def run_shape(section, batch, t_len, s_len, rows: list[Row], log):
         del sets
 
 
+# (block_q, block_k, num_warps, num_stages, rank_pad) at R=16, and the same without adapter
+PREFILL_VARIANTS = [(128, 64, 8, 3, 16), (128, 128, 8, 2, 16), (64, 128, 4, 2, 16),
+                    (128, 64, 8, 3, 32), (128, 64, 8, 3, 64), (128, 128, 8, 2, 64),
+                    (64, 64, 4, 3, 16), (128, 64, 8, 2, 16)]
+# (decode_block_k, num_warps, num_stages, splits or None for automatic, decode_rank_pad)
+DECODE_VARIANTS = [(64, 4, 3, None, 64), (64, 4, 3, None, 16), (128, 4, 3, None, 64),
+                   (64, 4, 3, 8, 64), (64, 4, 3, 16, 64), (64, 4, 3, 32, 64), (64, 4, 3, 64, 64),
+                   (32, 4, 4, None, 64), (128, 4, 2, 16, 64), (64, 2, 3, None, 64)]
+VARIANT_SHAPES = [("prefill", 1, 16384, 16384),
+                  ("decode", 1, 1, 16384), ("decode", 1, 1, 131072), ("decode", 8, 1, 16384),
+                  ("decode", 8, 4, 131072)]
+
+
 def run_variants(rows: list[Row], log):
-    """Block-size variants of the kernel at a prefill and two decode shapes."""
-    prefill = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3),
-               (128, 32, 8, 4), (64, 128, 4, 2), (128, 128, 8, 2)]
-    decode = [(64, 4, 3, None), (128, 4, 3, None), (128, 8, 2, None), (32, 4, 4, None),
-              (64, 4, 3, "x2"), (64, 4, 3, "/2"), (256, 8, 2, None), (128, 4, 4, None)]
-    shapes = [("prefill", 1, 4096, 4096), ("prefill", 1, 16384, 16384),
-              ("decode", 1, 1, 65536), ("decode", 8, 1, 16384)]
-    for section, batch, t_len, s_len in shapes:
+    """Block-size variants of the kernel (R=16, and without adapter for prefill)."""
+    for section, batch, t_len, s_len in VARIANT_SHAPES:
         per_call = _decode_bytes(batch, s_len, BASELINE_RANK)
         sets = [make_set(7 + i, batch, t_len, s_len, BASELINE_RANK)
                 for i in range(num_sets(per_call))]
         flops = _attention_flops(batch, t_len, s_len)
-        for variant in (prefill if section == "prefill" else decode):
-            if section == "prefill":
-                bq, bk, warps, stages = variant
+        runs = []
+        if section == "prefill":
+            for bq, bk, warps, stages, rank_pad in PREFILL_VARIANTS:
                 blocks = triton_gpu.BlockSizes(block_q=bq, block_k=bk, num_warps=warps,
-                                               num_stages=stages)
+                                               num_stages=stages, rank_pad=rank_pad)
                 label = f"bq{bq} bk{bk} w{warps} s{stages}"
-            else:
-                bk, warps, stages, splits = variant
-                auto, _ = triton_gpu._decode_splits(triton_gpu.BlockSizes(decode_block_k=bk),
-                                                    batch=batch, kv_heads=KV_HEADS, s_len=s_len,
-                                                    block_k=bk)
-                n_splits = {None: None, "x2": 2 * auto, "/2": max(1, auto // 2)}[splits]
+                runs.append((label + f" Rp{rank_pad}", kernel_call, blocks, True))
+                if rank_pad == 16:
+                    runs.append((label + " no LoRA", plain_kernel_call, blocks, False))
+        else:
+            for bk, warps, stages, splits, rank_pad in DECODE_VARIANTS:
                 blocks = triton_gpu.BlockSizes(decode_block_k=bk, decode_num_warps=warps,
-                                               decode_num_stages=stages, decode_splits=n_splits)
-                label = f"bk{bk} w{warps} s{stages} splits {n_splits or f'auto({auto})'}"
-            row = Row("variant-" + section, label, batch, t_len, s_len, BASELINE_RANK)
+                                               decode_num_stages=stages, decode_splits=splits,
+                                               decode_rank_pad=rank_pad)
+                n_splits, _ = triton_gpu._decode_splits(blocks, batch=batch, kv_heads=KV_HEADS,
+                                                        s_len=s_len, block_k=bk)
+                label = f"bk{bk} w{warps} s{stages} splits{n_splits}{'' if splits else '(auto)'}"
+                runs.append((label + f" Rp{rank_pad}", kernel_call, blocks, True))
+                if rank_pad == 64 and splits is None and bk == 64 and warps == 4:
+                    runs.append((label + " no LoRA", plain_kernel_call, blocks, False))
+        for label, call, blocks, with_c in runs:
+            row = Row("variant-" + section, label, batch, t_len, s_len,
+                      BASELINE_RANK if with_c else 0)
             try:
-                seconds = time_per_call(functools.partial(kernel_call, block_sizes=blocks), sets)
+                seconds = time_per_call(functools.partial(call, block_sizes=blocks), sets)
                 row.ms = seconds * 1e3
                 if section == "prefill":
                     row.tflop_per_s = flops / seconds / 1e12
                 else:
-                    row.tb_per_s = per_call / seconds / 1e12
+                    row.tb_per_s = _decode_bytes(batch, s_len, row.rank) / seconds / 1e12
             except Exception as exc:  # noqa: BLE001
                 row.note = f"failed: {type(exc).__name__}: {exc}"[:300]
             rows.append(row)

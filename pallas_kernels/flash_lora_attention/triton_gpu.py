@@ -40,6 +40,8 @@ _MIN_DOT = 16  # Triton's tt.dot needs every side >= 16
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 # Programs the decode grid aims for: a few per streaming multiprocessor (132 on an H100/H200).
 _DECODE_TARGET_PROGRAMS = 528
+# The merge kernel holds every split of one row in registers at once.
+_MAX_SPLITS = 64
 
 
 def _next_pow2(x: int) -> int:
@@ -63,6 +65,10 @@ class BlockSizes:
       decode_splits: key-range splits of the decode kernel; None picks enough programs to fill the
         GPU (about ``_DECODE_TARGET_PROGRAMS``).
       decode_max_t: calls with T <= this (and G * T <= 128) take the decode kernel.
+      rank_pad, decode_rank_pad: R is padded (inside the kernel, by masked loads) to a power of two
+        at least this. Decode pads to 64: with R padded to 16, the P @ C product takes another
+        register layout than P @ V and P is converted between them every step (measured +15% at
+        R=16 against +1% at R=64, see NOTES.md); the padding costs no bytes, only idle MMA lanes.
     """
 
     block_q: int = 128
@@ -74,9 +80,11 @@ class BlockSizes:
     decode_num_stages: int = 3
     decode_splits: int | None = None
     decode_max_t: int = 16
+    rank_pad: int = 16
+    decode_rank_pad: int = 64
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "decode_block_k"):
+        for name in ("block_q", "block_k", "decode_block_k", "rank_pad", "decode_rank_pad"):
             value = getattr(self, name)
             if not _is_pow2(value) or value < _MIN_DOT:
                 raise ValueError(f"BlockSizes.{name}={value} must be a power of two >= {_MIN_DOT}")
@@ -85,8 +93,9 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name} must be 1, 2, 4, 8 or 16")
         if self.num_stages < 1 or self.decode_num_stages < 1:
             raise ValueError("num_stages must be >= 1")
-        if self.decode_splits is not None and self.decode_splits < 1:
-            raise ValueError(f"BlockSizes.decode_splits={self.decode_splits} must be >= 1 or None")
+        if self.decode_splits is not None and not 1 <= self.decode_splits <= _MAX_SPLITS:
+            raise ValueError(f"BlockSizes.decode_splits={self.decode_splits} must be in "
+                             f"1..{_MAX_SPLITS} or None")
         if self.decode_max_t < 0:
             raise ValueError("BlockSizes.decode_max_t must be >= 0")
 
@@ -323,40 +332,25 @@ def _decode_partial_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_ind
     plgpu.store(l_ref.at[b, kh, split, pl.ds(0, rows_pad)], l_i, mask=row_valid)
 
 
-def _decode_merge_kernel(o_part_ref, m_ref, l_ref, out_ref, *, num_splits, splits_pad, t_len,
-                         group, rows_pad):
-    """Log-sum-exp merge of the splits of one (batch row, KV group)."""
-    kh = pl.program_id(0)
+def _decode_merge_kernel(o_part_ref, m_ref, l_ref, out_ref, *, num_splits, splits_pad, group,
+                         rows):
+    """Log-sum-exp merge of the splits of one packed row (one query row of one head)."""
+    row = pl.program_id(0)
     b = pl.program_id(1)
-    head_dim = out_ref.shape[-1]
-    rows = group * t_len
-    r_ids = jnp.arange(rows_pad)
-    row_valid = r_ids < rows
+    kh = row // rows
+    r = row % rows
     sp_ids = jnp.arange(splits_pad)
-    m_all = plgpu.load(m_ref.at[b, kh, pl.ds(0, splits_pad), pl.ds(0, rows_pad)],
-                       mask=(sp_ids < num_splits)[:, None] & row_valid[None, :], other=-jnp.inf)
-    m_max = jnp.max(m_all, axis=0)
-    m_safe = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-
-    def body(split, carry):
-        acc, l_sum = carry
-        m_s = plgpu.load(m_ref.at[b, kh, split, pl.ds(0, rows_pad)], mask=row_valid,
-                         other=-jnp.inf)
-        l_s = plgpu.load(l_ref.at[b, kh, split, pl.ds(0, rows_pad)], mask=row_valid, other=0.0)
-        o_s = plgpu.load(o_part_ref.at[b, kh, split, pl.ds(0, rows_pad), :],
-                         mask=row_valid[:, None], other=0.0)
-        weight = jnp.exp2(m_s - m_safe)
-        return acc + weight[:, None] * o_s, l_sum + weight * l_s
-
-    acc, l_sum = lax.fori_loop(
-        0, num_splits, body,
-        (jnp.zeros((rows_pad, head_dim), jnp.float32), jnp.zeros((rows_pad,), jnp.float32)))
-    out = acc / jnp.where(l_sum > 0, l_sum, 1.0)[:, None]
-    t_ids = r_ids // group
-    head_ids = kh * group + r_ids % group
-    h_ids = jnp.arange(head_dim)
-    plgpu.store(out_ref.at[b, t_ids[:, None], head_ids[:, None], h_ids[None, :]],
-                out.astype(out_ref.dtype), mask=row_valid[:, None])
+    sp_valid = sp_ids < num_splits
+    # one load of every split: a loop over splits would wait a memory latency per split
+    m_all = plgpu.load(m_ref.at[b, kh, pl.ds(0, splits_pad), r], mask=sp_valid, other=-jnp.inf)
+    l_all = plgpu.load(l_ref.at[b, kh, pl.ds(0, splits_pad), r], mask=sp_valid, other=0.0)
+    o_all = plgpu.load(o_part_ref.at[b, kh, pl.ds(0, splits_pad), r, :], mask=sp_valid[:, None],
+                       other=0.0)
+    m_max = jnp.max(m_all)
+    weight = jnp.exp2(m_all - jnp.where(m_max == -jnp.inf, 0.0, m_max))
+    l_sum = jnp.sum(weight * l_all)
+    out = jnp.sum(weight[:, None] * o_all, axis=0) / jnp.where(l_sum > 0, l_sum, 1.0)
+    plgpu.store(out_ref.at[b, r // group, kh * group + r % group, :], out.astype(out_ref.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +370,7 @@ def _decode_splits(block_sizes, *, batch, kv_heads, s_len, block_k):
         splits = block_sizes.decode_splits
     else:
         splits = pl.cdiv(_DECODE_TARGET_PROGRAMS, batch * kv_heads)
-    splits = max(1, min(splits, n_blocks))
+    splits = max(1, min(splits, n_blocks, _MAX_SPLITS))
     blocks_per_split = pl.cdiv(n_blocks, splits)
     return pl.cdiv(n_blocks, blocks_per_split), blocks_per_split * block_k
 
@@ -397,7 +391,6 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
         lowrank, rows_lr = _flatten_layers(lowrank, layer)
     else:
         adapter_index = None
-    rank_pad = max(_MIN_DOT, _next_pow2(rank))
     dtypes = [q.dtype, k.dtype, v.dtype] + ([lowrank.dtype, lora_b.dtype] if has_c else [])
     compute_dtype = functools.reduce(jnp.promote_types, dtypes)
     if block_sizes is None:
@@ -407,7 +400,7 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
     scale_log2 = float(sm_scale) * _LOG2E
     meta = (kv_lengths, q_offset, adapter_index, layer_arr, kv_index, lowrank_index)
     common = dict(causal=causal, scale_log2=scale_log2, t_len=t_len, rows_kv=rows_kv,
-                  rows_lr=rows_lr, rank=rank, rank_pad=rank_pad, compute_dtype=compute_dtype)
+                  rows_lr=rows_lr, rank=rank, compute_dtype=compute_dtype)
 
     rows_pad = max(_MIN_DOT, _next_pow2(group * t_len))
     if t_len <= block_sizes.decode_max_t and group * t_len <= 128:
@@ -417,7 +410,9 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
         rows = group * t_len
         partial = pl.pallas_call(
             functools.partial(_decode_partial_kernel, group=group, rows_pad=rows_pad,
-                              block_k=block_k, keys_per_split=keys_per_split, **common),
+                              block_k=block_k, keys_per_split=keys_per_split,
+                              rank_pad=max(block_sizes.decode_rank_pad, _next_pow2(rank)),
+                              **common),
             grid=(kv_heads, num_splits, batch),
             out_shape=[
                 jax.ShapeDtypeStruct((batch, kv_heads, num_splits, rows, head_dim), jnp.float32),
@@ -431,9 +426,8 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
         )(*meta, q, k, v, lowrank, lora_b)
         return pl.pallas_call(
             functools.partial(_decode_merge_kernel, num_splits=num_splits,
-                              splits_pad=_next_pow2(num_splits), t_len=t_len, group=group,
-                              rows_pad=rows_pad),
-            grid=(kv_heads, batch),
+                              splits_pad=_next_pow2(num_splits), group=group, rows=rows),
+            grid=(kv_heads * rows, batch),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
             interpret=interpret,
@@ -443,7 +437,8 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
     block_q = block_sizes.block_q
     return pl.pallas_call(
         functools.partial(_prefill_kernel, block_q=block_q, block_k=block_sizes.block_k,
-                          group=group, **common),
+                          group=group, rank_pad=max(block_sizes.rank_pad, _next_pow2(rank)),
+                          **common),
         grid=(pl.cdiv(t_len, block_q), batch, n_heads),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
