@@ -230,11 +230,11 @@ def _prefill_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_index_ref,
         v = plgpu.load(v_ref.at[kv_row, pl.ds(j0, block_k), kh, :], mask=kv_mask, other=kv_other)
         c = None
         if has_c:
-            c_mask = r_ids[None, :] < rank
+            c_mask = (r_ids[None, :] < rank) if rank < rank_pad else None
             if masked:
-                c_mask = c_mask & in_len[:, None]
+                c_mask = in_len[:, None] if c_mask is None else c_mask & in_len[:, None]
             c = plgpu.load(c_ref.at[lr_row, pl.ds(j0, block_k), pl.ds(0, rank_pad)], mask=c_mask,
-                           other=0.0).astype(compute_dtype)
+                           other=None if c_mask is None else 0.0).astype(compute_dtype)
         visible = None
         if masked:
             visible = in_len[None, :]
