@@ -39,7 +39,7 @@ _LOG2E = math.log2(math.e)
 _MIN_DOT = 16  # Triton's tt.dot needs every side >= 16
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 # Programs the decode grid aims for: a few per streaming multiprocessor (132 on an H100/H200).
-_DECODE_TARGET_PROGRAMS = 528
+_DECODE_TARGET_PROGRAMS = 512
 # The merge kernel holds every split of one row in registers at once.
 _MAX_SPLITS = 64
 
@@ -101,14 +101,22 @@ class BlockSizes:
 
 
 def default_block_sizes(*, t_len: int, head_dim: int, rank: int, dtype) -> BlockSizes:
-    """Block sizes by shape bucket (tuned for H100/H200; see NOTES.md)."""
+    """Block sizes by shape bucket (H=128 bf16 measured on an H100; see NOTES.md)."""
     wide = jnp.dtype(dtype).itemsize >= 4  # f32 tiles take twice the shared memory
+    rank_pad = 16
     if head_dim >= 256:
         prefill = dict(block_q=64, block_k=32, num_warps=8, num_stages=2)
+        if wide:
+            prefill.update(block_q=32, block_k=16)
     elif wide:
         prefill = dict(block_q=64, block_k=32, num_warps=4, num_stages=2)
     elif head_dim <= 64:
         prefill = dict(block_q=128, block_k=64, num_warps=4, num_stages=3)
+    elif rank:
+        # with the adapter, 128-key steps and C padded to 64 columns ran fastest (16k prefill:
+        # 6.3 ms against 7.3 ms for the plain-attention tiles below)
+        prefill = dict(block_q=128, block_k=128, num_warps=8, num_stages=2)
+        rank_pad = 64
     else:
         prefill = dict(block_q=128, block_k=64, num_warps=8, num_stages=3)
     if rank > 64 and prefill["block_q"] > 64:
@@ -116,8 +124,8 @@ def default_block_sizes(*, t_len: int, head_dim: int, rank: int, dtype) -> Block
         prefill["block_q"] = 64
     # a short query needs no 128-row tile
     prefill["block_q"] = min(prefill["block_q"], max(_MIN_DOT, _next_pow2(t_len)))
-    decode_block_k = 32 if (head_dim >= 256 or wide) else 64
-    return BlockSizes(**prefill, decode_block_k=decode_block_k)
+    decode_block_k = 64 if head_dim <= 128 and not wide else 32 if head_dim <= 128 or not wide else 16
+    return BlockSizes(**prefill, rank_pad=rank_pad, decode_block_k=decode_block_k)
 
 
 def unsupported_reason(*, interpret, batch, t_len, s_len, n_heads, kv_heads, head_dim, rank,
@@ -364,12 +372,22 @@ def _flatten_layers(x, layer):
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), x.shape[1]
 
 
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
 def _decode_splits(block_sizes, *, batch, kv_heads, s_len, block_k):
+    """(number of splits, keys per split) of the decode grid (K, splits, B).
+
+    Automatic choice, from the H100 sweep in NOTES.md: about 512 programs (the decode tile holds one
+    program per SM, so about 4 waves), at least 1024 keys per split, at most 16 splits.
+    """
     n_blocks = pl.cdiv(s_len, block_k)
     if block_sizes.decode_splits is not None:
         splits = block_sizes.decode_splits
     else:
-        splits = pl.cdiv(_DECODE_TARGET_PROGRAMS, batch * kv_heads)
+        splits = min(16, _pow2_floor(_DECODE_TARGET_PROGRAMS // (batch * kv_heads)),
+                     _pow2_floor(s_len // 1024))
     splits = max(1, min(splits, n_blocks, _MAX_SPLITS))
     blocks_per_split = pl.cdiv(n_blocks, splits)
     return pl.cdiv(n_blocks, blocks_per_split), blocks_per_split * block_k
