@@ -3,20 +3,37 @@
     import lragent_jax
     m = lragent_jax.load_pretrained()          # embedded SmolLM2-135M-Instruct
     print(m.generate("The capital of France is", max_new_tokens=8))
+
+Names are imported on first use, so host-side modules (``lragent_jax.workflow``,
+``lragent_jax.tasks``) load without JAX.
 """
 
-from lragent_jax.cache import ALL_MODES, CacheSpec, KVCache, ShareMode, analytic_cache_bytes
-from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig, RopeScaling
-from lragent_jax.lora import NO_ADAPTER, init_adapters, merge_adapter
-from lragent_jax.pretrained import Model, load_pretrained
-from lragent_jax.session import (CapacityError, GenerationSettings, Session, TokenAlignmentError,
-                                 Turn, TurnResult)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ADAPTER_TARGETS", "ALL_MODES", "CacheSpec", "CapacityError", "GenerationSettings", "KVCache",
-    "LoraConfig", "Model", "ModelConfig", "NO_ADAPTER", "RopeScaling", "Session", "ShareMode",
-    "TokenAlignmentError", "Turn", "TurnResult", "analytic_cache_bytes", "init_adapters",
-    "load_pretrained", "merge_adapter",
-]
+_EXPORTS = {
+    "ALL_MODES": "cache", "CacheSpec": "cache", "KVCache": "cache", "ShareMode": "cache",
+    "analytic_cache_bytes": "cache",
+    "ADAPTER_TARGETS": "config", "LoraConfig": "config", "ModelConfig": "config",
+    "RopeScaling": "config",
+    "NO_ADAPTER": "lora", "init_adapters": "lora", "merge_adapter": "lora",
+    "Model": "pretrained", "load_pretrained": "pretrained",
+    "CapacityError": "session", "GenerationSettings": "session", "Session": "session",
+    "TokenAlignmentError": "session", "Turn": "session", "TurnResult": "session",
+    "ModelPolicy": "agents", "run_model_episodes": "agents",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"lragent_jax.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lragent_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

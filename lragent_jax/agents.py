@@ -22,6 +22,7 @@ class ModelPolicy:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self._rows: dict[int, int] = {}
         self._free = list(range(session.batch))
+        self.out_of_capacity: set[int] = set()  # episodes that filled their cache row
 
     def start_episode(self, episode: int, prompt_segments: Sequence[Segment]) -> None:
         if not self._free:
@@ -44,25 +45,52 @@ class ModelPolicy:
         for request in requests:
             if request.episode not in self._rows:
                 raise ValueError(f"episode {request.episode} was not started (start_episode)")
-            turns[self._rows[request.episode]] = Turn(
-                request.agent, append=request.append,
-                settings=GenerationSettings(max_new_tokens=request.max_new_tokens,
+            row = self._rows[request.episode]
+            append = self.session.tokenizer.encode(request.append) if request.append else []
+            room = self.session.capacity - len(self.session.tokens[row]) - len(append) + 1
+            if room < 1:
+                # out of cache capacity: the agent says nothing and the episode runs out of steps
+                self.out_of_capacity.add(request.episode)
+                continue
+            turns[row] = Turn(
+                request.agent, append_ids=tuple(append),
+                settings=GenerationSettings(max_new_tokens=min(request.max_new_tokens, room),
                                             temperature=self.temperature, top_p=self.top_p,
                                             top_k=self.top_k, stop=tuple(request.stop)))
         results = self.session.turn(turns)
         outputs = []
         for request in requests:
             row = self._rows[request.episode]
+            if row not in results:
+                outputs.append(TurnOutput("", "length"))
+                continue
             result = results[row]
             cleaned = clean_output(result.text, request.stop)
             if cleaned != result.text:
-                # keep the cache in step with the recorded (stripped) segment
+                # keep the trajectory in step with the recorded (stripped) segment
                 start = len(self.session.tokens[row]) - len(result.token_ids)
                 self.session.truncate(row, start)
-                self.session.append_text(row, cleaned)
+                self.session.append_tokens(row, self._segment_tokens(result.token_ids, cleaned,
+                                                                     row))
             reason = result.stop_reason if result.stop_reason in ("eos", "stop", "length") else "eos"
             outputs.append(TurnOutput(result.text, reason))
         return outputs
+
+
+    def _segment_tokens(self, generated: list[int], cleaned: str, row: int) -> list[int]:
+        """Tokens for the cleaned segment: the generated ones minus whitespace-only tokens at
+        either end when they decode to it exactly, else the cleaned text tokenized (clipped to the
+        row's remaining capacity)."""
+        decode = self.session.tokenizer.decode
+        i, j = 0, len(generated)
+        while i < j and not decode(generated[i:i + 1]).strip():
+            i += 1
+        while j > i and not decode(generated[j - 1:j]).strip():
+            j -= 1
+        if decode(generated[i:j]) == cleaned:
+            return list(generated[i:j])
+        ids = self.session.tokenizer.encode(cleaned) if cleaned else []
+        return ids[:self.session.capacity - len(self.session.tokens[row])]
 
 
 def run_model_episodes(workflow: Workflow, tasks: Sequence, session: Session, *,

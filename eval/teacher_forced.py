@@ -1,0 +1,161 @@
+"""Teacher-forced comparison of the sharing modes: no sampling, only each mode's cache.
+
+A gold episode (segments with writers) is replayed turn by turn: the env text before a role's
+segment is appended in that role's turn and the role's segment is scored token by token (log-prob and
+whether it is the greedy choice) under the role's view of the cache in the given mode. Non-shared is
+exact; where another mode's view differs (another agent's adapter baked into V, base entries computed
+by another agent's forward), the difference from non-shared is the price of sharing.
+
+Published-format samples (``{"input", "output"}``, e.g. the ScienceQA role files) have no segments:
+``segment_published_sample`` recovers who wrote which part of the input from its markers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from lragent_jax.cache import ALL_MODES, ShareMode
+from lragent_jax.session import Session, Turn
+from lragent_jax.workflow import ENV, Segment
+
+
+def episode_turns(segments: Sequence[Segment]) -> list[tuple[str, list[str], str]]:
+    """[(role, env texts appended before it, role text)] of an episode's segments."""
+    turns, pending = [], []
+    for s in segments:
+        if s.writer == ENV:
+            pending.append(s.text)
+        else:
+            turns.append((s.writer, pending, s.text))
+            pending = []
+    return turns
+
+
+def replay_scores(session: Session, episodes: Sequence[Sequence[Segment]], *,
+                  score_roles: Sequence[str] | None = None,
+                  only_last: bool = False) -> list[dict]:
+    """Replay episodes (``session.batch`` at a time) and score every role segment.
+
+    Returns one dict per scored segment: episode, turn, role, n tokens, sum of log-probs, greedy
+    matches. ``only_last``: score only each episode's last role segment (the others still run, as
+    teacher-forced turns that fill the cache).
+    """
+    tok = session.tokenizer
+    out = []
+    for offset in range(0, len(episodes), session.batch):
+        chunk = [episode_turns(e) for e in episodes[offset:offset + session.batch]]
+        session.reset()
+        for step in range(max((len(t) for t in chunk), default=0)):
+            turns, meta = {}, {}
+            for row, episode in enumerate(chunk):
+                if step >= len(episode):
+                    continue
+                role, env, text = episode[step]
+                ids = [t for piece in env for t in tok.encode(piece)]
+                target = tok.encode(text) if text else []
+                if not target:  # an empty output: nothing to score, append the env only
+                    session.append_tokens(row, ids)
+                    continue
+                turns[row] = Turn(role, append_ids=tuple(ids), score_tokens=tuple(target))
+                meta[row] = (role, len(episode))
+            if not turns:
+                continue
+            results = session.turn(turns)
+            for row, res in results.items():
+                role, n_turns = meta[row]
+                if only_last and step != n_turns - 1:
+                    continue
+                if score_roles is not None and role not in score_roles:
+                    continue
+                out.append({"episode": offset + row, "turn": step, "role": role,
+                            "tokens": int(len(res.logprobs)),
+                            "logprob_sum": float(np.sum(res.logprobs)),
+                            "greedy_matches": int(np.sum(res.greedy_match)),
+                            "logprobs": res.logprobs.tolist()})
+    return out
+
+
+def compare_modes(make_session, episodes: Sequence[Sequence[Segment]], *, modes=ALL_MODES,
+                  only_last: bool = False, log=print) -> dict:
+    """Per mode and role: mean log-prob per token, token accuracy, and the gap to non-shared.
+
+    ``make_session(mode)`` returns a fresh session of that mode. The gap is computed token by token
+    on the same tokens (paired), so it isolates what the cache changes.
+    """
+    per_mode = {}
+    for mode in modes:
+        mode = ShareMode.parse(mode).value
+        per_mode[mode] = replay_scores(make_session(mode), episodes, only_last=only_last)
+        log(f"  teacher-forced {mode}: {len(per_mode[mode])} segments scored")
+    reference = per_mode.get("non_shared")
+    summary = {}
+    for mode, scores in per_mode.items():
+        roles = sorted({s["role"] for s in scores})
+        summary[mode] = {}
+        for role in roles + ["all"]:
+            rows = [s for s in scores if role == "all" or s["role"] == role]
+            n = sum(s["tokens"] for s in rows)
+            entry = {"segments": len(rows), "tokens": n,
+                     "logprob_per_token": sum(s["logprob_sum"] for s in rows) / max(n, 1),
+                     "token_accuracy": sum(s["greedy_matches"] for s in rows) / max(n, 1)}
+            if reference is not None:
+                ref_rows = [s for s in reference if role == "all" or s["role"] == role]
+                diffs = np.concatenate([np.asarray(a["logprobs"]) - np.asarray(b["logprobs"])
+                                        for a, b in zip(rows, ref_rows)] or [np.zeros(0)])
+                entry["logprob_gap_vs_non_shared"] = float(diffs.mean()) if diffs.size else 0.0
+                entry["abs_logprob_gap_vs_non_shared"] = (float(np.abs(diffs).mean())
+                                                          if diffs.size else 0.0)
+                entry["token_accuracy_gap_vs_non_shared"] = (
+                    entry["token_accuracy"]
+                    - sum(s["greedy_matches"] for s in ref_rows) / max(n, 1))
+            summary[mode][role] = entry
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# published-format samples
+
+_MARKER = "\n### Response:\n"
+_ARG_PROMPT = re.compile(r"(?:Action|Aciton): *([A-Za-z0-9_]+)\[$")
+
+
+def segment_published_sample(sample: dict, role: str) -> list[Segment]:
+    """Segments (with writers) of a published ``{"input", "output"}`` sample, ending with the
+    sample's own output as ``role``'s segment.
+
+    Role text follows each ``### Response:`` marker up to the end of its line (a thought or an
+    action type: plan, or reflect after "Please reflect your answer.") or up to ``]`` (an action
+    argument: action). Everything else, including the instruction and observations, is env.
+    """
+    text = sample["input"]
+    segments: list[Segment] = []
+    pos = 0
+    reflecting = False
+    while True:
+        i = text.find(_MARKER, pos)
+        if i < 0:
+            break
+        head_end = i + len(_MARKER)
+        env = text[pos:head_end]
+        if "Please reflect your answer" in env:
+            reflecting = True
+        elif "Obversation:" in env or "Observation:" in env:
+            reflecting = False
+        last_line = text[pos:i].rsplit("\n", 1)[-1]
+        is_argument = _ARG_PROMPT.search(last_line) is not None
+        end_chars = "]" if is_argument else "\n"
+        j = text.find(end_chars, head_end)
+        if j < 0:
+            j = len(text)
+        writer = "action" if is_argument else ("reflect" if reflecting else "plan")
+        segments.append(Segment(ENV, env))
+        if j > head_end:
+            segments.append(Segment(writer, text[head_end:j]))
+        pos = j
+    if pos < len(text):
+        segments.append(Segment(ENV, text[pos:]))
+    segments.append(Segment(role, sample["output"]))
+    return segments

@@ -1,0 +1,100 @@
+"""python -m eval: the quick mode end to end, traces, memory figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval import cli
+from eval.traces import Trace, generate_trace, load_traces, save_traces
+from lragent_jax.cache import ALL_MODES, CacheSpec, abstract_cache, analytic_cache_bytes
+from lragent_jax.config import LoraConfig, ModelConfig
+
+MODES = [m.value for m in ALL_MODES]
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_end_to_end_with_every_mode_and_metric(tmp_path):
+    assert cli.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for key in ("environment", "rollout", "accuracy", "teacher_forced", "efficiency", "memory"):
+        assert key in results, key
+    assert set(results["rollout"]["modes"]) == set(MODES)
+    for mode in MODES:
+        acc = results["accuracy"]["modes"][mode]
+        for metric in ("accuracy", "stderr", "unfinished_share", "per_level", "prefilled",
+                       "cache_bytes", "malformed_per_episode"):
+            assert metric in acc, (mode, metric)
+        tf = results["teacher_forced"][mode]["all"]
+        for metric in ("logprob_per_token", "token_accuracy", "logprob_gap_vs_non_shared"):
+            assert metric in tf
+        eff = [r for r in results["efficiency"]["rows"] if r["mode"] == mode]
+        assert eff and all(k in eff[0] for k in ("e2e_s", "ttft_s", "gen_tok_s", "cache_bytes",
+                                                 "cache_bytes_analytic", "prefilled"))
+        assert eff[0]["cache_bytes"] == eff[0]["cache_bytes_analytic"]
+    # non-shared is the reference: its gap to itself is exactly zero
+    assert results["teacher_forced"]["non_shared"]["all"]["logprob_gap_vs_non_shared"] == 0
+    # prefill accounting: sharing modes prefill fewer tokens than per-agent modes
+    rows = {r["mode"]: r for r in results["efficiency"]["rows"]}
+    assert rows["base_lowrank_shared"]["prefilled_total"] < rows["non_shared"]["prefilled_total"]
+    assert rows["base_lowrank_shared"]["prefilled_total"] == rows["fully_shared"]["prefilled_total"]
+    for plot in ("throughput.png", "ttft.png", "memory.png", "accuracy.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
+    assert (tmp_path / "episodes.jsonl").read_text().count("\n") == 4 * 2
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--parts", "--quick", "--modes", "--model", "--adapters", "--questions",
+                   "--seeds", "--temperature", "--tf-episodes", "--lengths", "--trace-file",
+                   "--out"):
+        assert option in text
+
+
+def test_bad_options_are_named(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--parts", "accuracy,speed"])
+    assert "unknown part(s) ['speed']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--modes", "half_shared"])
+    assert "unknown share mode 'half_shared'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("length", [256, 777, 4096, 32768])
+def test_trace_generation_is_deterministic_and_exact(length, tmp_path):
+    a, b = generate_trace(length, seed=3), generate_trace(length, seed=3)
+    assert a == b and a.total == length
+    assert generate_trace(length, seed=4) != a
+    roles = [t.agent for t in a.turns]
+    assert roles[0] == "plan" and "action" in roles and roles[-1] == "reflect"
+    path = save_traces(tmp_path / "t.json", [a])
+    assert load_traces(path) == [a]
+
+
+def test_trace_errors(tmp_path):
+    with pytest.raises(ValueError, match="must be >= 256 tokens; got 100"):
+        generate_trace(100)
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"name": "x", "prompt": 5}]')
+    with pytest.raises(ValueError, match="trace 0 is malformed"):
+        load_traces(bad)
+    with pytest.raises(FileNotFoundError, match="trace file not found"):
+        load_traces(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="prompt must be >= 1"):
+        Trace("t", 0, ())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_summary_equals_cache_pytree(mode):
+    cfg = ModelConfig.smollm2_135m()
+    lora = LoraConfig(rank=8, targets=("q", "v", "o"))
+    spec = CacheSpec.create(cfg, mode, num_agents=3, batch=1, capacity=4096, lora=lora)
+    measured = abstract_cache(spec)
+    from lragent_jax.cache import measured_cache_bytes
+
+    assert measured_cache_bytes(measured) == analytic_cache_bytes(cfg, mode, num_agents=3,
+                                                                  capacity=4096, rank=8)
