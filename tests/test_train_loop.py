@@ -164,3 +164,4 @@ def test_data_parallel_on_8_cpu_devices_matches_one_device():
     np.testing.assert_allclose(eight["valid"], one["valid"], rtol=2e-5)
     for a, b in zip(one["adapters"], eight["adapters"]):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-4)
+

@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-norm", type=float, default=d.clip_norm,
                    help="clip gradients to this global norm (default: %(default)s)")
     g.add_argument("--remat", choices=REMAT, default=d.remat,
-                   help="rematerialisation: full (recompute each layer in the backward pass), dots "
-                        "(keep matmul outputs, recompute the rest), none (default: %(default)s)")
+                   help="rematerialisation: full (keep only each layer's input, recompute the layer "
+                        "in the backward pass) or none (keep every activation: faster, far more "
+                        "memory) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed,
                    help="seed of adapter init and data order (default: %(default)s)")
 

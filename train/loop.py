@@ -39,7 +39,7 @@ from train import data as data_lib
 from train.checkpoint import Checkpointer, Progress, check_compatible, identity_record
 
 VARIANTS = ("joint", "frozen", "independent")
-REMAT = ("full", "dots", "none")
+REMAT = ("full", "none")
 DEFAULT_TARGETS = ("q", "v", "o", "gate", "up", "down")
 _init_adapters = jax.jit(init_adapters, static_argnums=(1, 2))
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -160,15 +160,23 @@ def update_mask(lora: LoraConfig, phase: Phase) -> dict:
     return {m: {"a": np.float32(phase.train_a), "b": b_mask} for m in lora.targets}
 
 
-def lr_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` over the phase's steps."""
+def lr_schedule(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` over the phase's steps
+    (optax's ``warmup_cosine_decay_schedule``, evaluated in plain Python: a jnp schedule read with
+    float() would wait for the device to finish every queued step)."""
+    peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
     warmup = (config.warmup_steps if config.warmup_steps is not None
               else int(round(config.warmup_ratio * total_steps)))
     warmup = min(warmup, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else config.learning_rate, peak_value=config.learning_rate,
-        warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=config.learning_rate * config.min_lr_ratio)
+    decay = max(total_steps, warmup + 1) - warmup
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return peak * step / warmup
+        progress = min(step - warmup, decay) / decay
+        return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return schedule
 
 
 def make_optimizer(clip_norm: float, b1: float, b2: float,
@@ -189,17 +197,9 @@ def loss_terms(adapters: dict, params: dict, batch: Mapping[str, jax.Array], *,
 
     Only the ``W`` gathered positions of each row get logits: [B, W, V] instead of [B, T, V].
     """
-    def hidden_of(adapters, params, tokens):
-        hidden, _ = forward_hidden(params, tokens, config=config, adapters=adapters,
-                                   adapter_index=batch["adapter_index"], lengths=batch["lengths"],
-                                   attn_impl="reference", remat=remat == "full")
-        return hidden
-
-    if remat == "dots":
-        # keep the outputs of the big matmuls, recompute the rest (attention included)
-        hidden_of = jax.checkpoint(
-            hidden_of, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    hidden = hidden_of(adapters, params, batch["tokens"])
+    hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
+                               adapter_index=batch["adapter_index"], lengths=batch["lengths"],
+                               attn_impl="reference", remat=remat == "full")
     picked = jnp.take_along_axis(hidden, batch["label_positions"][..., None], axis=1)  # [B, W, D]
     logits = logits_from_hidden(params, picked, config)  # f32 [B, W, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -228,8 +228,12 @@ class StepFunctions:
     def __init__(self, model_config: ModelConfig, remat: str, optimizer, adapter_sharding):
         grad_fn = _grad_fn(model_config, remat)
 
-        def accumulate(acc, adapters, params, batch):
+        def gradients(adapters, params, batch):
             (loss_sum, count), grads = grad_fn(adapters, params, batch)
+            return grads, loss_sum, count
+
+        def accumulate(acc, adapters, params, batch):
+            grads, loss_sum, count = gradients(adapters, params, batch)
             return jax.tree.map(jnp.add, acc, grads), loss_sum, count
 
         def apply(adapters, opt_state, acc, count, learning_rate, mask):
@@ -242,7 +246,9 @@ class StepFunctions:
             return loss_terms(adapters, params, batch, config=model_config, remat="none")
 
         self.optimizer = optimizer
-        self.accumulate = jax.jit(accumulate, out_shardings=(adapter_sharding, None, None))
+        self.gradients = jax.jit(gradients, out_shardings=(adapter_sharding, None, None))
+        self.accumulate = jax.jit(accumulate, donate_argnums=0,
+                                  out_shardings=(adapter_sharding, None, None))
         self.apply = jax.jit(apply, donate_argnums=(0, 1))
         self.evaluate = jax.jit(evaluate)
 
@@ -534,7 +540,7 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
             pending = None  # the previous step's stats, fetched once the next step is queued
             clock = [time.perf_counter()]
             for step_index in range(progress.step_in_epoch, len(steps)):
-                acc = jax.tree.map(jnp.zeros_like, adapters)
+                acc = None
                 loss_sum = count = 0.0
                 tokens = padded = 0
                 for indices in steps[step_index]:
@@ -542,8 +548,12 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
                                                 buckets=buckets, window=window)
                     tokens += batch.num_tokens
                     padded += batch.tokens.size
-                    acc, part_loss, part_count = fns.accumulate(acc, adapters, params,
-                                                                placement.batch(batch))
+                    device_batch = placement.batch(batch)
+                    if acc is None:
+                        acc, part_loss, part_count = fns.gradients(adapters, params, device_batch)
+                    else:
+                        acc, part_loss, part_count = fns.accumulate(acc, adapters, params,
+                                                                    device_batch)
                     loss_sum, count = loss_sum + part_loss, count + part_count
                 lr = float(schedule(progress.epoch * steps_per_epoch + step_index))
                 adapters, opt_state, grad_norm = fns.apply(adapters, opt_state, acc, count,
