@@ -1,0 +1,143 @@
+"""Per-role validation of exported adapters: loss and exact match of each role's output.
+
+    python -m train.score --adapters lragent_jax/assets/adapters/smollm2-135m-kb
+    python -m train.score --adapters runs/x/adapters --generate 64 --json scores.json
+
+Exact match is measured two ways:
+  teacher-forced: every output token and the EOS after it is the argmax given the gold prefix, i.e.
+                  greedy decoding would write exactly the gold output (over the whole valid split);
+  generated:      ``--generate N`` decodes the first N samples of each role greedily through a
+                  ``Session`` (the inference path) and compares the text with the gold output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+from train import data as data_lib
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _evaluate(adapters, params, batch, *, config):
+    from train.loop import loss_terms
+
+    return loss_terms(adapters, params, batch, config=config, remat="none")
+
+
+def teacher_forced(base, adapters, examples, agents, *, batch_size: int, max_len: int) -> dict:
+    buckets = data_lib.bucket_lengths(max_len)
+    window = data_lib.target_window(examples, max_len)
+    nll = np.zeros(len(agents))
+    targets = np.zeros(len(agents))
+    correct = np.zeros(len(agents))
+    samples = np.zeros(len(agents))
+    for indices, batch in data_lib.evaluation_batches(examples, batch_size=batch_size,
+                                                      buckets=buckets, window=window):
+        row_nll, row_count, row_ok = jax.device_get(_evaluate(
+            adapters, base.params, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
+            config=base.config))
+        for row, i in enumerate(indices):
+            agent = examples[i].agent
+            nll[agent] += row_nll[row]
+            targets[agent] += row_count[row]
+            correct[agent] += bool(row_ok[row])
+            samples[agent] += 1
+    return {a: {"samples": int(samples[i]), "loss": float(nll[i] / max(targets[i], 1)),
+                "exact_match": float(correct[i] / max(samples[i], 1))}
+            for i, a in enumerate(agents) if samples[i]}
+
+
+def generated(base, adapters, lora, examples, per_role: int, *, batch_size: int,
+              max_new_tokens: int = 64) -> dict:
+    """Greedy decoding through the inference session (non-shared cache: each row its own)."""
+    from lragent_jax.generate import bucket
+    from lragent_jax.session import GenerationSettings, Session, Turn
+
+    chosen = []
+    for agent in range(lora.num_agents):
+        chosen.extend([e for e in examples if e.agent == agent][:per_role])
+    chosen.sort(key=lambda e: e.prompt_len)
+    hits = np.zeros(lora.num_agents)
+    counts = np.zeros(lora.num_agents)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    for start in range(0, len(chosen), batch_size):
+        group = chosen[start:start + batch_size]
+        capacity = bucket(max(e.prompt_len for e in group) + max_new_tokens, 64)
+        session = Session(base.config, base.params, base.tokenizer, adapters=adapters, lora=lora,
+                          mode="non_shared", batch=len(group), capacity=capacity,
+                          attn_impl="reference")
+        results = session.turn({row: Turn(lora.agents[e.agent],
+                                           append_ids=tuple(int(t) for t in
+                                                            e.tokens[:e.prompt_len]),
+                                           settings=settings)
+                                for row, e in enumerate(group)})
+        for row, e in enumerate(group):
+            gold = base.tokenizer.decode(e.tokens[e.prompt_len:-1])
+            hits[e.agent] += results[row].text == gold and results[row].stop_reason == "eos"
+            counts[e.agent] += 1
+    return {a: {"samples": int(counts[i]), "exact_match": float(hits[i] / max(counts[i], 1))}
+            for i, a in enumerate(lora.agents) if counts[i]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.cli import EMBEDDED, load_base, resolve_model
+
+    parser = argparse.ArgumentParser(prog="python -m train.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", required=True, help="an exported adapter folder")
+    parser.add_argument("--model", default=EMBEDDED, help="base model (see python -m train)")
+    parser.add_argument("--data", default="kb", help="'kb' or a directory of role files")
+    parser.add_argument("--kb-seed", type=int, default=0)
+    parser.add_argument("--kb-valid", type=int, default=200)
+    parser.add_argument("--valid-fraction", type=float, default=0.05)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="also decode N samples per role greedily and compare the text")
+    parser.add_argument("--json", default=None, help="write the scores here")
+    args = parser.parse_args(argv)
+    try:
+        from lragent_jax.adapters_io import adapter_files_metadata, load_adapters
+
+        kind, what = resolve_model(args.model, False)
+        base = load_base(kind, what, args.dtype)
+        adapters, lora = load_adapters(args.adapters, config=base.config)
+        spec = data_lib.DataSpec(source=args.data, valid_fraction=args.valid_fraction,
+                                 kb_seed=args.kb_seed, kb_train=0, kb_valid=args.kb_valid)
+        _, valid = data_lib.load_role_samples(spec, lora.agents)
+        eos = (tuple(getattr(base.tokenizer, "eos_token_ids", ())) or base.config.eos_token_ids)[0]
+        examples, report = data_lib.tokenize_samples(valid, base.tokenizer, agents=lora.agents,
+                                                     eos_id=eos, max_len=args.max_len)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if report.total:
+        print("warning: " + report.summary("valid"), file=sys.stderr)
+    start = time.perf_counter()
+    scores = {"adapters": args.adapters, "base_model": base.config.name,
+              "variant": adapter_files_metadata(args.adapters).get("variant"),
+              "shared_a": lora.shared_a, "data": args.data,
+              "teacher_forced": teacher_forced(base, adapters, examples, lora.agents,
+                                               batch_size=args.batch_size, max_len=args.max_len)}
+    if args.generate:
+        scores["generated"] = generated(base, adapters, lora, examples, args.generate,
+                                        batch_size=args.batch_size)
+    scores["seconds"] = time.perf_counter() - start
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
