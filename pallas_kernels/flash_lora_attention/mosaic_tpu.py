@@ -23,6 +23,10 @@ lane dim), query and output blocks [K, block_q * G, H]. Only q and the output ar
 transposed in the wrapper (small); the caches are never copied. Tails past S or kv_lengths are
 masked, and V / C rows past kv_lengths are zeroed before the products (an edge block holds
 undefined memory there).
+
+Known risk on hardware: the sublane-strided head read of a packed dtype (bf16/f16 rows come two to a
+sublane) may need the bitcast-to-u32 workaround that jax's ragged_paged_attention uses; interpret
+mode and the CPU-side lowering cannot tell.
 """
 
 from __future__ import annotations

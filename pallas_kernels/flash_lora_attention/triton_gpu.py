@@ -10,8 +10,9 @@ P @ C [rows, R], rescaled by the running max together and normalised by the runn
   (late) query blocks are launched first so the causal tail does not run alone.
 * decode (T <= 16): grid (K, splits, B). The G query heads of one KV group times the T query rows are
   packed into one tile, so every K/V/C block is read once per group; the key range is split
-  (split-K) and each split writes an unnormalised output with its running max and sum. A second
-  small kernel merges the splits by log-sum-exp and writes [B, T, N, H].
+  (split-K) and each split writes an unnormalised output (adapter term included, it is linear in P)
+  with its running max and sum. A second small kernel, one program per packed row, merges the
+  splits by log-sum-exp and writes [B, T, N, H].
 
 Dimension alphabet as in ``reference.py``; M = G * T packed decode rows, Mp that padded to a power
 of two >= 16 (Triton's dot needs >= 16 along each side), Rp = R padded the same way.
@@ -112,15 +113,16 @@ def default_block_sizes(*, t_len: int, head_dim: int, rank: int, dtype) -> Block
         prefill = dict(block_q=64, block_k=32, num_warps=4, num_stages=2)
     elif head_dim <= 64:
         prefill = dict(block_q=128, block_k=64, num_warps=4, num_stages=3)
-    elif rank:
+    elif 0 < rank <= 64:
         # with the adapter, 128-key steps and C padded to 64 columns ran fastest (16k prefill:
         # 6.3 ms against 7.3 ms for the plain-attention tiles below)
         prefill = dict(block_q=128, block_k=128, num_warps=8, num_stages=2)
         rank_pad = 64
     else:
+        # no adapter, or R padded to 128 (7.3 ms at 16k, where 128-key steps would not fit)
         prefill = dict(block_q=128, block_k=64, num_warps=8, num_stages=3)
-    if rank > 64 and prefill["block_q"] > 64:
-        # the P @ C accumulator [block_q, Rp] in f32 competes for registers with P @ V
+    if rank > 64 and (head_dim != 128 or wide) and prefill["block_q"] > 64:
+        # unmeasured buckets: the [block_q, 128] f32 P @ C accumulator competes for registers
         prefill["block_q"] = 64
     # a short query needs no 128-row tile
     prefill["block_q"] = min(prefill["block_q"], max(_MIN_DOT, _next_pow2(t_len)))
