@@ -54,10 +54,10 @@ class TrainConfig:
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     agents: tuple[str, ...] = ("plan", "action", "reflect")
-    epochs: int = 2
-    batch_size: int = 16
+    epochs: int = 1
+    batch_size: int = 32
     grad_accum: int = 1
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     warmup_steps: int | None = None
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.1

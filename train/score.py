@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="also decode N samples per role greedily and compare the text")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="score only the first N valid samples of each role (quick checks)")
     parser.add_argument("--json", default=None, help="write the scores here")
     args = parser.parse_args(argv)
     try:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = data_lib.DataSpec(source=args.data, valid_fraction=args.valid_fraction,
                                  kb_seed=args.kb_seed, kb_train=0, kb_valid=args.kb_valid)
         _, valid = data_lib.load_role_samples(spec, lora.agents)
+        if args.limit is not None:
+            valid = {role: items[:args.limit] for role, items in valid.items()}
         eos = (tuple(getattr(base.tokenizer, "eos_token_ids", ())) or base.config.eos_token_ids)[0]
         examples, report = data_lib.tokenize_samples(valid, base.tokenizer, agents=lora.agents,
                                                      eos_id=eos, max_len=args.max_len)
