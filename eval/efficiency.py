@@ -88,7 +88,8 @@ def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn
             mode = ShareMode.parse(mode)
             session = Session(config, params, NullTokenizer(), adapters=adapters, lora=lora,
                               mode=mode, batch=1, capacity=capacity, attn_impl=attn_impl,
-                              prefill_chunk=prefill_chunk, seed=seed)
+                              prefill_chunk=prefill_chunk, seed=seed, min_chunk_bucket=64,
+                              min_new_bucket=64)
             rng = np.random.default_rng(seed)
             replay(session, trace, rng)  # compile every bucket of this trace
             runs = [replay(session, trace, np.random.default_rng(seed + 1 + i))

@@ -113,19 +113,35 @@ def _agent_rows(x, adapter_index):
     safe = jnp.clip(adapter_index, 0, x.shape[0] - 1)
     rows = jnp.take(x, safe, axis=0)
     keep = (adapter_index >= 0).astype(rows.dtype)
-    return rows * keep.reshape((-1,) + (1,) * (rows.ndim - 1))
+    return rows * keep.reshape(keep.shape + (1,) * (rows.ndim - keep.ndim))
+
+
+def _select_agent(per_agent, adapter_index):
+    """per_agent [B, T, A, O] -> [B, T, O] picking each token's agent (zero for NO_ADAPTER)."""
+    safe = jnp.clip(adapter_index, 0, per_agent.shape[2] - 1)
+    picked = jnp.take_along_axis(per_agent, safe[:, :, None, None], axis=2)[:, :, 0]
+    return picked * (adapter_index >= 0)[:, :, None].astype(picked.dtype)
 
 
 def project_lowrank(x, a, adapter_index):
-    """x @ A for each row: x [B, T, Din]; a [Din, R] (shared) or [A, Din, R]. Returns [B, T, R]."""
+    """x @ A: x [B, T, Din]; a [Din, R] (shared) or [A, Din, R]. Returns [B, T, R].
+
+    ``adapter_index`` is [B] (one agent per row) or [B, T] (one agent per token).
+    """
     if a.ndim == 2:
         return jnp.einsum("btd,dr->btr", x, a.astype(x.dtype))
+    if adapter_index.ndim == 2:
+        return _select_agent(jnp.einsum("btd,adr->btar", x, a.astype(x.dtype)), adapter_index)
     safe = jnp.clip(adapter_index, 0, a.shape[0] - 1)
     return jnp.einsum("btd,bdr->btr", x, jnp.take(a, safe, axis=0).astype(x.dtype))
 
 
 def expand_lowrank(lowrank, b, adapter_index):
-    """(x @ A) @ B[agent] for each row: lowrank [B, T, R]; b [A, R, Dout]. Returns [B, T, Dout]."""
+    """(x @ A) @ B[agent]: lowrank [B, T, R]; b [A, R, Dout]; ``adapter_index`` [B] or [B, T].
+    Returns [B, T, Dout]."""
+    if adapter_index.ndim == 2:
+        return _select_agent(jnp.einsum("btr,aro->btao", lowrank, b.astype(lowrank.dtype)),
+                             adapter_index)
     return jnp.einsum("btr,bro->bto", lowrank, _agent_rows(b, adapter_index).astype(lowrank.dtype))
 
 

@@ -31,6 +31,9 @@ from lragent_jax.lora import expand_lowrank, lora_delta, project_lowrank
 from pallas_kernels.flash_lora_attention import flash_lora_attention
 
 F32 = jnp.float32
+REMAT_POLICIES = {False: None, "none": None, True: jax.checkpoint_policies.nothing_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -183,14 +186,28 @@ def _layer(x, layer_params, layer_adapters, layer_index, *, config, adapter_inde
     lowrank = None
     if v_adapter is not None:
         lowrank = project_lowrank(h, v_adapter["a"], adapter_index)  # [B, T, R]
-        if bake_v or cache is None or cache.lowrank is None:
+        if bake_v or (cache is not None and cache.lowrank is None):
             v = v + expand_lowrank(lowrank, v_adapter["b"], adapter_index).astype(v.dtype)
             lowrank = None
     v = v.reshape(B, T, K, H)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    lora_b = None
+    if lowrank is not None:
+        b = v_adapter["b"]  # [A, R, K*H] -> [A, K, R, H]
+        lora_b = b.reshape(b.shape[0], b.shape[1], K, H).transpose(0, 2, 1, 3).astype(q.dtype)
 
-    if cache is None:
+    if cache is None and lowrank is not None:
+        # factored v without a cache: every query row applies its own agent's B to the
+        # low-rank values of the tokens it attends to (the base+low-rank shared view)
+        attn = flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index,
+                                    kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
+                                    implementation=None if attn_impl == "cudnn" else attn_impl)
+    elif cache is None and attn_impl == "cudnn":
+        # right-padded rows from position 0: causal masking alone hides the padding from every
+        # valid query, and cuDNN's fused attention is differentiable (the training path on GPU)
+        attn = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    elif cache is None:
         attn = flash_lora_attention(q, k, v, kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
                                     implementation=attn_impl)
     else:
@@ -201,13 +218,10 @@ def _layer(x, layer_params, layer_adapters, layer_index, *, config, adapter_inde
                                                                 mode="drop"),
             v=cache.v.at[layer_index, rows, plan.base_write].set(v.astype(cache.v.dtype),
                                                                 mode="drop"))
-        lora_b = None
         if lowrank is not None:
             cache = dataclasses.replace(cache, lowrank=cache.lowrank.at[
                 layer_index, plan.lowrank_row[:, None], plan.lowrank_write].set(
                     lowrank.astype(cache.lowrank.dtype), mode="drop"))
-            b = v_adapter["b"]  # [A, R, K*H] -> [A, K, R, H]
-            lora_b = b.reshape(b.shape[0], b.shape[1], K, H).transpose(0, 2, 1, 3).astype(q.dtype)
         attn = flash_lora_attention(
             q, cache.k, cache.v, cache.lowrank if lora_b is not None else None, lora_b,
             adapter_index if lora_b is not None else None,
@@ -228,14 +242,19 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
                    adapters: dict | None = None, adapter_index: Int[Array, "B"] | None = None,
                    plan: ChunkPlan | None = None, lengths: Int[Array, "B"] | None = None,
                    cache: CacheArrays | None = None, bake_v: bool = True,
-                   attn_impl: str | None = None, remat: bool = False):
+                   attn_impl: str | None = None, remat: bool | str = False):
     """Run the decoder over new tokens; returns (final hidden states [B, T, D], updated cache).
 
     Without a cache, ``tokens`` is a right-padded batch starting at position 0 and ``lengths`` [B]
-    gives each row's valid tokens. With a cache, ``plan`` says where the chunk sits and what it
+    gives each row's valid tokens; ``adapter_index`` may then be [B, T]: the agent that processes
+    each token (with ``bake_v=False`` this reproduces, in one pass, what a base+low-rank shared
+    cache holds when each token was prefilled by that agent). With a cache, ``plan`` says where the chunk sits and what it
     writes; the cache is read after this chunk's entries are written, layer by layer.
     ``bake_v``: add the v adapter into the cached values (full cache) instead of keeping it
-    factored in the low-rank cache.
+    factored in the low-rank cache. ``attn_impl``: a Flash-LoRA-Attention implementation, or
+    "cudnn" for ``jax.nn.dot_product_attention`` on the no-cache path (differentiable, GPU).
+    ``remat``: False/"none", True/"full" (recompute the whole layer in the backward pass) or "dots"
+    (keep the projections' outputs, recompute the rest).
     """
     B, T = tokens.shape
     if adapter_index is None:
@@ -262,8 +281,11 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
         x, cache = layer_fn(x, layer_params, layer_adapters, layer_index, cache=cache)
         return (x, cache), None
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; allowed: {sorted(map(str, REMAT_POLICIES))}")
+    policy = REMAT_POLICIES[remat]
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
     xs = (params["layers"], adapters, jnp.arange(config.num_layers, dtype=jnp.int32))
     (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache

@@ -97,6 +97,8 @@ class Session:
       attn_impl: attention implementation (None: best for the platform).
       prefill_chunk: tokens per prefill step inside a turn (bounds attention memory).
       min_chunk_bucket: smallest padded chunk length (fewer distinct compilations when larger).
+      min_new_bucket: smallest output buffer of a turn (the decode loop stops at each row's limit,
+        so a larger buffer only costs memory, and saves compilations).
       seed: PRNG seed for sampling.
       cache_sharding: optional leaf name -> Sharding for the cache (multi-device).
     """
@@ -105,7 +107,8 @@ class Session:
                  lora: LoraConfig | None = None, mode: str | ShareMode = "base_lowrank_shared",
                  batch: int = 1, capacity: int = 2048, cache_dtype=None,
                  attn_impl: str | None = None, prefill_chunk: int = 512, seed: int = 0,
-                 cache_sharding: Mapping | None = None, min_chunk_bucket: int = 16):
+                 cache_sharding: Mapping | None = None, min_chunk_bucket: int = 16,
+                 min_new_bucket: int = 8):
         self.mode = ShareMode.parse(mode)
         if (adapters is None) != (lora is None):
             raise ValueError("pass adapters together with their LoraConfig (or neither)")
@@ -128,6 +131,7 @@ class Session:
         self.attn_impl = attn_impl
         self.prefill_chunk = prefill_chunk
         self.min_chunk_bucket = min_chunk_bucket
+        self.min_new_bucket = min_new_bucket
         self.cache: KVCache = init_cache(self.spec, cache_sharding)
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.processed = np.zeros((batch, self.num_agents), np.int64)
@@ -326,7 +330,8 @@ class Session:
             tokens[row, :len(ids)] = ids
         shape = TurnShape(config=self.config, spec=self.spec, chunk_bucket=chunk_bucket,
                           prefill_chunk=prefill_chunk,
-                          max_new_bucket=0 if scoring else bucket(int(max_new.max()), 8),
+                          max_new_bucket=0 if scoring else bucket(int(max_new.max()),
+                                                                       self.min_new_bucket),
                           sampling=sampling, attn_impl=self.attn_impl, return_hidden=scoring)
         self._key, key = jax.random.split(self._key)
         t0 = time.perf_counter()

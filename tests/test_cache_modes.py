@@ -319,3 +319,46 @@ def test_bad_agent_and_mode_errors():
         session.turn({0: Turn(3)})
     with pytest.raises(ValueError, match="trajectory 5 out of range"):
         session.turn({5: Turn("plan")})
+
+
+def forward_with_processors(params, cfg, adapters, ids, processors, bake_v):
+    """Cache-free logits of one sequence whose token i goes through agent ``processors[i]``."""
+    from lragent_jax.model import forward_hidden, logits_from_hidden
+
+    hidden, _ = forward_hidden(params, jnp.asarray([ids]), config=cfg, adapters=adapters,
+                               adapter_index=jnp.asarray([processors]), bake_v=bake_v)
+    return logits_from_hidden(params, hidden, cfg)[0]
+
+
+@pytest.mark.parametrize("mode", ["fully_shared", "base_lowrank_shared"])
+def test_shared_cache_equals_one_pass_with_each_tokens_processor(mode):
+    """An independent check of the shared modes: a cache built turn by turn holds exactly what one
+    cache-free forward computes when every token goes through the agent that prefilled it (writer's
+    B baked into V for fully_shared; each query's own B on the shared low-rank values for
+    base_lowrank_shared)."""
+    cfg, params = _model(seed=13)
+    lora, adapters = _adapters(cfg, seed=14, targets=("q", "v", "o", "gate", "down"))
+    session = _session(cfg, params, lora, adapters, mode)
+    processors, filled = [], 0
+    for agent, text, n in SCRIPT:
+        res = session.turn({0: Turn(agent, append=text,
+                                    settings=GenerationSettings(max_new_tokens=n))})[0]
+        fed = len(session.tokens[0]) - 1  # the last generated token is not fed
+        processors += [lora.agent_index(agent)] * (fed - filled)
+        filled = fed
+        assert len(res.token_ids) == n
+    target = TOK.encode(" Paris.")
+    res = session.turn({0: Turn("reflect", append="\nSo:", score_tokens=tuple(target))})[0]
+    ids = session.tokens[0]
+    processors += [lora.agent_index("reflect")] * (len(ids) - len(processors))
+    logits = forward_with_processors(params, cfg, adapters, ids, processors,
+                                     bake_v=mode == "fully_shared")
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    n = len(target)
+    expect = np.asarray(logp[len(ids) - n - 1:len(ids) - 1])[np.arange(n), target]
+    np.testing.assert_allclose(res.logprobs, expect, atol=1e-4, rtol=0)
+    # and the shared view really differs from the reader's own (non-shared) view
+    own = jax.nn.log_softmax(forward_with_processors(
+        params, cfg, adapters, ids, [lora.agent_index("reflect")] * len(ids), bake_v=True), -1)
+    own = np.asarray(own[len(ids) - n - 1:len(ids) - 1])[np.arange(n), target]
+    assert np.abs(own - expect).max() > 1e-3

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip gradients to this global norm (default: %(default)s)")
     g.add_argument("--remat", choices=REMAT, default=d.remat,
                    help="rematerialisation: full (keep only each layer's input, recompute the layer "
-                        "in the backward pass) or none (keep every activation: faster, far more "
+                        "in the backward pass), dots (also keep the projections' outputs: less "
+                        "recompute, more memory) or none (keep every activation: fastest, most "
                         "memory) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed,
                    help="seed of adapter init and data order (default: %(default)s)")

@@ -39,7 +39,7 @@ from train import data as data_lib
 from train.checkpoint import Checkpointer, Progress, check_compatible, identity_record
 
 VARIANTS = ("joint", "frozen", "independent")
-REMAT = ("full", "none")
+REMAT = ("full", "dots", "none")
 DEFAULT_TARGETS = ("q", "v", "o", "gate", "up", "down")
 _init_adapters = jax.jit(init_adapters, static_argnums=(1, 2))
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -191,6 +191,15 @@ def make_optimizer(clip_norm: float, b1: float, b2: float,
 # ------------------------------------------------------------------------------------ loss
 
 
+def training_attention(dtype, config: ModelConfig) -> str:
+    """cuDNN's fused, differentiable attention on a GPU in half precision (head dim <= 128);
+    the plain-JAX reference elsewhere. The Pallas kernels are forward-only."""
+    if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and config.head_dim <= 128):
+        return "cudnn"
+    return "reference"
+
+
 def loss_terms(adapters: dict, params: dict, batch: Mapping[str, jax.Array], *,
                config: ModelConfig, remat: str = "full"):
     """Per-row sums over the loss positions: (nll [B], targets [B], all targets greedy-correct [B]).
@@ -199,7 +208,8 @@ def loss_terms(adapters: dict, params: dict, batch: Mapping[str, jax.Array], *,
     """
     hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
                                adapter_index=batch["adapter_index"], lengths=batch["lengths"],
-                               attn_impl="reference", remat=remat == "full")
+                               attn_impl=training_attention(params["embed"].dtype, config),
+                               remat=remat)
     picked = jnp.take_along_axis(hidden, batch["label_positions"][..., None], axis=1)  # [B, W, D]
     logits = logits_from_hidden(params, picked, config)  # f32 [B, W, V]
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -112,8 +112,9 @@ def _validate(q, k, v, lowrank, lora_b, adapter_index, kv_lengths, q_offset, lay
                                  "bfloat16, float16")
         if adapter_index is None:
             raise ValueError("adapter_index [B] is required when lowrank is given")
-        if adapter_index.shape != (batch,):
-            raise ValueError(f"adapter_index must be [B={batch}]; got shape {adapter_index.shape}")
+        if adapter_index.shape not in ((batch,), (batch, t_len)):
+            raise ValueError(f"adapter_index must be [B={batch}] (or [B, T={t_len}] for the "
+                             f"reference); got shape {adapter_index.shape}")
         _check_index_values("adapter_index", adapter_index, num_agents, allow_negative=True)
     for name, x in (("kv_lengths", kv_lengths), ("q_offset", q_offset), ("kv_index", kv_index),
                     ("lowrank_index", lowrank_index)):
@@ -170,7 +171,8 @@ def flash_lora_attention(
       lowrank: [B, S, R] (x @ A of the value projection), or [L, Rows, S, R] with ``layer``; None for
         plain attention.
       lora_b: [A, K, R, H] one B per agent (scale alpha/r folded in); None for plain attention.
-      adapter_index: [B] int32, the row's agent; -1 means no adapter.
+      adapter_index: [B] int32, the row's agent; -1 means no adapter. The reference also takes
+        [B, T]: one agent per query row.
       kv_lengths: [B] int32 valid keys per row (default S).
       q_offset: [B] int32 cache position of query row 0 (default kv_lengths - T).
       causal: key j is visible to query row t iff j <= q_offset + t (and always j < kv_lengths).
@@ -222,6 +224,8 @@ def flash_lora_attention(
 
     backend = _load_backend(requested)
     reason = backend.unsupported_reason(interpret=interpret, **info)
+    if reason is None and adapter_index is not None and adapter_index.ndim == 2:
+        reason = "adapter_index of shape [B, T] (one agent per query row) needs the reference"
     if reason is not None:
         if implementation is None:
             return flash_lora_attention_reference(*args, **kwargs)

@@ -8,6 +8,7 @@ with P = softmax_j(q[b, t, n] . k[b, j, n // G] * sm_scale) over the visible key
 visible to query row t iff ``j < kv_lengths[b]`` and, when causal, ``j <= q_offset[b] + t``.
 The adapter term is computed in its factored form (P @ C) @ B, never as V + C @ B.
 A query row that sees no key gets zeros. ``adapter_index[b] < 0`` means "no adapter" for row b.
+The reference alone also takes ``adapter_index`` of shape [B, T]: one agent per query row.
 
 Dimension alphabet: B batch, T query rows, S key positions, N query heads, K kv heads, G = N / K,
 H head dim, R rank, A agents (rows of the B table), L layers (optional stacked-cache axis).
@@ -84,7 +85,11 @@ def flash_lora_attention_reference(
     if lowrank is not None:
         pc = jnp.einsum("bkgts,bsr->btkgr", p, lowrank.astype(f32))
         safe_index = jnp.clip(adapter_index, 0, lora_b.shape[0] - 1)
-        b_rows = jnp.take(lora_b, safe_index, axis=0).astype(f32)  # [B, K, R, H]
-        b_rows = b_rows * (adapter_index >= 0).astype(f32)[:, None, None, None]
-        out = out + jnp.einsum("btkgr,bkrh->btkgh", pc, b_rows)
+        b_rows = jnp.take(lora_b, safe_index, axis=0).astype(f32)  # [B, (T,) K, R, H]
+        keep = (adapter_index >= 0).astype(f32)
+        b_rows = b_rows * keep.reshape(keep.shape + (1, 1, 1))
+        if adapter_index.ndim == 1:
+            out = out + jnp.einsum("btkgr,bkrh->btkgh", pc, b_rows)
+        else:  # one agent per query row (a trajectory whose tokens different agents processed)
+            out = out + jnp.einsum("btkgr,btkrh->btkgh", pc, b_rows)
     return out.reshape(batch, t_len, n_heads, head_dim).astype(q.dtype)
