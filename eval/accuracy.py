@@ -29,8 +29,10 @@ def run_accuracy(model, task, *, workflow=None, split: str = "test", questions: 
         outcomes, prefilled, seconds, records_all = [], {}, 0.0, []
         cache_bytes = None
         for seed in seeds:
+            # generous minimum buckets: a handful of compiled turn shapes per mode
             session = model.session(mode, batch=min(batch, max(len(qs), 1)), capacity=capacity,
-                                    prefill_chunk=prefill_chunk, seed=seed)
+                                    prefill_chunk=prefill_chunk, seed=seed, min_chunk_bucket=64,
+                                    min_new_bucket=128)
             t0 = time.perf_counter()
             records = run_model_episodes(workflow, qs, session, temperature=temperature,
                                          top_p=top_p)

@@ -157,19 +157,30 @@ def run_rollout(model, task, workflow, modes, args, log=print) -> dict:
     from lragent_jax.agents import run_model_episodes
 
     question = task.split("test")[0]
-    out = {"question": dataclasses.asdict(question), "modes": {}}
+    out = {"question": dataclasses.asdict(question), "questions": 1, "modes": {}}
     for mode in modes:
-        # the accuracy part's session shape, so its compilations are shared
-        session = model.session(mode, batch=min(args.batch, args.questions),
-                                capacity=args.capacity, prefill_chunk=512)
+        session = model.session(mode, batch=1, capacity=args.capacity, min_chunk_bucket=64,
+                                min_new_bucket=128)
         record = run_model_episodes(workflow, [question], session)[0]
         out["modes"][mode] = {"answer": record.answer, "finished": record.finished,
                               "steps": record.steps, "prefilled": session.prefill_counts(),
-                              "cache_bytes": session.cache_bytes()["total"],
-                              "trajectory_tokens": len(session.tokens[0])}
-        if mode == modes[-1]:
-            out["trajectory"] = record.text
-            out["trajectory_mode"] = mode
+                              "cache_bytes": session.cache_bytes()["total"]}
+        out["trajectory"], out["trajectory_mode"] = record.text, mode
+    return out
+
+
+def rollout_from_accuracy(task, accuracy: dict, episodes: dict) -> dict:
+    """The rollout view of an accuracy run: its first episode per mode, and per mode the tokens each
+    agent prefilled over all the run's episodes."""
+    question = task.split(accuracy["split"])[0]
+    out = {"question": dataclasses.asdict(question), "questions": accuracy["questions"],
+           "modes": {}}
+    for mode, records in episodes.items():
+        record, summary = records[0], accuracy["modes"][mode]
+        out["modes"][mode] = {"answer": record.answer, "finished": record.finished,
+                              "steps": record.steps, "prefilled": summary["prefilled"],
+                              "cache_bytes": summary["cache_bytes"]}
+        out["trajectory"], out["trajectory_mode"] = record.text, mode
     return out
 
 
@@ -222,39 +233,46 @@ def main(argv=None) -> int:
     workflow = ReActWorkflow(task.tools("test"), templates=task.templates,
                              max_steps=args.max_steps)
 
-    if "rollout" in args.parts:
-        print("\n== rollout: one test question through every mode")
-        rollout = run_rollout(model, task, workflow, modes, args)
-        results["rollout"] = rollout
-        print(f"question: {rollout['question']['question']}  (gold: {rollout['question']['answer']})")
-        print(f"--- trajectory ({rollout['trajectory_mode']}) ---\n{rollout['trajectory']}\n---")
-        print_table([{"mode": m, "answer": v["answer"], "tokens": v["trajectory_tokens"],
-                      **{f"prefill_{a}": n for a, n in v["prefilled"].items()},
-                      "cache_MB": v["cache_bytes"] / 1e6} for m, v in rollout["modes"].items()],
-                    ["mode", "answer", "tokens"] + [f"prefill_{a}" for a in model.lora.agents]
-                    + ["cache_MB"])
-
     if "accuracy" in args.parts:
         from eval.accuracy import run_accuracy
 
         print(f"\n== accuracy: {args.questions} test questions x {args.seeds} seed(s), "
-              f"temperature {args.temperature}")
+              f"temperature {args.temperature}, every mode")
         seeds = list(range(args.seeds)) if args.temperature > 0 else [0]
         acc, episodes = run_accuracy(model, task, workflow=workflow, questions=args.questions,
-                                     modes=modes,
-                                     seeds=seeds, temperature=args.temperature,
+                                     modes=modes, seeds=seeds, temperature=args.temperature,
                                      top_p=args.top_p, batch=args.batch, capacity=args.capacity)
         results["accuracy"] = acc
         with open(out_dir / "episodes.jsonl", "w") as f:
             for mode, records in episodes.items():
                 for r in records:
                     f.write(json.dumps({"mode": mode, **r.to_dict()}, default=str) + "\n")
+
+    if "rollout" in args.parts:
+        if "accuracy" in args.parts:
+            rollout = rollout_from_accuracy(task, acc, episodes)
+        else:
+            print("\n== rollout: one test question through every mode")
+            rollout = run_rollout(model, task, workflow, modes, args)
+        results["rollout"] = rollout
+        print(f"\nquestion: {rollout['question']['question']}  "
+              f"(gold answer: {rollout['question']['answer']})")
+        print(f"--- trajectory ({rollout['trajectory_mode']}) ---\n{rollout['trajectory']}\n---")
+        print_table([{"mode": m, "answer": v["answer"], "steps": v["steps"],
+                      **{f"prefill_{a}": n for a, n in v["prefilled"].items()},
+                      "cache_MB": v["cache_bytes"] / 1e6} for m, v in rollout["modes"].items()],
+                    ["mode", "answer", "steps"] + [f"prefill_{a}" for a in model.lora.agents]
+                    + ["cache_MB"],
+                    title=f"per mode: this episode's answer, and tokens each agent prefilled over "
+                          f"{rollout['questions']} episode(s)")
+
+    if "accuracy" in args.parts:
         print_table([{"mode": m, "accuracy": v["accuracy"], "stderr": v["stderr"],
                       "unfinished": v["unfinished_share"], "malformed": v["malformed_per_episode"],
                       "prefilled": sum(v["prefilled"].values()), "seconds": v["seconds"]}
                      for m, v in acc["modes"].items()],
                     ["mode", "accuracy", "stderr", "unfinished", "malformed", "prefilled",
-                     "seconds"])
+                     "seconds"], title="accuracy per mode (exact match on the built-in task)")
 
     if "teacher_forced" in args.parts:
         from eval.teacher_forced import compare_modes
@@ -264,7 +282,8 @@ def main(argv=None) -> int:
         longest = max(sum(len(model.tokenizer.encode(s.text)) for s in g) for g in gold)
         capacity = max(args.capacity, 1 << (longest + 8).bit_length())
         tf = compare_modes(lambda mode: model.session(mode, batch=min(args.batch, len(gold)),
-                                                      capacity=capacity), gold, modes=modes)
+                                                      capacity=capacity, min_chunk_bucket=64),
+                           gold, modes=modes)
         results["teacher_forced"] = tf
         _print_tf(tf)
 
@@ -355,7 +374,8 @@ def _run_scienceqa(args, modes) -> dict:
           "skipped")
     capacity = 1 << (args.scienceqa_max_tokens + 64 - 1).bit_length()
     tf = compare_modes(lambda mode: model.session(mode, batch=min(args.batch, 8),
-                                                  capacity=capacity, prefill_chunk=1024),
+                                                  capacity=capacity, prefill_chunk=1024,
+                                                  min_chunk_bucket=64),
                        episodes, modes=modes, only_last=True)
     _print_tf(tf)
     return {"folder": str(folder), "samples": len(episodes), "skipped_long": skipped,

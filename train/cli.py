@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=("drop", "truncate"), default=d.overlong,
                    help="samples longer than --max-len: drop them, or cut the start of the prompt;"
                         " the count is always reported (default: %(default)s)")
+    g.add_argument("--view", choices=("agent", "shared", "mixed"), default=d.view,
+                   help="what each role's prompt looks like in training: agent = every token "
+                        "through the role's own adapter (the non-shared cache's view), shared = "
+                        "each prompt token through the agent that would prefill it with a shared "
+                        "cache (the base+low-rank shared view; needs samples with writers, as the "
+                        "built-in task's), mixed = half the samples each way "
+                        "(default: %(default)s)")
     g.add_argument("--bucket-multiple", type=int, default=d.bucket_multiple,
                    help="padded lengths are multiples of this (default: %(default)s)")
     g.add_argument("--bucket-ratio", type=float, default=d.bucket_ratio,
@@ -245,7 +252,7 @@ def run(args, argv: list[str]) -> int:
         grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, max_len=args.max_len,
-        overlong=args.overlong, bucket_multiple=args.bucket_multiple,
+        overlong=args.overlong, view=args.view, bucket_multiple=args.bucket_multiple,
         bucket_ratio=args.bucket_ratio, seed=args.seed, compute_dtype=args.dtype,
         remat=args.remat, max_steps=args.max_steps)
     if args.save_every < 1 or args.keep < 1:

@@ -39,6 +39,8 @@ class Example:
     prompt_len: int
     agent: int
     role: str
+    # the agent that processes each token in the shared view (None: the role's own view)
+    token_agents: np.ndarray | None = None
 
     @property
     def num_targets(self) -> int:
@@ -110,17 +112,50 @@ def encode_sample(encode, sample: Mapping[str, Any], eos_id: int) -> tuple[list[
     return prompt, list(encode(sample["output"])) + [int(eos_id)]
 
 
+VIEWS = ("agent", "shared", "mixed")
+
+
+def processing_agents(encode, sample: Mapping[str, Any], role: str,
+                      agents: Sequence[str]) -> list[int] | None:
+    """The agent that prefills each prompt token when the trajectory is run with a shared cache:
+    a role's own segment is processed by that role; env text by the role whose turn appended it
+    (the next role segment's writer, or this sample's role for the text right before its output).
+    None when the sample records no writers (the published format)."""
+    segments, writers = sample.get("segments"), sample.get("writers")
+    if segments is None or writers is None or len(segments) != len(writers):
+        return None
+    per_segment, next_role = [], role
+    for writer in reversed(writers):
+        if writer != "env":
+            next_role = writer
+        per_segment.append(next_role)
+    per_segment.reverse()
+    out = []
+    for text, processor in zip(segments, per_segment):
+        if processor not in agents:
+            return None
+        out += [list(agents).index(processor)] * len(encode(text))
+    return out
+
+
 def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer, *,
                      agents: Sequence[str], eos_id: int, max_len: int,
-                     overlong: str = "drop") -> tuple[list[Example], TruncationReport]:
+                     overlong: str = "drop", view: str = "agent",
+                     seed: int = 0) -> tuple[list[Example], TruncationReport]:
     """Tokenize role samples ``{role: [sample]}``; roles must be agent names.
 
     ``overlong``: "drop" samples longer than ``max_len``, or "truncate" them by cutting the start of
     the prompt (the output and EOS are kept whole; a sample whose output alone is too long is
     dropped). Either way the count is reported.
+    ``view``: "agent" (every token through the sample's role, the non-shared cache view),
+    "shared" (prompt tokens through the agent that would prefill them with a shared cache, the
+    base+low-rank shared view), or "mixed" (half the samples each way, by ``seed``).
     """
     if overlong not in ("drop", "truncate"):
         raise ValueError(f"overlong must be 'drop' or 'truncate'; got {overlong!r}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}; got {view!r}")
+    rng = np.random.default_rng([seed, 7])
     unknown = [role for role in samples if role not in agents]
     if unknown:
         raise DataError(f"data has roles {unknown} that are not agents {list(agents)}; pass "
@@ -132,6 +167,9 @@ def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokeniz
         agent = list(agents).index(role)
         for sample in role_samples:
             prompt, target = encode_sample(encode, sample, eos_id)
+            processors = None
+            if view == "shared" or (view == "mixed" and rng.random() < 0.5):
+                processors = processing_agents(encode, sample, role, agents)
             total = len(prompt) + len(target)
             if not prompt:
                 raise DataError(f"a {role} sample has an empty prompt (input {sample['input']!r:.80})")
@@ -142,8 +180,12 @@ def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokeniz
                     continue
                 report.truncated[role] = report.truncated.get(role, 0) + 1
                 prompt = prompt[total - max_len:]
+                if processors is not None:
+                    processors = processors[total - max_len:]
             tokens = np.asarray(prompt + target, np.int32)
-            examples.append(Example(tokens, len(prompt), agent, role))
+            token_agents = (None if processors is None else
+                            np.asarray(processors + [agent] * len(target), np.int32))
+            examples.append(Example(tokens, len(prompt), agent, role, token_agents))
     return examples, report
 
 
@@ -229,6 +271,8 @@ def data_fingerprint(examples: Sequence[Example]) -> str:
     for e in examples:
         h.update(np.asarray([len(e.tokens), e.prompt_len, e.agent], np.int64).tobytes())
         h.update(e.tokens.tobytes())
+        if e.token_agents is not None:
+            h.update(e.token_agents.tobytes())
     return h.hexdigest()[:16]
 
 
@@ -275,6 +319,7 @@ class Batch:
     label_positions: np.ndarray
     label_ids: np.ndarray
     label_weights: np.ndarray
+    token_agents: np.ndarray | None = None  # [B, T] when some row is in the shared view
 
     @property
     def num_targets(self) -> int:
@@ -285,7 +330,7 @@ class Batch:
         return int(self.lengths.sum())
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def collate(examples: Sequence[Example], rows: int, length: int, window: int) -> Batch:
@@ -310,7 +355,13 @@ def collate(examples: Sequence[Example], rows: int, length: int, window: int) ->
         positions[row, :k] = np.arange(e.prompt_len - 1, n - 1)
         ids[row, :k] = e.tokens[e.prompt_len:]
         weights[row, :k] = 1.0
-    return Batch(tokens, lengths, agents, positions, ids, weights)
+    token_agents = None
+    if any(e.token_agents is not None for e in examples):
+        token_agents = np.full((rows, length), -1, np.int32)
+        for row, e in enumerate(examples):
+            token_agents[row, :len(e.tokens)] = (e.token_agents if e.token_agents is not None
+                                                 else e.agent)
+    return Batch(tokens, lengths, agents, positions, ids, weights, token_agents)
 
 
 def epoch_order(examples: Sequence[Example], *, batch_size: int, buckets: Sequence[int],

@@ -67,6 +67,7 @@ class TrainConfig:
     adam_b2: float = 0.999
     max_len: int = 1024
     overlong: str = "drop"
+    view: str = "agent"
     bucket_multiple: int = 64
     bucket_ratio: float = 1.25
     seed: int = 0
@@ -95,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be > 0; got {self.learning_rate}")
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate'; got {self.overlong!r}")
+        if self.view not in data_lib.VIEWS:
+            raise ValueError(f"view must be one of {data_lib.VIEWS}; got {self.view!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
         self.lora  # validates rank, alpha, targets, agents
@@ -206,10 +209,17 @@ def loss_terms(adapters: dict, params: dict, batch: Mapping[str, jax.Array], *,
 
     Only the ``W`` gathered positions of each row get logits: [B, W, V] instead of [B, T, V].
     """
-    hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
-                               adapter_index=batch["adapter_index"], lengths=batch["lengths"],
-                               attn_impl=training_attention(params["embed"].dtype, config),
-                               remat=remat)
+    if "token_agents" in batch:
+        # shared view: each prompt token goes through the agent that would prefill it, and each
+        # query applies its own B to the low-rank values (base+low-rank shared cache semantics)
+        hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
+                                   adapter_index=batch["token_agents"], lengths=batch["lengths"],
+                                   bake_v=False, attn_impl="reference", remat=remat)
+    else:
+        hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
+                                   adapter_index=batch["adapter_index"], lengths=batch["lengths"],
+                                   attn_impl=training_attention(params["embed"].dtype, config),
+                                   remat=remat)
     picked = jnp.take_along_axis(hidden, batch["label_positions"][..., None], axis=1)  # [B, W, D]
     logits = logits_from_hidden(params, picked, config)  # f32 [B, W, V]
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -416,7 +426,8 @@ def prepare_examples(config: TrainConfig, base: BaseModel,
     eos = _eos_id(base)
     examples, report = data_lib.tokenize_samples(
         samples, base.tokenizer, agents=config.agents, eos_id=eos, max_len=config.max_len,
-        overlong=config.overlong)
+        overlong=config.overlong, view=config.view if split == "train" else "agent",
+        seed=config.seed)
     data_lib.check_token_range(examples, base.config.vocab_size)
     message = report.summary(split)
     if message:
