@@ -25,7 +25,6 @@ from eval.common import NullTokenizer, environment, print_table, write_json
 from eval.traces import Trace, generate_trace, load_traces
 from lragent_jax.cache import ALL_MODES, ShareMode
 from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
-from lragent_jax.generate import bucket
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
 from lragent_jax.session import GenerationSettings, Session, Turn
@@ -83,7 +82,7 @@ def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn
     adapters = init_adapters(jax.random.key(seed + 1), config, lora, dtype=dtype, b_scale=0.02)
     rows = []
     for trace in traces:
-        capacity = bucket(trace.total + 8, 256)
+        capacity = -(-(trace.total + 64) // 256) * 256
         for mode in modes:
             mode = ShareMode.parse(mode)
             session = Session(config, params, NullTokenizer(), adapters=adapters, lora=lora,
