@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the copy-bandwidth probe")
+    p.add_argument("--unroll", type=int, default=1, help="layers per scan iteration (default 1)")
     p.add_argument("--out", default="results/bench_generate.json", help="JSON output path")
     args = p.parse_args(argv)
     if args.new < 2:
@@ -68,7 +69,8 @@ def run(args) -> dict:
         capacity = args.prompt + args.new + 8
         session = Session(config, params, NullTokenizer(), mode="non_shared", batch=batch,
                           capacity=capacity, attn_impl=args.attn,
-                          prefill_chunk=min(args.prefill_chunk, 1 << (args.prompt - 1).bit_length()))
+                          prefill_chunk=min(args.prefill_chunk, 1 << (args.prompt - 1).bit_length()),
+                          scan_unroll=args.unroll)
         prompts = rng.integers(3, config.vocab_size, (batch, args.prompt))
 
         def turn(n_new):
@@ -83,6 +85,7 @@ def run(args) -> dict:
         step = (t_all - t_first) / (args.new - 1)
         row = {
             "model": args.model, "batch": batch, "prompt": args.prompt, "new": args.new,
+            "unroll": args.unroll,
             "prefill_s": t_first, "prefill_tok_s": batch * args.prompt / t_first,
             "decode_step_ms": step * 1e3, "decode_tok_s": batch / step,
         }

@@ -32,6 +32,7 @@ class TurnShape:
     sampling: str = "greedy"  # one of SAMPLING_KINDS
     attn_impl: str | None = None
     return_hidden: bool = False  # also return the chunk's final hidden states (scoring)
+    unroll: int = 1  # layers per iteration of the layer scan
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_KINDS:
@@ -102,7 +103,7 @@ def _turn(params, adapters, cache: KVCache, tokens, chunk_len, start, agent, pro
     active = chunk_len > 0
     forward = functools.partial(forward_hidden, config=config, adapters=adapters,
                                 adapter_index=agent, bake_v=spec.mode.bake_v,
-                                attn_impl=shape.attn_impl)
+                                attn_impl=shape.attn_impl, unroll=shape.unroll)
 
     # ---- prefill, C tokens at a time
     n_steps = shape.chunk_bucket // C

@@ -242,7 +242,8 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
                    adapters: dict | None = None, adapter_index: Int[Array, "B"] | None = None,
                    plan: ChunkPlan | None = None, lengths: Int[Array, "B"] | None = None,
                    cache: CacheArrays | None = None, bake_v: bool = True,
-                   attn_impl: str | None = None, remat: bool | str = False):
+                   attn_impl: str | None = None, remat: bool | str = False,
+                   unroll: int | bool = 1):
     """Run the decoder over new tokens; returns (final hidden states [B, T, D], updated cache).
 
     Without a cache, ``tokens`` is a right-padded batch starting at position 0 and ``lengths`` [B]
@@ -254,7 +255,7 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
     factored in the low-rank cache. ``attn_impl``: a Flash-LoRA-Attention implementation, or
     "cudnn" for ``jax.nn.dot_product_attention`` on the no-cache path (differentiable, GPU).
     ``remat``: False/"none", True/"full" (recompute the whole layer in the backward pass) or "dots"
-    (keep the projections' outputs, recompute the rest).
+    (keep the projections' outputs, recompute the rest). ``unroll``: layers per scan iteration.
     """
     B, T = tokens.shape
     if adapter_index is None:
@@ -287,7 +288,7 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
     if policy is not None:
         body = jax.checkpoint(body, policy=policy)
     xs = (params["layers"], adapters, jnp.arange(config.num_layers, dtype=jnp.int32))
-    (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), xs, unroll=unroll)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
 
 

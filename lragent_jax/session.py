@@ -99,6 +99,7 @@ class Session:
       min_chunk_bucket: smallest padded chunk length (fewer distinct compilations when larger).
       min_new_bucket: smallest output buffer of a turn (the decode loop stops at each row's limit,
         so a larger buffer only costs memory, and saves compilations).
+      scan_unroll: layers per iteration of the layer scan (more: longer compile).
       seed: PRNG seed for sampling.
       cache_sharding: optional leaf name -> Sharding for the cache (multi-device).
     """
@@ -108,7 +109,7 @@ class Session:
                  batch: int = 1, capacity: int = 2048, cache_dtype=None,
                  attn_impl: str | None = None, prefill_chunk: int = 512, seed: int = 0,
                  cache_sharding: Mapping | None = None, min_chunk_bucket: int = 16,
-                 min_new_bucket: int = 8):
+                 min_new_bucket: int = 8, scan_unroll: int = 1):
         self.mode = ShareMode.parse(mode)
         if (adapters is None) != (lora is None):
             raise ValueError("pass adapters together with their LoraConfig (or neither)")
@@ -132,6 +133,7 @@ class Session:
         self.prefill_chunk = prefill_chunk
         self.min_chunk_bucket = min_chunk_bucket
         self.min_new_bucket = min_new_bucket
+        self.scan_unroll = scan_unroll
         self.cache: KVCache = init_cache(self.spec, cache_sharding)
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.processed = np.zeros((batch, self.num_agents), np.int64)
@@ -332,7 +334,8 @@ class Session:
                           prefill_chunk=prefill_chunk,
                           max_new_bucket=0 if scoring else bucket(int(max_new.max()),
                                                                        self.min_new_bucket),
-                          sampling=sampling, attn_impl=self.attn_impl, return_hidden=scoring)
+                          sampling=sampling, attn_impl=self.attn_impl, return_hidden=scoring,
+                          unroll=self.scan_unroll)
         self._key, key = jax.random.split(self._key)
         t0 = time.perf_counter()
         result = run_turn(self.params, self.adapters, self.cache, tokens, chunk_len, starts, agents,
