@@ -117,10 +117,12 @@ def _agent_rows(x, adapter_index):
 
 
 def _select_agent(per_agent, adapter_index):
-    """per_agent [B, T, A, O] -> [B, T, O] picking each token's agent (zero for NO_ADAPTER)."""
-    safe = jnp.clip(adapter_index, 0, per_agent.shape[2] - 1)
-    picked = jnp.take_along_axis(per_agent, safe[:, :, None, None], axis=2)[:, :, 0]
-    return picked * (adapter_index >= 0)[:, :, None].astype(picked.dtype)
+    """per_agent [B, T, A, O] -> [B, T, O] picking each token's agent (zero for NO_ADAPTER).
+
+    A one-hot product rather than a gather: its gradient is elementwise, where a gather's is a
+    scatter-add (slow on GPUs)."""
+    onehot = jax.nn.one_hot(adapter_index, per_agent.shape[2], dtype=per_agent.dtype)
+    return jnp.einsum("btao,bta->bto", per_agent, onehot)
 
 
 def project_lowrank(x, a, adapter_index):

@@ -84,12 +84,12 @@ def flash_lora_attention_reference(
     out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(f32))
     if lowrank is not None:
         pc = jnp.einsum("bkgts,bsr->btkgr", p, lowrank.astype(f32))
-        safe_index = jnp.clip(adapter_index, 0, lora_b.shape[0] - 1)
-        b_rows = jnp.take(lora_b, safe_index, axis=0).astype(f32)  # [B, (T,) K, R, H]
-        keep = (adapter_index >= 0).astype(f32)
-        b_rows = b_rows * keep.reshape(keep.shape + (1, 1, 1))
         if adapter_index.ndim == 1:
+            safe_index = jnp.clip(adapter_index, 0, lora_b.shape[0] - 1)
+            b_rows = jnp.take(lora_b, safe_index, axis=0).astype(f32)  # [B, K, R, H]
+            b_rows = b_rows * (adapter_index >= 0).astype(f32)[:, None, None, None]
             out = out + jnp.einsum("btkgr,bkrh->btkgh", pc, b_rows)
-        else:  # one agent per query row (a trajectory whose tokens different agents processed)
-            out = out + jnp.einsum("btkgr,btkrh->btkgh", pc, b_rows)
+        else:  # one agent per query row: a one-hot sum over agents (no gather, cheap gradient)
+            onehot = jax.nn.one_hot(adapter_index, lora_b.shape[0], dtype=f32)  # [B, T, A]
+            out = out + jnp.einsum("btkgr,akrh,bta->btkgh", pc, lora_b.astype(f32), onehot)
     return out.reshape(batch, t_len, n_heads, head_dim).astype(q.dtype)
