@@ -20,12 +20,12 @@ def _modes(keys):
 
 def plot_throughput(rows, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["model"] for r in rows}):
+    for style, model in zip(("-", "--", ":", "-."), sorted({r["model"] for r in rows})):
         for mode in _modes({r["mode"] for r in rows}):
             pts = sorted((r["length"], r["tokens_s"]) for r in rows
                          if r["model"] == model and r["mode"] == mode)
             if pts:
-                ax.plot(*zip(*pts), marker="o", color=COLORS[mode],
+                ax.plot(*zip(*pts), marker="o", color=COLORS[mode], linestyle=style,
                         label=f"{mode} ({model})" if len({r['model'] for r in rows}) > 1 else mode)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("episode length (tokens)")
