@@ -112,13 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tiny_config() -> ModelConfig:
+    """The random model of ``--model tiny`` / ``--quick`` (byte tokens)."""
+    return ModelConfig.tiny(vocab_size=ByteTokenizer.vocab_size,
+                            eos_token_ids=ByteTokenizer.eos_token_ids, num_heads=4,
+                            num_kv_heads=2, head_dim=16, hidden_size=64, intermediate_size=128,
+                            num_layers=2)
+
+
 def _load_model(args) -> Model:
     dtype = jnp.dtype(args.dtype)
     if args.model == "tiny":
-        tok = ByteTokenizer()
-        cfg = ModelConfig.tiny(vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
-                               num_heads=4, num_kv_heads=2, head_dim=16, hidden_size=64,
-                               intermediate_size=128, num_layers=2)
+        tok, cfg = ByteTokenizer(), tiny_config()
         model = Model(config=cfg, params=init_params(jax.random.key(0), cfg, dtype),
                       tokenizer=tok, attn_impl=args.attn)
     else:
@@ -298,9 +303,7 @@ def main(argv=None) -> int:
                   else [generate_trace(n, args.task_seed) for n in args.lengths])
         rows = []
         for preset in args.eff_models:
-            cfg = (ModelConfig.tiny(vocab_size=259, num_heads=4, num_kv_heads=2, head_dim=16,
-                                    hidden_size=64, intermediate_size=128)
-                   if preset == "tiny" else ModelConfig.preset(preset))
+            cfg = tiny_config() if preset == "tiny" else ModelConfig.preset(preset)
             for attn in (args.eff_attn or [args.attn]):
                 print(f"\n== efficiency: {cfg.name}, attention {attn or 'default'}")
                 rows += benchmark(cfg, traces, modes=modes, attn_impl=attn, rank=args.eff_rank,
@@ -357,9 +360,8 @@ def _run_scienceqa(args, modes) -> dict:
         print("\n== scienceqa: skipped (no --scienceqa-adapters given)")
         return {"skipped": "no --scienceqa-adapters"}
     print(f"\n== scienceqa: teacher-forced comparison on {folder}")
-    model = load_pretrained(args.model if args.model != "tiny" else None,
-                            dtype=jnp.dtype(args.dtype), adapters=args.scienceqa_adapters,
-                            attn_impl=args.attn)
+    model = _load_model(argparse.Namespace(**{**vars(args),
+                                              "adapters": args.scienceqa_adapters}))
     samples = load_role_files(folder)
     episodes, skipped = [], 0
     for role in model.lora.agents:

@@ -98,3 +98,57 @@ def test_memory_summary_equals_cache_pytree(mode):
 
     assert measured_cache_bytes(measured) == analytic_cache_bytes(cfg, mode, num_agents=3,
                                                                   capacity=4096, rank=8)
+
+
+def _published_sample(i):
+    head = ("Answer with Thought, Action, Observation steps.\nQuestion:Which one is a metal?\n"
+            "Options:(A) Iron (B) Wood\nThought: \n### Response:\n")
+    history = (f"I should search {i}.\nAciton: BingSearch[\n### Response:\nmetals {i}]\n"
+               "Obversation: Iron is a metal.\nThought: \n### Response:\n")
+    return head, history
+
+
+def test_published_samples_are_segmented_by_writer():
+    from eval.teacher_forced import segment_published_sample
+
+    head, history = _published_sample(0)
+    sample = {"input": head + history + "Iron is a metal.\nAciton: Finish[\n### Response:\n",
+              "output": "A"}
+    segments = segment_published_sample(sample, "action")
+    assert "".join(s.text for s in segments[:-1]) == sample["input"]
+    writers = [(s.writer, s.text) for s in segments if s.writer != "env"]
+    assert writers == [("plan", "I should search 0."), ("action", "metals 0"),
+                       ("plan", "Iron is a metal."), ("action", "A")]
+    reflect = {"input": head + "x\nAciton: Finish[\n### Response:\nA]\nObversation: Please reflect "
+                               "your answer.\nThought: \n### Response:\n", "output": "Fine."}
+    assert segment_published_sample(reflect, "reflect")[-1].writer == "reflect"
+
+
+@pytest.mark.slow
+def test_scienceqa_part_on_published_format_files(tmp_path):
+    import jax
+
+    from lragent_jax.adapters_io import save_adapters
+    from lragent_jax.lora import init_adapters
+
+    data = tmp_path / "published"
+    data.mkdir()
+    for role, output in (("plan", "Iron is a metal."), ("action", "A"), ("reflect", "Reflect[right]")):
+        samples = []
+        for i in range(3):
+            head, history = _published_sample(i)
+            samples.append({"input": head + history, "output": output})
+        (data / f"{role}.json").write_text(json.dumps(samples))
+    cfg = cli.tiny_config()
+    lora = LoraConfig(rank=4, targets=("q", "v", "o"))
+    save_adapters(tmp_path / "adapters", init_adapters(jax.random.key(0), cfg, lora, b_scale=0.1),
+                  lora, cfg)
+    out = tmp_path / "out"
+    assert cli.main(["--model", "tiny", "--parts", "scienceqa", "--scienceqa-dir", str(data),
+                     "--scienceqa-adapters", str(tmp_path / "adapters"), "--scienceqa-samples",
+                     "2", "--batch", "3", "--no-plots", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())["scienceqa"]
+    assert result["samples"] == 6 and result["skipped_long"] == 0
+    assert set(result["comparison"]) == set(MODES)
+    assert result["comparison"]["non_shared"]["all"]["logprob_gap_vs_non_shared"] == 0
+    assert result["comparison"]["non_shared"]["all"]["tokens"] > 0
