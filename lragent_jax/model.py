@@ -169,6 +169,35 @@ class CacheArrays:
     lowrank: jax.Array | None
 
 
+def factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index, *,
+                             implementation: str | None = "cudnn"):
+    """Causal attention from position 0 (right-padded rows) with the factored v adapter, through
+    ``jax.nn.dot_product_attention`` (cuDNN's fused, differentiable kernel on GPU).
+
+    One fused call computes P·V_base and P·C together: the values are [V_base | C | 0] and q, k
+    are zero-padded to the same width (the scores are unchanged, the scale stays 1/sqrt(H)); then
+    each query row adds (P·C)·B of its own agent. ``adapter_index`` is [B] or [B, T]; < 0 adds
+    nothing. This is the shared view of training at the speed of the plain one.
+    """
+    B, T, N, H = q.shape
+    K, R = k.shape[2], lowrank.shape[-1]
+    width = -(-(H + R) // 8) * 8
+    pad = [(0, 0), (0, 0), (0, 0), (0, width - H)]
+    values = jnp.concatenate(
+        [v, jnp.broadcast_to(lowrank[:, :, None, :].astype(v.dtype), (B, T, K, R)),
+         jnp.zeros((B, T, K, width - H - R), v.dtype)], axis=-1)
+    out = jax.nn.dot_product_attention(jnp.pad(q, pad), jnp.pad(k, pad), values,
+                                       scale=1.0 / float(np.sqrt(H)), is_causal=True,
+                                       implementation=implementation)
+    base, pc = out[..., :H], out[..., H:H + R]  # [B, T, N, H], [B, T, N, R]
+    index = adapter_index if adapter_index.ndim == 2 else jnp.broadcast_to(
+        adapter_index[:, None], (B, T))
+    onehot = jax.nn.one_hot(index, lora_b.shape[0], dtype=F32)  # [B, T, A]; -1 -> zeros
+    pc = pc.astype(F32).reshape(B, T, K, N // K, R)
+    delta = jnp.einsum("btkgr,akrh,bta->btkgh", pc, lora_b.astype(F32), onehot)
+    return (base.astype(F32) + delta.reshape(B, T, N, H)).astype(q.dtype)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -197,12 +226,16 @@ def _layer(x, layer_params, layer_adapters, layer_index, *, config, adapter_inde
         b = v_adapter["b"]  # [A, R, K*H] -> [A, K, R, H]
         lora_b = b.reshape(b.shape[0], b.shape[1], K, H).transpose(0, 2, 1, 3).astype(q.dtype)
 
-    if cache is None and lowrank is not None:
+    if (cache is None and lowrank is not None and attn_impl == "cudnn"
+            and -(-(H + lowrank.shape[-1]) // 8) * 8 <= 256):  # cuDNN's widest head on Hopper
+        attn = factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index,
+                                        implementation="cudnn")
+    elif cache is None and lowrank is not None:
         # factored v without a cache: every query row applies its own agent's B to the
         # low-rank values of the tokens it attends to (the base+low-rank shared view)
         attn = flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index,
                                     kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
-                                    implementation=None if attn_impl == "cudnn" else attn_impl)
+                                    implementation=attn_impl)
     elif cache is None and attn_impl == "cudnn":
         # right-padded rows from position 0: causal masking alone hides the padding from every
         # valid query, and cuDNN's fused attention is differentiable (the training path on GPU)

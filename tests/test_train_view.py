@@ -109,3 +109,39 @@ def test_training_in_the_mixed_view_runs_and_learns():
                    RunOptions(progress=False, plot=False))
     losses = [r["loss"] for r in result.history]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rank,per_token", [
+    (4, 2, 16, 4, True), (3, 1, 24, 5, True), (6, 6, 8, 3, False)])
+def test_factored_dense_attention_matches_reference(heads, kv_heads, head_dim, rank, per_token):
+    # the fused path of shared-view training ([V | C | 0] values through one dense attention call)
+    # against the plain-JAX Flash-LoRA-Attention reference, values and gradients, random inputs
+    from lragent_jax.model import factored_dense_attention
+    from pallas_kernels.flash_lora_attention import flash_lora_attention
+
+    rng = np.random.default_rng([heads, head_dim, rank])
+    batch, length, agents = 3, 13, 3
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [
+        (batch, length, heads, head_dim), (batch, length, kv_heads, head_dim),
+        (batch, length, kv_heads, head_dim)])
+    lowrank = jnp.asarray(rng.standard_normal((batch, length, rank)), jnp.float32)
+    lora_b = jnp.asarray(rng.standard_normal((agents, kv_heads, rank, head_dim)), jnp.float32)
+    shape = (batch, length) if per_token else (batch,)
+    index = jnp.asarray(rng.integers(-1, agents, size=shape), jnp.int32)
+    lengths = jnp.full((batch,), length, jnp.int32)
+
+    def ours(q, v, lowrank, lora_b):
+        return factored_dense_attention(q, k, v, lowrank, lora_b, index, implementation="xla")
+
+    def reference(q, v, lowrank, lora_b):
+        return flash_lora_attention(q, k, v, lowrank, lora_b, index, kv_lengths=lengths,
+                                    q_offset=jnp.zeros((batch,), jnp.int32),
+                                    implementation="reference")
+
+    np.testing.assert_allclose(ours(q, v, lowrank, lora_b), reference(q, v, lowrank, lora_b),
+                               rtol=2e-5, atol=2e-5)
+    weights = jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2, 3))(
+        q, v, lowrank, lora_b) for f in (ours, reference)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -214,7 +214,9 @@ def loss_terms(adapters: dict, params: dict, batch: Mapping[str, jax.Array], *,
         # query applies its own B to the low-rank values (base+low-rank shared cache semantics)
         hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
                                    adapter_index=batch["token_agents"], lengths=batch["lengths"],
-                                   bake_v=False, attn_impl="reference", remat=remat)
+                                   bake_v=False,
+                                   attn_impl=training_attention(params["embed"].dtype, config),
+                                   remat=remat)
     else:
         hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
                                    adapter_index=batch["adapter_index"], lengths=batch["lengths"],
