@@ -72,7 +72,9 @@ def _median_runs(runs: list[dict]) -> dict:
 
 def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn_impl=None,
               rank: int = 8, targets=("q", "v"), dtype=jnp.bfloat16, repeats: int = 3,
-              prefill_chunk: int = 2048, seed: int = 0, log=print) -> list[dict]:
+              prefill_chunk: int = 2048, seed: int = 0, log=print, on_row=None) -> list[dict]:
+    """Replay every trace in every mode; ``on_row(rows)`` is called after each finished row (the
+    CLI saves partial results there, so a run cut by a time limit keeps what it measured)."""
     config = config.replace(eos_token_ids=())
     params = jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(seed), config, dtype)
     agents = sorted({t.agent for trace in traces for t in trace.turns},
@@ -113,6 +115,8 @@ def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn
                 "repeats": m["repeats"],
             }
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
             log(f"  {config.name} {trace.name} {mode.value}: e2e {row['e2e_s']:.3f}s, "
                 f"prefilled {row['prefilled_total']}, cache {row['cache_bytes'] / 1e6:.1f} MB")
             del session
@@ -165,11 +169,16 @@ def main(argv=None) -> int:
     config = ModelConfig.preset(args.model)
     traces = (load_traces(args.trace_file) if args.trace_file
               else [generate_trace(n, args.seed) for n in args.lengths])
+    env = environment()
+
+    def save(rows, partial=True):
+        return write_json(args.out, {"environment": env, "args": vars(args), "rows": rows,
+                                     "summary": summarize(rows), "partial": partial})
+
     rows = benchmark(config, traces, modes=args.modes.split(","), attn_impl=args.attn,
                      rank=args.rank, targets=args.targets.split(","),
                      dtype=jnp.dtype(args.dtype), repeats=args.repeats,
-                     prefill_chunk=args.prefill_chunk, seed=args.seed)
-    env = environment()
+                     prefill_chunk=args.prefill_chunk, seed=args.seed, on_row=save)
     print_table(rows, ["model", "length", "mode", "attn", "e2e_s", "gen_tok_s", "ttft_mean_s",
                        "prefilled_total", "cache_bytes"],
                 title=f"trace replay on {env['device']} (jax {env['jax']}, {env['date']})")
@@ -177,7 +186,7 @@ def main(argv=None) -> int:
     print_table(summary, ["model", "length", "attn", "speed_vs_fully_shared",
                           "speed_vs_non_shared", "speed_vs_base_shared", "memory_vs_non_shared"],
                 title="base_lowrank_shared relative to the other modes (time ratio: >1 is faster)")
-    print(f"wrote {write_json(args.out, {'environment': env, 'args': vars(args), 'rows': rows, 'summary': summary})}")
+    print(f"wrote {save(rows, partial=False)}")
     return 0
 
 
