@@ -93,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scienceqa-adapters", default=None,
                    help="adapters trained on those files (required for the scienceqa part)")
     g.add_argument("--scienceqa-samples", type=int, default=32,
-                   help="samples per role (default 32)")
+                   help="held-out samples per role, at most (default 32)")
+    g.add_argument("--scienceqa-valid-fraction", type=float, default=0.05,
+                   help="the held-out share: the same split python -m train makes of a folder "
+                        "with the same fraction and seed (default 0.05, train's --valid-fraction)")
+    g.add_argument("--scienceqa-split-seed", type=int, default=0,
+                   help="seed of that split (train's --kb-seed; default 0)")
     g.add_argument("--scienceqa-max-tokens", type=int, default=3072,
                    help="skip samples longer than this (reported)")
     g = p.add_argument_group("efficiency (trace replay, random weights)")
@@ -351,6 +356,7 @@ def _print_tf(tf: dict) -> None:
 def _run_scienceqa(args, modes) -> dict:
     from eval.teacher_forced import compare_modes, segment_published_sample
     from lragent_jax.tasks.kb import load_role_files
+    from train.data import split_validation
 
     folder = args.scienceqa_dir or _default_scienceqa_dir()
     if folder is None:
@@ -362,18 +368,23 @@ def _run_scienceqa(args, modes) -> dict:
     print(f"\n== scienceqa: teacher-forced comparison on {folder}")
     model = _load_model(argparse.Namespace(**{**vars(args),
                                               "adapters": args.scienceqa_adapters}))
-    samples = load_role_files(folder)
+    if not 0.0 < args.scienceqa_valid_fraction < 1.0:
+        raise SystemExit(f"--scienceqa-valid-fraction must be in (0, 1); got "
+                         f"{args.scienceqa_valid_fraction}")
+    # the samples python -m train held out of this folder: never trained on
+    _, held_out = split_validation(load_role_files(folder), args.scienceqa_valid_fraction,
+                                   args.scienceqa_split_seed)
     episodes, skipped = [], 0
     for role in model.lora.agents:
-        for sample in samples.get(role, [])[-args.scienceqa_samples:]:
+        for sample in held_out.get(role, [])[:args.scienceqa_samples]:
             segs = segment_published_sample(sample, role)
             n = sum(len(model.tokenizer.encode(s.text)) for s in segs)
             if n > args.scienceqa_max_tokens:
                 skipped += 1
                 continue
             episodes.append(segs)
-    print(f"  {len(episodes)} samples, {skipped} longer than {args.scienceqa_max_tokens} tokens "
-          "skipped")
+    print(f"  {len(episodes)} held-out samples, {skipped} longer than "
+          f"{args.scienceqa_max_tokens} tokens skipped")
     capacity = 1 << (args.scienceqa_max_tokens + 64 - 1).bit_length()
     tf = compare_modes(lambda mode: model.session(mode, batch=min(args.batch, 8),
                                                   capacity=capacity, prefill_chunk=1024,
@@ -381,6 +392,8 @@ def _run_scienceqa(args, modes) -> dict:
                        episodes, modes=modes, only_last=True)
     _print_tf(tf)
     return {"folder": str(folder), "samples": len(episodes), "skipped_long": skipped,
+            "held_out": {"fraction": args.scienceqa_valid_fraction,
+                         "seed": args.scienceqa_split_seed},
             "comparison": tf}
 
 

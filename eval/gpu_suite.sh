@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU measurements of the closing notes and the README, in sections that fit one device call each.
 #   bash eval/gpu_suite.sh bench OUTDIR    speed: generation, training MFU, trace replay (random weights)
-#   bash eval/gpu_suite.sh quality OUTDIR  needs the embedded model: train shared-view adapters,
+#   bash eval/gpu_suite.sh quality OUTDIR  needs the embedded model: train mixed-view adapters,
 #                                          accuracy and teacher-forced comparison per mode
+#                                          (EVALS="mixed" skips the shipped adapters' evaluation)
 #   bash eval/gpu_suite.sh scienceqa OUTDIR  adapters on the published ScienceQA role files and the
 #                                          teacher-forced comparison on them
 # Each step has its own time limit so one slow step cannot take the others down.
@@ -27,15 +28,17 @@ case "${1:-}" in
       --out "$OUT/efficiency_llama8b_16k.json"
     ;;
   quality)
-    step 320 python3 -m train --view mixed --remat full --epochs 1 --kb-train 1600 \
+    # resumable: run it again with the same OUTDIR to finish a training cut by the time limit
+    step 420 python3 -m train --view mixed --remat full --epochs 1 --kb-train 1600 \
       --batch-size 32 --eval-batch-size 64 --lr 1e-3 --max-len 1024 --bucket-multiple 64 \
-      --bucket-ratio 1.5 --save-every 100000 --export-dtype bfloat16 --seed 0 --variant joint \
-      --no-progress --out "$OUT/train_mixed"
-    for name in shipped mixed; do
+      --bucket-ratio 1.5 --save-every 100 --resume --export-dtype bfloat16 --seed 0 \
+      --variant joint --no-progress --out "$OUT/train_mixed"
+    for name in ${EVALS:-shipped mixed}; do
       adapters=lragent_jax/assets/adapters/smollm2-135m-kb
       [ "$name" = mixed ] && adapters="$OUT/train_mixed/adapters"
-      step 130 python3 -m eval --parts accuracy,teacher_forced --questions 32 --batch 32 \
-        --tf-episodes 16 --dtype bfloat16 --adapters "$adapters" --no-plots \
+      [ -d "$adapters" ] || { echo "=== no adapters at $adapters (training unfinished)"; continue; }
+      step 240 python3 -m eval --parts accuracy,teacher_forced --questions 32 --batch 32 \
+        --tf-episodes 12 --dtype bfloat16 --adapters "$adapters" --no-plots \
         --out "$OUT/eval_$name"
     done
     ;;
@@ -44,8 +47,8 @@ case "${1:-}" in
     mkdir -p /tmp/lragent-data && tar xzf .carry/sqa/scienceqa.tgz -C /tmp/lragent-data
     step 200 python3 -m train --data /tmp/lragent-data/scienceqa --max-len 2048 --epochs 1 \
       --batch-size 16 --lr 1e-3 --remat full --no-progress --out "$OUT/train_scienceqa"
-    step 200 python3 -m eval --parts scienceqa --scienceqa-dir /tmp/lragent-data/scienceqa \
-      --scienceqa-adapters "$OUT/train_scienceqa/adapters" --scienceqa-samples 16 \
+    step 280 python3 -m eval --parts scienceqa --scienceqa-dir /tmp/lragent-data/scienceqa \
+      --scienceqa-adapters "$OUT/train_scienceqa/adapters" --scienceqa-samples 26 \
       --dtype bfloat16 --no-plots --out "$OUT/eval_scienceqa"
     ;;
   *) echo "usage: bash eval/gpu_suite.sh bench|quality|scienceqa OUTDIR" >&2; exit 2 ;;

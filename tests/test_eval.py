@@ -135,8 +135,8 @@ def test_scienceqa_part_on_published_format_files(tmp_path):
     data.mkdir()
     for role, output in (("plan", "Iron is a metal."), ("action", "A"), ("reflect", "Reflect[right]")):
         samples = []
-        for i in range(3):
-            head, history = _published_sample(i)
+        for i in range(40):
+            head, history = _published_sample(i % 3)
             samples.append({"input": head + history, "output": output})
         (data / f"{role}.json").write_text(json.dumps(samples))
     cfg = cli.tiny_config()
@@ -146,9 +146,11 @@ def test_scienceqa_part_on_published_format_files(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["--model", "tiny", "--parts", "scienceqa", "--scienceqa-dir", str(data),
                      "--scienceqa-adapters", str(tmp_path / "adapters"), "--scienceqa-samples",
-                     "2", "--batch", "3", "--no-plots", "--out", str(out)]) == 0
+                     "5", "--batch", "3", "--no-plots", "--out", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())["scienceqa"]
+    # train's default split holds out round(0.05 * 40) = 2 samples per role: only those are scored
     assert result["samples"] == 6 and result["skipped_long"] == 0
+    assert result["held_out"] == {"fraction": 0.05, "seed": 0}
     assert set(result["comparison"]) == set(MODES)
     assert result["comparison"]["non_shared"]["all"]["logprob_gap_vs_non_shared"] == 0
     assert result["comparison"]["non_shared"]["all"]["tokens"] > 0
