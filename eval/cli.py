@@ -257,6 +257,14 @@ def main(argv=None) -> int:
             for mode, records in episodes.items():
                 for r in records:
                     f.write(json.dumps({"mode": mode, **r.to_dict()}, default=str) + "\n")
+        # the real rollouts as replayable traces (--trace-file), from the exact reference mode
+        from eval.traces import save_traces, trace_from_record
+
+        recorded = episodes.get("non_shared") or next(iter(episodes.values()), [])
+        if recorded:
+            path = save_traces(out_dir / "traces.json",
+                               [trace_from_record(r, model.tokenizer) for r in recorded])
+            results["accuracy"]["traces_file"] = str(path)
 
     if "rollout" in args.parts:
         if "accuracy" in args.parts:

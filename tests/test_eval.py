@@ -42,6 +42,25 @@ def test_quick_mode_runs_end_to_end_with_every_mode_and_metric(tmp_path):
     for plot in ("throughput.png", "ttft.png", "memory.png", "accuracy.png"):
         assert (tmp_path / plot).stat().st_size > 1000
     assert (tmp_path / "episodes.jsonl").read_text().count("\n") == 4 * 2
+    # the rollouts are saved as replayable traces
+    traces = load_traces(results["accuracy"]["traces_file"])
+    assert len(traces) == 2 and all(t.turns[0].agent == "plan" for t in traces)
+
+
+def test_trace_from_a_real_episode_counts_every_token():
+    from eval.traces import trace_from_record
+    from lragent_jax.tasks.kb import KBTask
+    from tests.conftest import CharTokenizer
+
+    tok = CharTokenizer()
+    for record in KBTask(seed=3, num_train=0, num_valid=3, num_test=0).gold_episodes("valid"):
+        trace = trace_from_record(record, tok)
+        segments = list(record.segments)
+        assert trace.total == sum(len(tok.encode(s.text)) for s in segments)
+        assert [t.agent for t in trace.turns] == [s.writer for s in segments if s.writer != "env"]
+        # each turn generates exactly its role segment; env text is appended before the next turn
+        role_segments = [s for s in segments if s.writer != "env"]
+        assert [t.generate for t in trace.turns] == [len(tok.encode(s.text)) for s in role_segments]
 
 
 def test_help_documents_every_option(capsys):
