@@ -13,7 +13,8 @@ from lragent_jax.tasks.scoring import aggregate, score_episode
 def run_accuracy(model, task, *, workflow=None, split: str = "test", questions: int = 16,
                  modes: Sequence = ALL_MODES, seeds: Sequence[int] = (0,),
                  temperature: float = 0.0, top_p: float = 1.0, batch: int = 16,
-                 capacity: int = 2048, prefill_chunk: int = 512, log=print) -> dict:
+                 capacity: int = 2048, prefill_chunk: int = 512, min_chunk_bucket: int = 64,
+                 log=print) -> dict:
     """Run ``questions`` test questions per mode and seed; exact-match accuracy with standard error
     (clustered by question over seeds), per level, share unfinished, and per-mode cost counters.
 
@@ -31,8 +32,8 @@ def run_accuracy(model, task, *, workflow=None, split: str = "test", questions: 
         for seed in seeds:
             # generous minimum buckets: a handful of compiled turn shapes per mode
             session = model.session(mode, batch=min(batch, max(len(qs), 1)), capacity=capacity,
-                                    prefill_chunk=prefill_chunk, seed=seed, min_chunk_bucket=64,
-                                    min_new_bucket=128)
+                                    prefill_chunk=prefill_chunk, seed=seed,
+                                    min_chunk_bucket=min_chunk_bucket, min_new_bucket=128)
             t0 = time.perf_counter()
             records = run_model_episodes(workflow, qs, session, temperature=temperature,
                                          top_p=top_p)

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--batch", type=int, default=8, help="episodes run together (default 8)")
     g.add_argument("--capacity", type=int, default=2048, help="cache positions per trajectory")
+    g.add_argument("--min-bucket", type=int, default=64,
+                   help="smallest padded length of a turn's new tokens: each distinct padded "
+                        "length compiles once per mode, so larger means fewer compilations and "
+                        "more padding (default 64; --quick uses 256)")
     g.add_argument("--task-seed", type=int, default=0, help="seed of the built-in task")
     g.add_argument("--max-steps", type=int, default=12,
                    help="workflow steps before an episode counts as unfinished (default 12)")
@@ -155,9 +159,10 @@ def _apply_quick(args) -> None:
     if args.adapters is None:
         args.adapters = "random"
     args.parts = [p for p in PARTS if p != "scienceqa"]
-    args.questions, args.batch, args.tf_episodes = 2, 2, 2
+    args.questions, args.batch, args.tf_episodes = 2, 2, 1
     args.seeds, args.temperature = 1, 0.0
     args.capacity, args.max_steps = 1024, 2
+    args.min_bucket = 256  # few padded turn shapes per mode: compiling dominates here
     args.lengths, args.eff_repeats = [256], 1
     args.eff_models = ["tiny"]
 
@@ -169,8 +174,8 @@ def run_rollout(model, task, workflow, modes, args, log=print) -> dict:
     question = task.split("test")[0]
     out = {"question": dataclasses.asdict(question), "questions": 1, "modes": {}}
     for mode in modes:
-        session = model.session(mode, batch=1, capacity=args.capacity, min_chunk_bucket=64,
-                                min_new_bucket=128)
+        session = model.session(mode, batch=1, capacity=args.capacity,
+                                min_chunk_bucket=args.min_bucket, min_new_bucket=128)
         record = run_model_episodes(workflow, [question], session)[0]
         out["modes"][mode] = {"answer": record.answer, "finished": record.finished,
                               "steps": record.steps, "prefilled": session.prefill_counts(),
@@ -223,7 +228,7 @@ def main(argv=None) -> int:
         modes = [ShareMode.parse(m).value for m in args.modes]
     except ValueError as e:
         parser.error(str(e))
-    for name in ("questions", "batch", "capacity", "tf_episodes", "seeds"):
+    for name in ("questions", "batch", "capacity", "tf_episodes", "seeds", "min_bucket"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     out_dir = Path(args.out)
@@ -251,7 +256,8 @@ def main(argv=None) -> int:
         seeds = list(range(args.seeds)) if args.temperature > 0 else [0]
         acc, episodes = run_accuracy(model, task, workflow=workflow, questions=args.questions,
                                      modes=modes, seeds=seeds, temperature=args.temperature,
-                                     top_p=args.top_p, batch=args.batch, capacity=args.capacity)
+                                     top_p=args.top_p, batch=args.batch, capacity=args.capacity,
+                                     min_chunk_bucket=args.min_bucket)
         results["accuracy"] = acc
         with open(out_dir / "episodes.jsonl", "w") as f:
             for mode, records in episodes.items():
@@ -300,7 +306,8 @@ def main(argv=None) -> int:
         longest = max(sum(len(model.tokenizer.encode(s.text)) for s in g) for g in gold)
         capacity = max(args.capacity, 1 << (longest + 8).bit_length())
         tf = compare_modes(lambda mode: model.session(mode, batch=min(args.batch, len(gold)),
-                                                      capacity=capacity, min_chunk_bucket=64),
+                                                      capacity=capacity,
+                                                      min_chunk_bucket=args.min_bucket),
                            gold, modes=modes)
         results["teacher_forced"] = tf
         _print_tf(tf)
@@ -320,7 +327,7 @@ def main(argv=None) -> int:
             for attn in (args.eff_attn or [args.attn]):
                 print(f"\n== efficiency: {cfg.name}, attention {attn or 'default'}")
                 rows += benchmark(cfg, traces, modes=modes, attn_impl=attn, rank=args.eff_rank,
-                                  repeats=args.eff_repeats,
+                                  repeats=args.eff_repeats, min_chunk_bucket=args.min_bucket,
                                   dtype=jnp.bfloat16 if jax.default_backend() != "cpu"
                                   else jnp.float32)
         results["efficiency"] = {"rows": rows, "summary": summarize(rows)}
@@ -396,7 +403,7 @@ def _run_scienceqa(args, modes) -> dict:
     capacity = 1 << (args.scienceqa_max_tokens + 64 - 1).bit_length()
     tf = compare_modes(lambda mode: model.session(mode, batch=min(args.batch, 8),
                                                   capacity=capacity, prefill_chunk=1024,
-                                                  min_chunk_bucket=64),
+                                                  min_chunk_bucket=args.min_bucket),
                        episodes, modes=modes, only_last=True)
     _print_tf(tf)
     return {"folder": str(folder), "samples": len(episodes), "skipped_long": skipped,

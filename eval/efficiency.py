@@ -72,7 +72,8 @@ def _median_runs(runs: list[dict]) -> dict:
 
 def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn_impl=None,
               rank: int = 8, targets=("q", "v"), dtype=jnp.bfloat16, repeats: int = 3,
-              prefill_chunk: int = 2048, seed: int = 0, log=print, on_row=None) -> list[dict]:
+              prefill_chunk: int = 2048, seed: int = 0, min_chunk_bucket: int = 64, log=print,
+              on_row=None) -> list[dict]:
     """Replay every trace in every mode; ``on_row(rows)`` is called after each finished row (the
     CLI saves partial results there, so a run cut by a time limit keeps what it measured)."""
     config = config.replace(eos_token_ids=())
@@ -89,7 +90,8 @@ def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn
             mode = ShareMode.parse(mode)
             session = Session(config, params, NullTokenizer(), adapters=adapters, lora=lora,
                               mode=mode, batch=1, capacity=capacity, attn_impl=attn_impl,
-                              prefill_chunk=prefill_chunk, seed=seed, min_chunk_bucket=64,
+                              prefill_chunk=prefill_chunk, seed=seed,
+                              min_chunk_bucket=min(min_chunk_bucket, capacity),
                               min_new_bucket=64)
             rng = np.random.default_rng(seed)
             replay(session, trace, rng)  # compile every bucket of this trace

@@ -11,6 +11,8 @@ A batch row carries an agent index; ``NO_ADAPTER`` (-1) runs the bare base model
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +40,12 @@ def init_adapters(key, config: ModelConfig, lora: LoraConfig, *, dtype=jnp.float
 
     With B = 0 every agent starts as the bare base model, as in standard LoRA training.
     """
+    return _init_adapters(key, config, lora, jnp.dtype(dtype), float(b_scale))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init_adapters(key, config, lora, dtype, b_scale) -> dict:
+    # one compiled program instead of one eager compilation per leaf shape
     shapes = adapter_shapes(config, lora)
     out = {}
     keys = jax.random.split(key, 2 * len(shapes))

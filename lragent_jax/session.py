@@ -12,6 +12,7 @@ output, they are rolled back to the tokens kept, and later turns simply overwrit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Mapping, Sequence
 
@@ -32,6 +33,17 @@ class CapacityError(ValueError):
 
 class TokenAlignmentError(ValueError):
     """New text does not tokenize as an extension of the tokens already in the trajectory."""
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _score_positions(params, hidden, targets, *, config: ModelConfig):
+    """Log-probability of each target and whether it is the greedy choice, from final hidden
+    states [T, D] (float32 logits)."""
+    from lragent_jax.model import logits_from_hidden
+
+    logp = jax.nn.log_softmax(logits_from_hidden(params, hidden, config), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return picked, jnp.argmax(logp, axis=-1) == targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,20 +395,24 @@ class Session:
 
     def _finish_scoring(self, plans, result, starts):
         _, _, hidden = result
-        from lragent_jax.model import logits_from_hidden
-
+        hidden = np.asarray(jax.device_get(hidden))
         results = {}
         for row, (agent, view, add, scored, length, total, _) in plans.items():
             first = length - 1 - int(starts[row])  # chunk index predicting scored[0]
-            h = hidden[row, first:first + len(scored)]
-            logp = jax.nn.log_softmax(logits_from_hidden(self.params, h, self.config), axis=-1)
-            logp = np.asarray(jax.device_get(logp))
-            target = np.asarray(scored)
+            n = len(scored)
+            # padded to a bucket so that one compiled scorer serves many segment lengths
+            h = np.zeros((bucket(n, 16), hidden.shape[-1]), hidden.dtype)
+            h[:n] = hidden[row, first:first + n]
+            target = np.asarray(scored, np.int32)
+            padded = np.zeros(len(h), np.int32)
+            padded[:n] = target
+            logprobs, match = jax.device_get(_score_positions(self.params, h, padded,
+                                                              config=self.config))
             self.processed[row, view] = total
             self.filled[row] = max(self.filled[row], total)
             self.prefilled[row, view] += total - int(starts[row])
             results[row] = TurnResult(text=self.tokenizer.decode(scored), token_ids=list(scored),
                                       stop_reason="scored", prefilled=total - int(starts[row]),
-                                      logprobs=logp[np.arange(len(target)), target],
-                                      greedy_match=logp.argmax(-1) == target)
+                                      logprobs=np.asarray(logprobs[:n]),
+                                      greedy_match=np.asarray(match[:n]))
         return results
