@@ -31,12 +31,8 @@ def plot_throughput(rows, path: Path) -> Path:
     ax.set_xlabel("episode length (tokens)")
     ax.set_ylabel("trajectory tokens / s (end to end)")
     ax.set_title("Throughput vs context length")
-    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_ttft(rows, path: Path) -> Path:
@@ -54,6 +50,23 @@ def plot_ttft(rows, path: Path) -> Path:
     ax.set_ylabel("time to first token (ms)")
     ax.set_yscale("log")
     ax.set_title(f"TTFT per turn ({model}, {longest} tokens)")
+    return _save(fig, ax, path)
+
+
+def _grouped_bars(ax, groups: dict, value, error=None, label_size=8) -> None:
+    """One group of bars per label of ``groups`` ({label: {mode: entry}}), one bar per mode."""
+    labels = list(groups)
+    modes = _modes({m for v in groups.values() for m in v})
+    width = 0.8 / max(len(modes), 1)
+    for i, mode in enumerate(modes):
+        entries = [groups[label].get(mode) for label in labels]
+        ax.bar([j + i * width for j in range(len(labels))], [value(e) for e in entries], width,
+               yerr=None if error is None else [error(e) for e in entries],
+               capsize=3 if error else 0, color=COLORS[mode], label=mode)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=label_size)
+
+
+def _save(fig, ax, path: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -64,40 +77,18 @@ def plot_ttft(rows, path: Path) -> Path:
 def plot_memory(memory: dict, path: Path) -> Path:
     """``memory``: {label: {mode: bytes}}."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = list(memory)
-    modes = _modes({m for v in memory.values() for m in v})
-    width = 0.8 / max(len(modes), 1)
-    for i, mode in enumerate(modes):
-        ax.bar([j + i * width for j in range(len(labels))],
-               [memory[label].get(mode, 0) / 2**30 for label in labels], width,
-               color=COLORS[mode], label=mode)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
+    _grouped_bars(ax, memory, lambda b: (b or 0) / 2**30, label_size=7)
     ax.set_ylabel("KV cache (GiB)")
     ax.set_title("Cache memory per mode (3 agents)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_accuracy(accuracy: dict, path: Path) -> Path:
     """``accuracy``: {label: {mode: {"accuracy", "stderr"}}}."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = list(accuracy)
-    modes = _modes({m for v in accuracy.values() for m in v})
-    width = 0.8 / max(len(modes), 1)
-    for i, mode in enumerate(modes):
-        xs = [j + i * width for j in range(len(labels))]
-        ys = [accuracy[label].get(mode, {}).get("accuracy", 0) for label in labels]
-        es = [accuracy[label].get(mode, {}).get("stderr", 0) for label in labels]
-        ax.bar(xs, ys, width, yerr=es, capsize=3, color=COLORS[mode], label=mode)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=8)
+    _grouped_bars(ax, accuracy, lambda e: (e or {}).get("accuracy", 0),
+                  error=lambda e: (e or {}).get("stderr", 0))
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1)
     ax.set_title("Task accuracy per mode (± standard error)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
