@@ -656,6 +656,24 @@ def _log_step(record: dict, clock: list, metrics: MetricsLog, history: list, bar
                total, force=done == total)
 
 
+def per_role_totals(results, examples, num_agents: int):
+    """Sum per-row (nll, target count, all-correct) results over each example's role.
+
+    ``results`` yields (example indices of the rows, (nll [B], count [B], ok [B])).
+    Returns nll, targets, correct, samples: float arrays [num_agents].
+    """
+    nll, targets, correct, samples = (np.zeros(num_agents) for _ in range(4))
+    for indices, out in results:
+        row_nll, row_count, row_ok = jax.device_get(out)
+        for row, i in enumerate(indices):
+            agent = examples[i].agent
+            nll[agent] += row_nll[row]
+            targets[agent] += row_count[row]
+            correct[agent] += bool(row_ok[row])
+            samples[agent] += 1
+    return nll, targets, correct, samples
+
+
 def _validate(fns: StepFunctions, adapters, params, valid_batches, valid_examples,
               config: TrainConfig, progress: Progress, phase: Phase) -> dict | None:
     """Validation loss and greedy exact match per role (teacher-forced: every output token and
@@ -663,18 +681,9 @@ def _validate(fns: StepFunctions, adapters, params, valid_batches, valid_example
     if not valid_batches:
         return None
     agents = config.agents
-    nll = np.zeros(len(agents))
-    targets = np.zeros(len(agents))
-    correct = np.zeros(len(agents))
-    samples = np.zeros(len(agents))
-    for indices, batch in valid_batches:
-        row_nll, row_count, row_ok = jax.device_get(fns.evaluate(adapters, params, batch))
-        for row, i in enumerate(indices):
-            agent = valid_examples[i].agent
-            nll[agent] += row_nll[row]
-            targets[agent] += row_count[row]
-            correct[agent] += bool(row_ok[row])
-            samples[agent] += 1
+    nll, targets, correct, samples = per_role_totals(
+        ((indices, fns.evaluate(adapters, params, batch)) for indices, batch in valid_batches),
+        valid_examples, len(agents))
     have = samples > 0
     return {"event": "validation", "step": progress.global_step, "phase": phase.name,
             "epoch": progress.epoch + 1,

@@ -34,21 +34,15 @@ def _evaluate(adapters, params, batch, *, config):
 def teacher_forced(base, adapters, examples, agents, *, batch_size: int, max_len: int) -> dict:
     buckets = data_lib.bucket_lengths(max_len)
     window = data_lib.target_window(examples, max_len)
-    nll = np.zeros(len(agents))
-    targets = np.zeros(len(agents))
-    correct = np.zeros(len(agents))
-    samples = np.zeros(len(agents))
-    for indices, batch in data_lib.evaluation_batches(examples, batch_size=batch_size,
-                                                      buckets=buckets, window=window):
-        row_nll, row_count, row_ok = jax.device_get(_evaluate(
-            adapters, base.params, {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
-            config=base.config))
-        for row, i in enumerate(indices):
-            agent = examples[i].agent
-            nll[agent] += row_nll[row]
-            targets[agent] += row_count[row]
-            correct[agent] += bool(row_ok[row])
-            samples[agent] += 1
+    from train.loop import per_role_totals
+
+    batches = data_lib.evaluation_batches(examples, batch_size=batch_size, buckets=buckets,
+                                          window=window)
+    nll, targets, correct, samples = per_role_totals(
+        ((indices, _evaluate(adapters, base.params,
+                             {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
+                             config=base.config)) for indices, batch in batches),
+        examples, len(agents))
     return {a: {"samples": int(samples[i]), "loss": float(nll[i] / max(targets[i], 1)),
                 "exact_match": float(correct[i] / max(samples[i], 1))}
             for i, a in enumerate(agents) if samples[i]}
