@@ -29,6 +29,7 @@ from jaxtyping import Array, Float, Int
 from lragent_jax.config import ModelConfig
 from lragent_jax.lora import expand_lowrank, lora_delta, project_lowrank
 from pallas_kernels.flash_lora_attention import flash_lora_attention
+from pallas_kernels.flash_lora_attention.reference import adapter_term
 
 F32 = jnp.float32
 REMAT_POLICIES = {False: None, "none": None, True: jax.checkpoint_policies.nothing_saveable,
@@ -181,7 +182,7 @@ def factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index, *,
     """
     B, T, N, H = q.shape
     K, R = k.shape[2], lowrank.shape[-1]
-    width = -(-(H + R) // 8) * 8
+    width = factored_width(H, R)
     pad = [(0, 0), (0, 0), (0, 0), (0, width - H)]
     values = jnp.concatenate(
         [v, jnp.broadcast_to(lowrank[:, :, None, :].astype(v.dtype), (B, T, K, R)),
@@ -190,12 +191,13 @@ def factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index, *,
                                        scale=1.0 / float(np.sqrt(H)), is_causal=True,
                                        implementation=implementation)
     base, pc = out[..., :H], out[..., H:H + R]  # [B, T, N, H], [B, T, N, R]
-    index = adapter_index if adapter_index.ndim == 2 else jnp.broadcast_to(
-        adapter_index[:, None], (B, T))
-    onehot = jax.nn.one_hot(index, lora_b.shape[0], dtype=F32)  # [B, T, A]; -1 -> zeros
-    pc = pc.astype(F32).reshape(B, T, K, N // K, R)
-    delta = jnp.einsum("btkgr,akrh,bta->btkgh", pc, lora_b.astype(F32), onehot)
+    delta = adapter_term(pc.reshape(B, T, K, N // K, R), lora_b, adapter_index)
     return (base.astype(F32) + delta.reshape(B, T, N, H)).astype(q.dtype)
+
+
+def factored_width(head_dim: int, rank: int) -> int:
+    """Head width of the fused [V | C | 0] values: head_dim + rank, rounded up to 8."""
+    return -(-(head_dim + rank) // 8) * 8
 
 
 # ----------------------------------------------------------------------------- forward
@@ -227,7 +229,7 @@ def _layer(x, layer_params, layer_adapters, layer_index, *, config, adapter_inde
         lora_b = b.reshape(b.shape[0], b.shape[1], K, H).transpose(0, 2, 1, 3).astype(q.dtype)
 
     if (cache is None and lowrank is not None and attn_impl == "cudnn"
-            and -(-(H + lowrank.shape[-1]) // 8) * 8 <= 256):  # cuDNN's widest head on Hopper
+            and factored_width(H, lowrank.shape[-1]) <= 256):  # cuDNN's widest head on Hopper
         attn = factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index,
                                         implementation="cudnn")
     elif cache is None and lowrank is not None:
@@ -282,8 +284,9 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
     Without a cache, ``tokens`` is a right-padded batch starting at position 0 and ``lengths`` [B]
     gives each row's valid tokens; ``adapter_index`` may then be [B, T]: the agent that processes
     each token (with ``bake_v=False`` this reproduces, in one pass, what a base+low-rank shared
-    cache holds when each token was prefilled by that agent). With a cache, ``plan`` says where the chunk sits and what it
-    writes; the cache is read after this chunk's entries are written, layer by layer.
+    cache holds when each token was prefilled by that agent). With a cache, ``plan`` says where
+    the chunk sits and what it writes; the cache is read after this chunk's entries are written,
+    layer by layer.
     ``bake_v``: add the v adapter into the cached values (full cache) instead of keeping it
     factored in the low-rank cache. ``attn_impl``: a Flash-LoRA-Attention implementation, or
     "cudnn" for ``jax.nn.dot_product_attention`` on the no-cache path (differentiable, GPU).

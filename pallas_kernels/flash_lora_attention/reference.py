@@ -84,12 +84,19 @@ def flash_lora_attention_reference(
     out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(f32))
     if lowrank is not None:
         pc = jnp.einsum("bkgts,bsr->btkgr", p, lowrank.astype(f32))
-        if adapter_index.ndim == 1:
-            safe_index = jnp.clip(adapter_index, 0, lora_b.shape[0] - 1)
-            b_rows = jnp.take(lora_b, safe_index, axis=0).astype(f32)  # [B, K, R, H]
-            b_rows = b_rows * (adapter_index >= 0).astype(f32)[:, None, None, None]
-            out = out + jnp.einsum("btkgr,bkrh->btkgh", pc, b_rows)
-        else:  # one agent per query row: a one-hot sum over agents (no gather, cheap gradient)
-            onehot = jax.nn.one_hot(adapter_index, lora_b.shape[0], dtype=f32)  # [B, T, A]
-            out = out + jnp.einsum("btkgr,akrh,bta->btkgh", pc, lora_b.astype(f32), onehot)
+        out = out + adapter_term(pc, lora_b, adapter_index)
     return out.reshape(batch, t_len, n_heads, head_dim).astype(q.dtype)
+
+
+def adapter_term(pc, lora_b, adapter_index):
+    """(P·C)·B of each query's agent, float32: pc [B, T, K, G, R]; lora_b [A, K, R, H];
+    ``adapter_index`` [B] or [B, T] (< 0: no adapter, zeros). Returns [B, T, K, G, H]."""
+    f32 = jnp.float32
+    if adapter_index.ndim == 1:
+        safe_index = jnp.clip(adapter_index, 0, lora_b.shape[0] - 1)
+        b_rows = jnp.take(lora_b, safe_index, axis=0).astype(f32)  # [B, K, R, H]
+        b_rows = b_rows * (adapter_index >= 0).astype(f32)[:, None, None, None]
+        return jnp.einsum("btkgr,bkrh->btkgh", pc.astype(f32), b_rows)
+    # one agent per query row: a one-hot sum over agents (no gather, cheap gradient)
+    onehot = jax.nn.one_hot(adapter_index, lora_b.shape[0], dtype=f32)  # [B, T, A]
+    return jnp.einsum("btkgr,akrh,bta->btkgh", pc.astype(f32), lora_b.astype(f32), onehot)
