@@ -21,13 +21,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from eval.common import ByteTokenizer, environment, print_table, write_json
+from eval.common import environment, print_table, write_json
 from lragent_jax.cache import ALL_MODES, ShareMode, analytic_cache_bytes
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
 from lragent_jax.pretrained import Model, load_pretrained
 from lragent_jax.tasks.kb import KBTask
+from lragent_jax.tokenizer import ByteTokenizer
 from lragent_jax.workflow import ReActWorkflow
 
 PARTS = ("rollout", "accuracy", "teacher_forced", "scienceqa", "efficiency", "memory")

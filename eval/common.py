@@ -130,16 +130,3 @@ class NullTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return ""
 
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (ids 3..258) plus pad 0 / bos 1 / eos 2: for tiny random models."""
-
-    vocab_size = 259
-    bos_token_id, pad_token_id = 1, 0
-    eos_token_ids = (2,)
-
-    def encode(self, text, add_bos=False):
-        return ([1] if add_bos else []) + [b + 3 for b in text.encode("utf-8")]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")

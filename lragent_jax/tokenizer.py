@@ -323,3 +323,18 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
                 f"eos_ids={self.eos_token_ids}, chat_template={self.chat_template is not None})")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 (0 pad, 1 bos, 2 eos): for tiny and random-weight models, which
+    have no tokenizer of their own."""
+
+    vocab_size = 259
+    bos_token_id, pad_token_id = 1, 0
+    eos_token_ids = (2,)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return ([1] if add_bos else []) + [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")

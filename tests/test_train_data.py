@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from lragent_jax.tokenizer import ByteTokenizer
 from tests.conftest import CharTokenizer, data_dir
 from tests.test_train_toys import ROLES, toy_samples, write_role_dir
 from train import data as data_lib
@@ -156,6 +157,6 @@ def test_published_scienceqa_loads():
     assert {r: len(v) for r, v in samples.items()} == {"plan": 944, "action": 518,
                                                         "reflect": 520}
     examples, report = data_lib.tokenize_samples(
-        {r: v[:20] for r, v in samples.items()}, data_lib.ByteTokenizer(), agents=ROLES,
+        {r: v[:20] for r, v in samples.items()}, ByteTokenizer(), agents=ROLES,
         eos_id=2, max_len=100_000)
     assert len(examples) == 60 and report.total == 0

@@ -176,7 +176,7 @@ def _preset_key(name: str) -> str | None:
 def resolve_model(model: str, random_weights: bool) -> tuple[str, object]:
     """What --model names, checked before any data or weights are read: ("preset", ModelConfig)
     with --random-weights, else ("files", path or None for the embedded model)."""
-    from train.data import ByteTokenizer
+    from lragent_jax.tokenizer import ByteTokenizer
 
     presets = sorted(PRESETS) + ["tiny"]
     key = _preset_key(model)
@@ -212,7 +212,7 @@ def load_base(kind: str, what, dtype: str):
     import jax.numpy as jnp
 
     from lragent_jax.model import init_params
-    from train.data import ByteTokenizer
+    from lragent_jax.tokenizer import ByteTokenizer
     from train.loop import BaseModel
 
     jdtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[dtype]

@@ -410,20 +410,5 @@ def describe(examples: Sequence[Example], agents: Sequence[str]) -> dict[str, An
             "length_p50": int(np.percentile(lengths, 50)), "length_max": int(lengths.max())}
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as ids 3..258 (0 pad, 1 bos, 2 eos): for random-weight runs, which have no
-    tokenizer of their own."""
-
-    vocab_size = 259
-    bos_token_id = 1
-    eos_token_ids = (2,)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        return ([1] if add_bos else []) + [b + 3 for b in text.encode("utf-8")]
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
-
-
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
