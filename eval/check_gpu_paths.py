@@ -1,6 +1,9 @@
 """GPU-only checks run on the device machine (CPU CI covers the rest in interpret mode):
 the cuDNN training attention gives the reference's loss and gradients, in the agent view (one
-adapter per row) and in the shared view (one adapter per token, factored v adapter).
+adapter per row) and in the shared view (one adapter per token, factored v adapter); and sessions
+whose attention is chosen per call shape (Triton decode kernel, Triton prefill kernel, cuDNN with
+the adapter term materialised) score a multi-agent trajectory as the plain-JAX reference does, in
+every sharing mode.
 
     python -m eval.check_gpu_paths
 """
@@ -51,7 +54,51 @@ def main() -> int:
               f"{float(l_cud):.5f}; gradient relative difference max {max(rel):.2e}: "
               f"{'OK' if ok else 'MISMATCH'}")
         failed += not ok
+    failed += check_dispatched_sessions()
     return 1 if failed else 0
+
+
+def check_dispatched_sessions() -> int:
+    """Teacher-forced log-probs of a 3-agent trajectory: dispatched attention vs reference."""
+    from lragent_jax.cache import ALL_MODES
+    from lragent_jax.inference import to_inference_params
+    from lragent_jax.session import GenerationSettings, Session, Turn
+    from eval.common import NullTokenizer
+
+    cfg = ModelConfig.llama3_1_8b().replace(num_layers=2, vocab_size=512, hidden_size=1024,
+                                            intermediate_size=2048, num_heads=8, num_kv_heads=2,
+                                            eos_token_ids=())
+    params = to_inference_params(init_params(jax.random.key(0), cfg, jnp.bfloat16), cfg)
+    lora = LoraConfig(rank=16, targets=("q", "v", "o", "gate", "up", "down"))
+    adapters = init_adapters(jax.random.key(1), cfg, lora, dtype=jnp.bfloat16, b_scale=0.05)
+    rng = np.random.default_rng(0)
+    # (agent, appended tokens, scored tokens): chunks of 300 (cuDNN), 40 (prefill kernel), 1-16
+    script = [("plan", 300, 12), ("action", 40, 6), ("plan", 1, 3), ("reflect", 700, 16)]
+    draws = [(a, rng.integers(3, 512, n).tolist(), rng.integers(3, 512, m).tolist())
+             for a, n, m in script]
+    failed = 0
+    for mode in ALL_MODES:
+        scores = {}
+        for attn in ("reference", None):
+            s = Session(cfg, params, NullTokenizer(), adapters=adapters, lora=lora, mode=mode,
+                        batch=2, capacity=2048, attn_impl=attn, prefill_chunk=1024)
+            got = []
+            for agent, add, scored in draws:
+                out = s.turn({0: Turn(agent, append_ids=tuple(add), score_tokens=tuple(scored)),
+                              1: Turn(agent, append_ids=tuple(add[::-1]),
+                                      score_tokens=tuple(scored))})
+                got += [out[0].logprobs, out[1].logprobs]
+            tokens = s.turn({0: Turn("plan", settings=GenerationSettings(max_new_tokens=24)),
+                             1: Turn("action", settings=GenerationSettings(max_new_tokens=24))})
+            scores[attn] = (np.concatenate(got), [tokens[0].token_ids, tokens[1].token_ids])
+        diff = float(np.max(np.abs(scores["reference"][0] - scores[None][0])))
+        same = scores["reference"][1] == scores[None][1]
+        ok = diff < 0.1
+        print(f"dispatched session attention, {mode.value}: max |log-prob difference| {diff:.3e} "
+              f"over {scores[None][0].size} scored tokens; greedy continuation "
+              f"{'identical' if same else 'differs (bf16 near-ties)'}: {'OK' if ok else 'MISMATCH'}")
+        failed += not ok
+    return failed
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.common import NullTokenizer, environment, print_table, write_json
+from eval.floors import measure_ceilings
 from eval.traces import Trace, generate_trace, load_traces
 from lragent_jax.cache import ALL_MODES, ShareMode
 from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
+from lragent_jax.inference import to_inference_params
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
 from lragent_jax.session import GenerationSettings, Session, Turn
@@ -77,7 +79,9 @@ def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn
     """Replay every trace in every mode; ``on_row(rows)`` is called after each finished row (the
     CLI saves partial results there, so a run cut by a time limit keeps what it measured)."""
     config = config.replace(eos_token_ids=())
-    params = jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(seed), config, dtype)
+    params = to_inference_params(
+        jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(seed), config, dtype), config,
+        donate=True)
     agents = sorted({t.agent for trace in traces for t in trace.turns},
                     key=lambda a: ("plan", "action", "reflect").index(a)
                     if a in ("plan", "action", "reflect") else 9)
@@ -162,6 +166,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-floors", action="store_true", help="skip measuring the ceilings")
     p.add_argument("--out", default="results/efficiency.json")
     return p.parse_args(argv)
 
@@ -172,10 +177,12 @@ def main(argv=None) -> int:
     traces = (load_traces(args.trace_file) if args.trace_file
               else [generate_trace(n, args.seed) for n in args.lengths])
     env = environment()
+    ceilings = None if args.no_floors else measure_ceilings(small=jax.default_backend() == "cpu")
 
     def save(rows, partial=True):
         return write_json(args.out, {"environment": env, "args": vars(args), "rows": rows,
-                                     "summary": summarize(rows), "partial": partial})
+                                     "ceilings": ceilings, "summary": summarize(rows),
+                                     "partial": partial})
 
     rows = benchmark(config, traces, modes=args.modes.split(","), attn_impl=args.attn,
                      rank=args.rank, targets=args.targets.split(","),

@@ -1,8 +1,16 @@
-"""Jitted turns over the multi-agent cache: chunked prefill, then a ``lax.while_loop`` decode.
+"""Jitted turns over the multi-agent cache: chunked prefill, then a blocked ``lax.while_loop`` decode.
 
 A turn is ONE jitted call (prefill + decode) with bucketed static shapes and the cache donated.
-Each batch row is one trajectory; each row may run a different agent (per-row adapter index). The
-host decides what each row prefills (see ``session.py``); this module only executes the plan.
+Each batch row is one trajectory; each row may run a different agent (per-row adapter index) with
+its own sampling settings and seed. The host decides what each row prefills (``session.py``); this
+module only executes the plan. The model runs in the per-layer inference layout
+(``lragent_jax.inference``): a Python loop over layers inside the jitted call, each layer reading
+its own weight and cache buffers once per token.
+
+Decode checks whether every row is done once every ``decode_block`` tokens (a static block of
+known trip count inside the while loop): on a GPU each check is a device-to-host copy and a sync,
+so small models decode several tokens per check. Rows that finish inside a block write nothing
+more, so the tokens kept are exactly those of a per-token check.
 """
 
 from __future__ import annotations
@@ -12,12 +20,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, UInt
 
-from lragent_jax.cache import CacheSpec, KVCache
-from lragent_jax.config import ModelConfig
-from lragent_jax.model import ChunkPlan, forward_hidden, logits_from_hidden
+from lragent_jax.cache import (CacheSpec, ChunkPlan, KVCache, advance_lengths, cache_rows,
+                               plan_chunk)
+from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.inference import forward_layers
+from lragent_jax.model import logits_from_hidden
 
 SAMPLING_KINDS = ("greedy", "sample", "sample_filtered")
+# Candidates kept by top-k / top-p filtering before falling back to a full-vocabulary sort.
+FILTER_CANDIDATES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,19 +39,70 @@ class TurnShape:
 
     config: ModelConfig
     spec: CacheSpec
+    lora: LoraConfig | None
     chunk_bucket: int  # padded length of the new-token chunk
     prefill_chunk: int  # tokens per prefill step (chunk_bucket is a multiple of it)
     max_new_bucket: int  # size of the output buffer (0: prefill only)
     sampling: str = "greedy"  # one of SAMPLING_KINDS
     attn_impl: str | None = None
     return_hidden: bool = False  # also return the chunk's final hidden states (scoring)
-    unroll: int = 1  # layers per iteration of the layer scan
+    decode_block: int = 1  # decode steps between two checks of "every row is done"
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_KINDS:
             raise ValueError(f"sampling={self.sampling!r}; allowed: {SAMPLING_KINDS}")
         if self.chunk_bucket % self.prefill_chunk:
             raise ValueError("chunk_bucket must be a multiple of prefill_chunk")
+        if self.decode_block < 1:
+            raise ValueError(f"decode_block must be >= 1; got {self.decode_block}")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "chunk_len", "start", "agent", "processed0", "filled0",
+                                "max_new", "temperature", "top_p", "top_k", "stop_mask", "seed",
+                                "counter"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class TurnInputs:
+    """Everything a turn needs per row (host arrays, one per field).
+
+    tokens [B, C]: the chunk each row prefills (right-padded), chunk_len [B] its valid tokens,
+    start [B] the trajectory position of its first token; agent [B] the row's agent (-1: none);
+    processed0 [B, A] / filled0 [B] the host's authoritative lengths (after any rollback);
+    max_new [B] tokens to generate at most; temperature / top_p / top_k [B] the row's sampling
+    (temperature <= 0: greedy; top_k 0: off); stop_mask [B, V] tokens that end the row's output;
+    seed [B], counter [B]: the row's sampling key is fold_in(key(seed), counter), so an episode's
+    samples do not depend on which row or batch it runs in.
+    """
+
+    tokens: Int[Array, "B C"]
+    chunk_len: Int[Array, "B"]
+    start: Int[Array, "B"]
+    agent: Int[Array, "B"]
+    processed0: Int[Array, "B A"]
+    filled0: Int[Array, "B"]
+    max_new: Int[Array, "B"]
+    temperature: Float[Array, "B"]
+    top_p: Float[Array, "B"]
+    top_k: Int[Array, "B"]
+    stop_mask: Bool[Array, "B V"]
+    seed: UInt[Array, "B"]
+    counter: Int[Array, "B"]
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["arrays", "token", "out", "n_out", "done", "step"], meta_fields=[])
+@dataclasses.dataclass
+class DecodeState:
+    """The decode loop's carry: cache buffers, the last sampled token [B], the output buffer
+    [B, M], tokens kept per row [B], rows done [B], and the decode step."""
+
+    arrays: object
+    token: Int[Array, "B"]
+    out: Int[Array, "B M"]
+    n_out: Int[Array, "B"]
+    done: Bool[Array, "B"]
+    step: Int[Array, ""]
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -49,8 +113,46 @@ def bucket(n: int, minimum: int = 16) -> int:
     return size
 
 
-def sample_tokens(logits, key, temperature, top_p, top_k, kind: str):
-    """Next token per row from float32 logits [B, V].
+def _filter_threshold_sorted(scaled, top_p, top_k):
+    vocab = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    # keep the smallest prefix whose mass reaches top_p (always at least one token)
+    n_keep = jnp.maximum(jnp.sum(cum_before < top_p[:, None], axis=-1), 1)
+    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    return jnp.maximum(kth, pth)
+
+
+def filter_threshold(scaled: Float[Array, "B V"], top_p: Float[Array, "B"],
+                     top_k: Int[Array, "B"]) -> Float[Array, "B 1"]:
+    """The smallest scaled logit each row keeps under top-k and top-p (nucleus) filtering.
+
+    From the ``FILTER_CANDIDATES`` largest logits when both cut-offs fall among them (the usual
+    case), else from a full-vocabulary sort; the two give the same threshold."""
+    vocab = scaled.shape[-1]
+    cap = min(FILTER_CANDIDATES, vocab)
+    if cap == vocab:
+        return _filter_threshold_sorted(scaled, top_p, top_k)
+    top, _ = jax.lax.top_k(scaled, cap)  # [B, cap], descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(top, jnp.clip(k - 1, 0, cap - 1)[:, None], axis=-1)
+    probs = jnp.exp(top - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = cum_before < top_p[:, None]
+    n_keep = jnp.maximum(jnp.sum(kept, axis=-1), 1)
+    pth = jnp.take_along_axis(top, (n_keep - 1)[:, None], axis=-1)
+    # exact here unless the nucleus may reach past the candidates, or k does
+    fits = (~kept[:, -1]) & (k <= cap)
+    fast = jnp.maximum(kth, pth)
+    return jax.lax.cond(jnp.all(fits), lambda: fast,
+                        lambda: _filter_threshold_sorted(scaled, top_p, top_k))
+
+
+def sample_tokens(logits: Float[Array, "B V"], keys, temperature, top_p, top_k, kind: str):
+    """Next token per row from float32 logits; ``keys`` [B] (one PRNG key per row).
 
     temperature [B] (<= 0: greedy for that row), top_p [B] in (0, 1], top_k [B] (0: off).
     """
@@ -59,71 +161,44 @@ def sample_tokens(logits, key, temperature, top_p, top_k, kind: str):
         return greedy
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     if kind == "sample_filtered":
-        vocab = logits.shape[-1]
-        sorted_desc = -jnp.sort(-scaled, axis=-1)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        cum_before = jnp.cumsum(probs, axis=-1) - probs
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep_sorted = cum_before < top_p[:, None]
-        n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
-        pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-        threshold = jnp.maximum(kth, pth)
+        threshold = filter_threshold(scaled, top_p, top_k)
         scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature <= 0, greedy, sampled)
+    sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled)
+    return jnp.where(temperature <= 0, greedy, sampled.astype(jnp.int32))
 
 
-def _rows(spec: CacheSpec, view):
-    batch_ids = jnp.arange(spec.batch, dtype=jnp.int32)
-    kv_row = batch_ids * spec.num_agents + view if spec.mode.base_per_agent else batch_ids
-    lowrank_row = (batch_ids * spec.num_agents + view if spec.mode.lowrank_kind == "per_agent"
-                   else batch_ids)
-    return kv_row, lowrank_row
+def _step_keys(row_keys, step):
+    return jax.vmap(lambda key: jax.random.fold_in(key, step))(row_keys)
 
 
-def _write_positions(spec: CacheSpec, positions, valid, filled0):
-    """Destinations of base and low-rank writes: S (dropped) for padding and for shared entries
-    another agent already wrote."""
-    S = spec.capacity
-    fresh = positions >= filled0[:, None]
-    base_ok = valid & (fresh | spec.mode.base_per_agent)
-    lowrank_ok = valid & (fresh | (spec.mode.lowrank_kind == "per_agent"))
-    return jnp.where(base_ok, positions, S), jnp.where(lowrank_ok, positions, S)
-
-
-def _turn(params, adapters, cache: KVCache, tokens, chunk_len, start, agent, processed0, filled0,
-          max_new, temperature, top_p, top_k, stop_mask, key, *, shape: TurnShape):
+def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnShape):
     spec, config = shape.spec, shape.config
     B, C = spec.batch, shape.prefill_chunk
-    view = jnp.maximum(agent, 0)
-    kv_row, lowrank_row = _rows(spec, view)
-    arrays = cache.arrays
-    active = chunk_len > 0
-    forward = functools.partial(forward_hidden, config=config, adapters=adapters,
-                                adapter_index=agent, bake_v=spec.mode.bake_v,
-                                attn_impl=shape.attn_impl, unroll=shape.unroll)
+    view = jnp.maximum(inputs.agent, 0)
+    kv_row, lowrank_row = cache_rows(spec, view)
+    active = inputs.chunk_len > 0
+    forward = functools.partial(
+        forward_layers, params, config=config, lora=shape.lora, adapters=adapters,
+        adapter_index=inputs.agent, factored_v=spec.mode.factored_v, attn_impl=shape.attn_impl,
+        kv_indirect=spec.mode.base_per_agent, lowrank_indirect=spec.mode.lowrank_per_agent)
 
     # ---- prefill, C tokens at a time
     n_steps = shape.chunk_bucket // C
-    hidden_all = (jnp.zeros((B, shape.chunk_bucket, config.hidden_size),
-                            params["embed"].dtype) if shape.return_hidden else None)
+    dtype = params["embed"].dtype
+    hidden_all = (jnp.zeros((B, shape.chunk_bucket, config.hidden_size), dtype)
+                  if shape.return_hidden else None)
 
     def prefill_step(i, carry):
         arrays, last_hidden, hidden_all = carry
         offset = i * C
-        chunk = jax.lax.dynamic_slice_in_dim(tokens, offset, C, axis=1)
+        chunk = jax.lax.dynamic_slice_in_dim(inputs.tokens, offset, C, axis=1)
         local = offset + jnp.arange(C, dtype=jnp.int32)[None, :]
-        positions = start[:, None] + local
-        valid = local < chunk_len[:, None]
-        base_write, lowrank_write = _write_positions(spec, positions, valid, filled0)
-        plan = ChunkPlan(positions=positions, q_offset=start + offset,
-                         kv_lengths=start + jnp.clip(chunk_len, 0, offset + C),
-                         base_write=base_write, lowrank_write=lowrank_write, kv_row=kv_row,
-                         lowrank_row=lowrank_row)
-        hidden, arrays = forward(params, chunk, plan=plan, cache=arrays)
-        j = chunk_len - 1 - offset
+        plan = plan_chunk(spec, inputs.start[:, None] + local, local < inputs.chunk_len[:, None],
+                          inputs.filled0, kv_row, lowrank_row,
+                          kv_lengths=inputs.start + jnp.clip(inputs.chunk_len, 0, offset + C),
+                          q_offset=inputs.start + offset)
+        hidden, arrays = forward(chunk, plan=plan, cache=arrays)
+        j = inputs.chunk_len - 1 - offset
         here = (j >= 0) & (j < C)
         picked = jnp.take_along_axis(hidden, jnp.clip(j, 0, C - 1)[:, None, None], axis=1)[:, 0]
         last_hidden = jnp.where(here[:, None], picked, last_hidden)
@@ -131,70 +206,65 @@ def _turn(params, adapters, cache: KVCache, tokens, chunk_len, start, agent, pro
             hidden_all = jax.lax.dynamic_update_slice_in_dim(hidden_all, hidden, offset, axis=1)
         return arrays, last_hidden, hidden_all
 
-    last_hidden = jnp.zeros((B, config.hidden_size), params["embed"].dtype)
+    last_hidden = jnp.zeros((B, config.hidden_size), dtype)
     arrays, last_hidden, hidden_all = jax.lax.fori_loop(
-        0, n_steps, prefill_step, (arrays, last_hidden, hidden_all))
-    end = start + chunk_len  # trajectory length after the appended tokens
+        0, n_steps, prefill_step, (cache.arrays, last_hidden, hidden_all))
+    end = inputs.start + inputs.chunk_len  # trajectory length after the appended tokens
 
     M = shape.max_new_bucket
     if M == 0:
-        mine = jnp.arange(spec.num_agents)[None, :] == view[:, None]
-        processed = jnp.where(active[:, None] & mine, end[:, None], processed0)
-        filled = jnp.where(active, jnp.maximum(filled0, end), filled0)
+        processed, filled = advance_lengths(spec, inputs.processed0, inputs.filled0, view, active,
+                                            end)
         new_cache = dataclasses.replace(cache, arrays=arrays, processed=processed, filled=filled)
         return new_cache, last_hidden, hidden_all
 
     # ---- decode
-    keys = jax.random.split(key, M)
-    logits = logits_from_hidden(params, last_hidden, config)
-    tok = sample_tokens(logits, keys[0], temperature, top_p, top_k, shape.sampling)
-    out = jnp.zeros((B, M), jnp.int32).at[:, 0].set(tok)
+    row_keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(
+        inputs.seed, inputs.counter)
+    sample = functools.partial(sample_tokens, temperature=inputs.temperature, top_p=inputs.top_p,
+                               top_k=inputs.top_k, kind=shape.sampling)
+
+    def is_stop(tok):
+        return jnp.take_along_axis(inputs.stop_mask, tok[:, None], axis=1)[:, 0]
+
+    tok = sample(logits_from_hidden(params, last_hidden, config), _step_keys(row_keys, 0))
     n_out = active.astype(jnp.int32)
-    is_stop = jnp.take_along_axis(stop_mask, tok[:, None], axis=1)[:, 0]
-    done = (~active) | is_stop | (n_out >= max_new)
+    state = DecodeState(arrays=arrays, token=tok, out=jnp.zeros((B, M), jnp.int32).at[:, 0].set(tok),
+                        n_out=n_out, done=(~active) | is_stop(tok) | (n_out >= inputs.max_new),
+                        step=jnp.int32(1))
 
-    def cond(state):
-        _, _, _, _, done, step = state
-        return jnp.any(~done) & (step < M)
+    def decode_step(_, s: DecodeState) -> DecodeState:
+        pos = end + s.n_out - 1  # where the last sampled token goes
+        plan = plan_chunk(spec, pos[:, None], (~s.done)[:, None], inputs.filled0, kv_row,
+                          lowrank_row, kv_lengths=jnp.clip(pos + 1, 0, spec.capacity),
+                          q_offset=pos)
+        hidden, arrays = forward(s.token[:, None], plan=plan, cache=s.arrays)
+        new_tok = sample(logits_from_hidden(params, hidden[:, 0], config),
+                         _step_keys(row_keys, s.step))
+        new_tok = jnp.where(s.done, s.token, new_tok)
+        out = jnp.where(s.done[:, None], s.out,
+                        s.out.at[jnp.arange(B), jnp.minimum(s.n_out, M - 1)].set(new_tok))
+        n_out = s.n_out + (~s.done).astype(jnp.int32)
+        done = s.done | is_stop(new_tok) | (n_out >= inputs.max_new)
+        return DecodeState(arrays, new_tok, out, n_out, done, s.step + 1)
 
-    def body(state):
-        arrays, tok, out, n_out, done, step = state
-        pos = end + n_out - 1  # where the last sampled token goes
-        base_write, lowrank_write = _write_positions(spec, pos[:, None], (~done)[:, None], filled0)
-        plan = ChunkPlan(positions=pos[:, None], q_offset=pos,
-                         kv_lengths=jnp.clip(pos + 1, 0, spec.capacity),
-                         base_write=base_write, lowrank_write=lowrank_write, kv_row=kv_row,
-                         lowrank_row=lowrank_row)
-        hidden, arrays = forward(params, tok[:, None], plan=plan, cache=arrays)
-        logits = logits_from_hidden(params, hidden[:, 0], config)
-        new_tok = sample_tokens(logits, keys[step], temperature, top_p, top_k, shape.sampling)
-        new_tok = jnp.where(done, tok, new_tok)
-        out = jnp.where(done[:, None], out,
-                        out.at[jnp.arange(B), jnp.minimum(n_out, M - 1)].set(new_tok))
-        n_out = n_out + (~done).astype(jnp.int32)
-        is_stop = jnp.take_along_axis(stop_mask, new_tok[:, None], axis=1)[:, 0]
-        done = done | is_stop | (n_out >= max_new)
-        return arrays, new_tok, out, n_out, done, step + 1
+    block = min(shape.decode_block, M)
+    state = jax.lax.while_loop(
+        lambda s: jnp.any(~s.done) & (s.step < M),
+        lambda s: jax.lax.fori_loop(0, block, decode_step, s), state)
 
-    arrays, _, out, n_out, _, _ = jax.lax.while_loop(
-        cond, body, (arrays, tok, out, n_out, done, jnp.int32(1)))
-
-    fed = jnp.where(active, end + n_out - 1, 0)  # the last sampled token is not in the cache
-    mine = jnp.arange(spec.num_agents)[None, :] == view[:, None]
-    processed = jnp.where(active[:, None] & mine, fed[:, None], processed0)
-    filled = jnp.where(active, jnp.maximum(filled0, fed), filled0)
-    new_cache = dataclasses.replace(cache, arrays=arrays, processed=processed, filled=filled)
-    return new_cache, out, n_out
+    fed = jnp.where(active, end + state.n_out - 1, 0)  # the last sampled token is not in the cache
+    processed, filled = advance_lengths(spec, inputs.processed0, inputs.filled0, view, active, fed)
+    new_cache = dataclasses.replace(cache, arrays=state.arrays, processed=processed, filled=filled)
+    return new_cache, state.out, state.n_out
 
 
 @functools.partial(jax.jit, static_argnames=("shape",), donate_argnames=("cache",))
-def run_turn(params, adapters, cache, tokens, chunk_len, start, agent, processed0, filled0, max_new,
-             temperature, top_p, top_k, stop_mask, key, *, shape: TurnShape):
-    """One jitted turn for every row: prefill ``tokens[:, :chunk_len]`` at ``start``, then decode.
+def run_turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnShape):
+    """One jitted turn for every row: prefill ``inputs.tokens[:, :chunk_len]`` at ``start``, then
+    decode. ``params``: inference layout; ``adapters``: prepared per-layer adapters (or None).
 
-    ``processed0`` [B, A] / ``filled0`` [B] are the host's authoritative lengths (after any rollback).
     Returns (cache, out [B, max_new_bucket] int32, n_out [B]). With ``max_new_bucket == 0`` returns
     (cache, last hidden [B, D], chunk hidden [B, T, D] or None) instead: prefill only.
     """
-    return _turn(params, adapters, cache, tokens, chunk_len, start, agent, processed0, filled0,
-                 max_new, temperature, top_p, top_k, stop_mask, key, shape=shape)
+    return _turn(params, adapters, cache, inputs, shape=shape)

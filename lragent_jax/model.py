@@ -1,10 +1,13 @@
-"""Pure-functional Llama-family decoder with per-row multi-agent LoRA and an optional shared cache.
+"""Pure-functional Llama-family decoder with per-row multi-agent LoRA: parameters, building blocks
+and the training-layout forward.
 
 Dimension alphabet: B batch, T new tokens, S cache positions, D model width, N query heads,
 K kv heads, G = N/K, H head dim, R rank, A agents, L layers, V vocab, F mlp width.
 
-Parameter pytree (weights stored [in, out], layers stacked on a leading L axis and run under
-``lax.scan`` so compile time does not grow with depth):
+Training-layout parameter pytree (weights stored [in, out], layers stacked on a leading L axis and
+run under ``lax.scan`` with remat: a whole-sequence step amortises the per-layer slices and compile
+time does not grow with depth). Inference (prefill and decode over the cache) uses one buffer per
+layer with fused projections instead: ``lragent_jax.inference`` (``to_inference_params``).
 
     params = {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
               "layers": {"attn_norm": [L, D], "mlp_norm": [L, D],
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from lragent_jax.cache import ChunkPlan
 from lragent_jax.config import ModelConfig
 from lragent_jax.lora import expand_lowrank, lora_delta, project_lowrank
 from pallas_kernels.flash_lora_attention import flash_lora_attention
@@ -78,12 +82,6 @@ def init_params(key, config: ModelConfig, dtype=F32) -> dict:
     return jax.tree.unflatten(treedef, out)
 
 
-def abstract_params(config: ModelConfig, dtype=jnp.bfloat16) -> dict:
-    """ShapeDtypeStructs of the parameters (no allocation)."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(config),
-                        is_leaf=lambda s: isinstance(s, tuple))
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -132,42 +130,7 @@ def _project(h, layer_params, layer_adapters, module, adapter_index):
     return y
 
 
-# ----------------------------------------------------------------------------- the cache contract
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["positions", "q_offset", "kv_lengths", "base_write",
-                                "lowrank_write", "kv_row", "lowrank_row"],
-                   meta_fields=[])
-@dataclasses.dataclass
-class ChunkPlan:
-    """Where a chunk of new tokens sits in the cache and which cache entries it writes.
-
-    positions [B, T]: absolute position of each new token. q_offset [B]: position of token 0.
-    kv_lengths [B]: keys visible after this chunk is written. base_write / lowrank_write [B, T]:
-    destination position of each token's base k/v and low-rank entries, or S (the capacity) to
-    skip the write (padding, or entries another agent already wrote to a shared leaf).
-    kv_row / lowrank_row [B]: the cache row each batch row reads and writes.
-    """
-
-    positions: jax.Array
-    q_offset: jax.Array
-    kv_lengths: jax.Array
-    base_write: jax.Array
-    lowrank_write: jax.Array
-    kv_row: jax.Array
-    lowrank_row: jax.Array
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "lowrank"], meta_fields=[])
-@dataclasses.dataclass
-class CacheArrays:
-    """Layer-stacked cache storage: k, v [L, Rows, S, K, H]; lowrank [L, Rows, S, R] or None."""
-
-    k: jax.Array
-    v: jax.Array
-    lowrank: jax.Array | None
+# ----------------------------------------------------------------------------- training attention
 
 
 def factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index, *,
@@ -200,11 +163,10 @@ def factored_width(head_dim: int, rank: int) -> int:
     return -(-(head_dim + rank) // 8) * 8
 
 
-# ----------------------------------------------------------------------------- forward
+# ----------------------------------------------------------------------------- forward (training)
 
 
-def _layer(x, layer_params, layer_adapters, layer_index, *, config, adapter_index, positions,
-           plan, cache, bake_v, attn_impl):
+def _layer(x, layer_params, layer_adapters, *, config, adapter_index, plan, bake_v, attn_impl):
     B, T, _ = x.shape
     N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
     inv_freq = rope_inv_freq(config)
@@ -217,115 +179,83 @@ def _layer(x, layer_params, layer_adapters, layer_index, *, config, adapter_inde
     lowrank = None
     if v_adapter is not None:
         lowrank = project_lowrank(h, v_adapter["a"], adapter_index)  # [B, T, R]
-        if bake_v or (cache is not None and cache.lowrank is None):
+        if bake_v:
             v = v + expand_lowrank(lowrank, v_adapter["b"], adapter_index).astype(v.dtype)
             lowrank = None
     v = v.reshape(B, T, K, H)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = apply_rope(q, plan.positions, inv_freq)
+    k = apply_rope(k, plan.positions, inv_freq)
     lora_b = None
     if lowrank is not None:
         b = v_adapter["b"]  # [A, R, K*H] -> [A, K, R, H]
         lora_b = b.reshape(b.shape[0], b.shape[1], K, H).transpose(0, 2, 1, 3).astype(q.dtype)
 
-    if (cache is None and lowrank is not None and attn_impl == "cudnn"
+    if (lowrank is not None and attn_impl == "cudnn"
             and factored_width(H, lowrank.shape[-1]) <= 256):  # cuDNN's widest head on Hopper
         attn = factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index,
                                         implementation="cudnn")
-    elif cache is None and lowrank is not None:
-        # factored v without a cache: every query row applies its own agent's B to the
-        # low-rank values of the tokens it attends to (the base+low-rank shared view)
+    elif lowrank is not None:
+        # factored v: every query row applies its own agent's B to the low-rank values of the
+        # tokens it attends to (the base+low-rank shared view)
         attn = flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index,
                                     kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
                                     implementation=attn_impl)
-    elif cache is None and attn_impl == "cudnn":
+    elif attn_impl == "cudnn":
         # right-padded rows from position 0: causal masking alone hides the padding from every
         # valid query, and cuDNN's fused attention is differentiable (the training path on GPU)
         attn = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    elif cache is None:
+    else:
         attn = flash_lora_attention(q, k, v, kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
                                     implementation=attn_impl)
-    else:
-        rows = plan.kv_row[:, None]
-        cache = dataclasses.replace(
-            cache,
-            k=cache.k.at[layer_index, rows, plan.base_write].set(k.astype(cache.k.dtype),
-                                                                mode="drop"),
-            v=cache.v.at[layer_index, rows, plan.base_write].set(v.astype(cache.v.dtype),
-                                                                mode="drop"))
-        if lowrank is not None:
-            cache = dataclasses.replace(cache, lowrank=cache.lowrank.at[
-                layer_index, plan.lowrank_row[:, None], plan.lowrank_write].set(
-                    lowrank.astype(cache.lowrank.dtype), mode="drop"))
-        attn = flash_lora_attention(
-            q, cache.k, cache.v, cache.lowrank if lora_b is not None else None, lora_b,
-            adapter_index if lora_b is not None else None,
-            kv_lengths=plan.kv_lengths, q_offset=plan.q_offset, implementation=attn_impl,
-            layer=layer_index, kv_index=plan.kv_row,
-            lowrank_index=plan.lowrank_row if lora_b is not None else None)
 
     x = x + _project(attn.reshape(B, T, N * H), layer_params, layer_adapters, "o", adapter_index)
     h = rms_norm(x, layer_params["mlp_norm"], config.rms_norm_eps)
     gate = _project(h, layer_params, layer_adapters, "gate", adapter_index)
     up = _project(h, layer_params, layer_adapters, "up", adapter_index)
     act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(h.dtype)
-    x = x + _project(act, layer_params, layer_adapters, "down", adapter_index)
-    return x, cache
+    return x + _project(act, layer_params, layer_adapters, "down", adapter_index)
 
 
 def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConfig,
-                   adapters: dict | None = None, adapter_index: Int[Array, "B"] | None = None,
-                   plan: ChunkPlan | None = None, lengths: Int[Array, "B"] | None = None,
-                   cache: CacheArrays | None = None, bake_v: bool = True,
+                   adapters: dict | None = None,
+                   adapter_index: Int[Array, "B"] | Int[Array, "B T"] | None = None,
+                   lengths: Int[Array, "B"] | None = None, bake_v: bool = True,
                    attn_impl: str | None = None, remat: bool | str = False,
                    unroll: int | bool = 1):
-    """Run the decoder over new tokens; returns (final hidden states [B, T, D], updated cache).
+    """The decoder over right-padded rows from position 0, in the training (stacked) layout, under
+    ``lax.scan``; returns (final hidden states [B, T, D], None).
 
-    Without a cache, ``tokens`` is a right-padded batch starting at position 0 and ``lengths`` [B]
-    gives each row's valid tokens; ``adapter_index`` may then be [B, T]: the agent that processes
-    each token (with ``bake_v=False`` this reproduces, in one pass, what a base+low-rank shared
-    cache holds when each token was prefilled by that agent). With a cache, ``plan`` says where
-    the chunk sits and what it writes; the cache is read after this chunk's entries are written,
-    layer by layer.
-    ``bake_v``: add the v adapter into the cached values (full cache) instead of keeping it
-    factored in the low-rank cache. ``attn_impl``: a Flash-LoRA-Attention implementation, or
-    "cudnn" for ``jax.nn.dot_product_attention`` on the no-cache path (differentiable, GPU).
-    ``remat``: False/"none", True/"full" (recompute the whole layer in the backward pass) or "dots"
-    (keep the projections' outputs, recompute the rest). ``unroll``: layers per scan iteration.
+    ``lengths`` [B] gives each row's valid tokens; ``adapter_index`` may be [B, T]: the agent that
+    processes each token (with ``bake_v=False`` this reproduces, in one pass, what a base+low-rank
+    shared cache holds when each token was prefilled by that agent: the shared view of training).
+    ``bake_v``: add the v adapter into the values instead of keeping it factored. ``attn_impl``:
+    "cudnn" for cuDNN's fused, differentiable attention (GPU, half precision), anything else the
+    plain-JAX reference (differentiable). ``remat``: False/"none", True/"full" (recompute the whole
+    layer in the backward pass) or "dots" (keep the projections' outputs, recompute the rest).
+    ``unroll``: layers per scan iteration. Inference with a cache uses the per-layer layout
+    (``lragent_jax.inference``).
     """
     B, T = tokens.shape
     if adapter_index is None:
         adapter_index = jnp.full((B,), -1, jnp.int32)
-    if plan is None:
-        if cache is not None:
-            raise ValueError("a cache needs a ChunkPlan")
-        if lengths is None:
-            lengths = jnp.full((B,), T, jnp.int32)
-        zeros = jnp.zeros((B,), jnp.int32)
-        plan = ChunkPlan(positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-                         q_offset=zeros, kv_lengths=lengths.astype(jnp.int32), base_write=None,
-                         lowrank_write=None, kv_row=None, lowrank_row=None)
+    plan = ChunkPlan.full_sequence(B, T, lengths)
     compute_dtype = params["embed"].dtype
     x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
 
-    layer_fn = functools.partial(_layer, config=config, adapter_index=adapter_index,
-                                 positions=plan.positions, plan=plan, bake_v=bake_v,
-                                 attn_impl=attn_impl)
+    layer_fn = functools.partial(_layer, config=config, adapter_index=adapter_index, plan=plan,
+                                 bake_v=bake_v, attn_impl=attn_impl)
 
-    def body(carry, xs):
-        x, cache = carry
-        layer_params, layer_adapters, layer_index = xs
-        x, cache = layer_fn(x, layer_params, layer_adapters, layer_index, cache=cache)
-        return (x, cache), None
+    def body(x, xs):
+        layer_params, layer_adapters = xs
+        return layer_fn(x, layer_params, layer_adapters), None
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; allowed: {sorted(map(str, REMAT_POLICIES))}")
     policy = REMAT_POLICIES[remat]
     if policy is not None:
         body = jax.checkpoint(body, policy=policy)
-    xs = (params["layers"], adapters, jnp.arange(config.num_layers, dtype=jnp.int32))
-    (x, cache), _ = jax.lax.scan(body, (x, cache), xs, unroll=unroll)
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+    x, _ = jax.lax.scan(body, x, (params["layers"], adapters), unroll=unroll)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), None
 
 
 def logits_from_hidden(params: dict, hidden: Float[Array, "... D"], config: ModelConfig):
@@ -337,8 +267,27 @@ def logits_from_hidden(params: dict, hidden: Float[Array, "... D"], config: Mode
 
 def forward(params: dict, tokens: Int[Array, "B T"], *, config: ModelConfig,
             adapters: dict | None = None, adapter_index=None, lengths=None,
-            attn_impl: str | None = None) -> Float[Array, "B T V"]:
-    """Full-sequence logits (no cache), float32 [B, T, V]."""
-    hidden, _ = forward_hidden(params, tokens, config=config, adapters=adapters,
-                               adapter_index=adapter_index, lengths=lengths, attn_impl=attn_impl)
+            attn_impl: str | None = None, lora=None) -> Float[Array, "B T V"]:
+    """Full-sequence logits (no cache), float32 [B, T, V], in either layout.
+
+    Stacked (training-layout) parameters run under ``lax.scan``; per-layer (inference-layout)
+    parameters run the per-layer forward, which needs ``lora`` (the adapters' ``LoraConfig``)
+    when ``adapters`` are given. ``adapters`` are always the stacked adapter pytree.
+    """
+    from lragent_jax import inference
+
+    if inference.is_inference_layout(params):
+        if adapters is not None and lora is None:
+            raise ValueError("forward() on inference-layout params with adapters needs lora=")
+        prepared = inference.prepare_adapters(adapters, config, lora, factored_v=False,
+                                              dtype=params["embed"].dtype)
+        B, T = tokens.shape
+        hidden, _ = inference.forward_layers(
+            params, tokens, config=config, lora=lora, adapters=prepared,
+            adapter_index=adapter_index, plan=ChunkPlan.full_sequence(B, T, lengths),
+            attn_impl=None if attn_impl == "cudnn" else attn_impl)
+    else:
+        hidden, _ = forward_hidden(params, tokens, config=config, adapters=adapters,
+                                   adapter_index=adapter_index, lengths=lengths,
+                                   attn_impl=attn_impl)
     return logits_from_hidden(params, hidden, config)

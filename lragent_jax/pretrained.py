@@ -12,17 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lragent_jax.cache import ShareMode
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.generate import bucket
 from lragent_jax.lora import NO_ADAPTER, validate_adapters
+from lragent_jax.inference import to_inference_params
 from lragent_jax.model import forward
 from lragent_jax.session import GenerationSettings, Session, Turn
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attn_impl"))
-def _logits(params, tokens, lengths, adapters, adapter_index, *, config, attn_impl):
+@functools.partial(jax.jit, static_argnames=("config", "attn_impl", "lora"))
+def _logits(params, tokens, lengths, adapters, adapter_index, *, config, attn_impl, lora):
     return forward(params, tokens, config=config, adapters=adapters, adapter_index=adapter_index,
-                   lengths=lengths, attn_impl=attn_impl)
+                   lengths=lengths, attn_impl=attn_impl, lora=lora)
 
 
 @dataclasses.dataclass
@@ -79,13 +81,14 @@ class Model:
         index = jnp.full((len(rows),), self._agent_index(agent), jnp.int32)
         out = _logits(self.params, jnp.asarray(tokens), jnp.asarray([len(r) for r in rows]),
                       self.adapters if agent is not None else None, index, config=self.config,
-                      attn_impl=self.attn_impl)
+                      attn_impl=self.attn_impl, lora=self.lora if agent is not None else None)
         return out[:, :longest]
 
     def session(self, mode: str = "base_lowrank_shared", *, batch: int = 1, capacity: int = 2048,
                 **kwargs) -> Session:
         """A multi-agent session over this model (see ``Session``)."""
         kwargs.setdefault("attn_impl", self.attn_impl)
+        mode = ShareMode.parse(mode)  # an unknown name is an error even without adapters
         return Session(self.config, self.params, self.tokenizer, adapters=self.adapters,
                        lora=self.lora, mode=mode if self.lora is not None else "non_shared",
                        batch=batch, capacity=capacity, **kwargs)
@@ -136,6 +139,9 @@ def load_pretrained(source: str | os.PathLike | None = None, *, dtype=jnp.float3
     from lragent_jax.loading import load_pretrained as load_files
 
     config, params, tokenizer = load_files(source, dtype)
+    # inference runs on one buffer per layer (lragent_jax.inference); the stacked arrays are
+    # released as their per-layer copies are made
+    params = to_inference_params(params, config, donate=True)
     model = Model(config=config, params=params, tokenizer=tokenizer, attn_impl=attn_impl)
     if adapters is not None:
         from lragent_jax.adapters_io import load_adapters

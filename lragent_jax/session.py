@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -23,8 +24,10 @@ import numpy as np
 from lragent_jax.cache import (CacheSpec, KVCache, ShareMode, analytic_cache_bytes,
                                check_mode_compatible, init_cache, measured_cache_bytes)
 from lragent_jax.config import LoraConfig, ModelConfig
-from lragent_jax.generate import TurnShape, bucket, run_turn
+from lragent_jax.generate import TurnInputs, TurnShape, bucket, run_turn
+from lragent_jax.inference import prepare_adapters, to_inference_params
 from lragent_jax.lora import NO_ADAPTER, validate_adapters
+from pallas_kernels.flash_lora_attention.api import IMPLEMENTATIONS
 
 
 class CapacityError(ValueError):
@@ -48,26 +51,51 @@ def _score_positions(params, hidden, targets, *, config: ModelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
+    """How one row generates in a turn.
+
+    ``seed``: the row's own sampling seed (None: drawn from the session's seed). A row's sampling
+    key is derived from its seed and its trajectory length at the turn, so an episode with seeds
+    samples the same tokens whatever row or batch it runs in.
+    """
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     stop: tuple[str, ...] = ()  # stop strings (the output is cut before the first one)
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
+    seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+        def number(name, kinds):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(f"{name} must be a number; got {value!r}")
+            return value
+
+        if (isinstance(self.max_new_tokens, bool)
+                or not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0; got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off); got {self.top_k}")
+        temperature = number("temperature", (int, float, np.number))
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got "
+                             f"{temperature!r}")
+        top_p = number("top_p", (int, float, np.number))
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) \
+                or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off); got {self.top_k!r}")
+        if isinstance(self.stop, str):
+            raise ValueError(f"stop must be a sequence of strings, not one string; got "
+                             f"{self.stop!r} (write stop=({self.stop!r},))")
         object.__setattr__(self, "stop", tuple(self.stop))
-        if any(not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty; got {self.stop!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings; got {self.stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, (int, np.integer)) or not 0 <= self.seed < 2 ** 32):
+            raise ValueError(f"seed must be None or an int in [0, 2**32); got {self.seed!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,24 +124,60 @@ class TurnResult:
     greedy_match: np.ndarray | None = None  # teacher forcing: argmax == scored token
 
 
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _power_of_two(name: str, value) -> int:
+    value = _positive_int(name, value)
+    if value & (value - 1):
+        raise ValueError(f"{name} must be a power of two; got {value}")
+    return value
+
+
+def default_decode_block(params: dict) -> int:
+    """Decode steps between two device-to-host checks of "every row is done": 1 on a CPU (a check
+    costs nothing there, and every step past the end is wasted work) and for models over 2 GB
+    (one check is under 1% of their step); 8 for small models on an accelerator, whose steps are
+    short enough for the check to matter (measured: ``eval.bench_generate``)."""
+    if jax.default_backend() == "cpu":
+        return 1
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return 1 if weight_bytes > 2e9 else 8
+
+
 class Session:
     """B trajectories, A agents, one cache of a sharing mode.
 
     Args:
-      config, params, tokenizer: the base model.
+      config, params, tokenizer: the base model. ``params`` in either layout; stacked
+        (training-layout) params are converted to the per-layer inference layout, a copy: pass
+        ``inference.to_inference_params(params, config)`` (or a loaded ``Model``'s params) to
+        share one copy between sessions.
       adapters, lora: multi-agent adapters (None: base model only, one agent view).
       mode: a ``ShareMode`` or its name.
       batch: number of trajectories (rows).
-      capacity: cache positions per trajectory.
-      cache_dtype: dtype of the cache (default: the params' dtype).
-      attn_impl: attention implementation (None: best for the platform).
-      prefill_chunk: tokens per prefill step inside a turn (bounds attention memory).
+      capacity: cache positions per trajectory (at most the model's position limit).
+      cache_dtype: float32, bfloat16 or float16 (default: the params' dtype).
+      attn_impl: attention implementation (None: chosen per call shape and platform).
+      prefill_chunk: tokens per prefill step inside a turn (a power of two; bounds attention
+        memory).
       min_chunk_bucket: smallest padded chunk length (fewer distinct compilations when larger).
       min_new_bucket: smallest output buffer of a turn (the decode loop stops at each row's limit,
         so a larger buffer only costs memory, and saves compilations).
-      scan_unroll: layers per iteration of the layer scan (more: longer compile).
-      seed: PRNG seed for sampling.
+      decode_block: decode steps between two checks that every row is done (None: see
+        ``default_decode_block``).
+      seed: PRNG seed for sampling rows whose settings carry no seed of their own.
       cache_sharding: optional leaf name -> Sharding for the cache (multi-device).
+
+    Failure: a turn either completes or leaves the token logs and counters exactly as they were.
+    If it fails inside the compiled call after the donated cache was consumed (e.g. a device
+    out-of-memory), the cache is rebuilt empty, and the next turn first replays every row's past
+    prefills in their original order, each through the agent that made it, so every cache entry
+    is again the one its writer computed and later turns give an uninterrupted session's results
+    (up to float rounding: replayed decode tokens go through the prefill path).
     """
 
     def __init__(self, config: ModelConfig, params: dict, tokenizer, *, adapters: dict | None = None,
@@ -121,38 +185,51 @@ class Session:
                  batch: int = 1, capacity: int = 2048, cache_dtype=None,
                  attn_impl: str | None = None, prefill_chunk: int = 512, seed: int = 0,
                  cache_sharding: Mapping | None = None, min_chunk_bucket: int = 16,
-                 min_new_bucket: int = 8, scan_unroll: int = 1):
+                 min_new_bucket: int = 8, decode_block: int | None = None):
         self.mode = ShareMode.parse(mode)
         if (adapters is None) != (lora is None):
             raise ValueError("pass adapters together with their LoraConfig (or neither)")
         if adapters is not None:
             validate_adapters(adapters, config, lora)
         check_mode_compatible(self.mode, lora, adapters)
-        if not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1; got {batch!r}")
-        if not isinstance(capacity, (int, np.integer)) or capacity < 2:
-            raise ValueError(f"capacity must be an int >= 2; got {capacity!r}")
-        if prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1):
-            raise ValueError(f"prefill_chunk must be a power of two; got {prefill_chunk}")
-        self.config, self.params, self.tokenizer = config, params, tokenizer
+        batch = _positive_int("batch", batch)
+        capacity = _positive_int("capacity", capacity, 2)
+        if capacity > config.max_position_embeddings:
+            raise ValueError(f"capacity {capacity} exceeds the model's position limit "
+                             f"max_position_embeddings={config.max_position_embeddings}")
+        self.prefill_chunk = _power_of_two("prefill_chunk", prefill_chunk)
+        self.min_chunk_bucket = _positive_int("min_chunk_bucket", min_chunk_bucket)
+        self.min_new_bucket = _positive_int("min_new_bucket", min_new_bucket)
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+        if attn_impl is not None and attn_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attn_impl={attn_impl!r}; allowed: None or {IMPLEMENTATIONS}")
+        self.config, self.tokenizer = config, tokenizer
+        self.params = to_inference_params(params, config)
         self.adapters, self.lora = adapters, lora
         self.num_agents = lora.num_agents if lora is not None else 1
         self.agent_names = tuple(lora.agents) if lora is not None else ("base",)
-        cache_dtype = cache_dtype or params["embed"].dtype
+        cache_dtype = cache_dtype or self.params["embed"].dtype
         self.spec = CacheSpec.create(config, self.mode, num_agents=self.num_agents, batch=batch,
                                      capacity=capacity, lora=lora, dtype=cache_dtype)
+        self._prepared = prepare_adapters(adapters, config, lora,
+                                          factored_v=self.mode.factored_v,
+                                          dtype=self.params["embed"].dtype)
         self.attn_impl = attn_impl
-        self.prefill_chunk = prefill_chunk
-        self.min_chunk_bucket = min_chunk_bucket
-        self.min_new_bucket = min_new_bucket
-        self.scan_unroll = scan_unroll
+        self.decode_block = (default_decode_block(self.params) if decode_block is None
+                             else _positive_int("decode_block", decode_block))
+        self._cache_sharding = cache_sharding
         self.cache: KVCache = init_cache(self.spec, cache_sharding)
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.processed = np.zeros((batch, self.num_agents), np.int64)
         self.filled = np.zeros((batch,), np.int64)
         self.prefilled = np.zeros((batch, self.num_agents), np.int64)
         self.decoded = np.zeros((batch, self.num_agents), np.int64)
-        self._key = jax.random.key(seed)
+        # per row, every committed turn's (first, end, agent): the agent computed the entries of
+        # positions first..end-1 of its view (what a rebuilt cache replays)
+        self._history: list[list[tuple[int, int, int]]] = [[] for _ in range(batch)]
+        self._replay_pending = False
+        self._rng = np.random.default_rng(int(seed))
         self._stop_masks: dict = {}
         self._token_strings: list[str] | None = None
         self.last_turn_seconds = 0.0
@@ -166,9 +243,12 @@ class Session:
     def capacity(self) -> int:
         return self.spec.capacity
 
-    def _check_row(self, row: int) -> None:
-        if not 0 <= row < self.batch:
-            raise ValueError(f"trajectory {row} out of range; this session has rows 0..{self.batch - 1}")
+    def _check_row(self, row: int) -> int:
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) \
+                or not 0 <= row < self.batch:
+            raise ValueError(f"trajectory {row!r} out of range; this session has rows "
+                             f"0..{self.batch - 1}")
+        return int(row)
 
     def text(self, row: int) -> str:
         self._check_row(row)
@@ -214,16 +294,24 @@ class Session:
         return added
 
     def truncate(self, row: int, length: int) -> None:
-        """Cut trajectory ``row`` to its first ``length`` tokens (cache entries past it go stale)."""
-        self._check_row(row)
-        length = max(0, min(length, len(self.tokens[row])))
+        """Cut trajectory ``row`` to its first ``length`` tokens (cache entries past it go stale;
+        ``length`` in 0..len(trajectory))."""
+        row = self._check_row(row)
+        if (isinstance(length, bool) or not isinstance(length, (int, np.integer))
+                or not 0 <= length <= len(self.tokens[row])):
+            raise ValueError(f"trajectory {row}: truncate length must be an int in "
+                             f"0..{len(self.tokens[row])}; got {length!r}")
+        length = int(length)
         del self.tokens[row][length:]
+        self._history[row] = [(first, min(end, length), agent)
+                              for first, end, agent in self._history[row] if first < length]
         self.processed[row] = np.minimum(self.processed[row], length)
         self.filled[row] = min(self.filled[row], length)
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Start new trajectories in ``rows`` (default all); the cache buffers are reused."""
         for row in (range(self.batch) if rows is None else rows):
+            row = self._check_row(row)
             self.truncate(row, 0)
             self.prefilled[row] = 0
             self.decoded[row] = 0
@@ -248,6 +336,10 @@ class Session:
             return NO_ADAPTER
         if self.lora is None:
             raise ValueError(f"agent {agent!r} given but this session has no adapters; use agent=None")
+        if isinstance(agent, bool):
+            raise ValueError(f"agent must be a name, an index or None; got {agent!r}")
+        if isinstance(agent, np.integer):
+            agent = int(agent)
         return self.lora.agent_index(agent)
 
     def _all_token_strings(self) -> list[str]:
@@ -275,98 +367,166 @@ class Session:
     def _eos_ids(self) -> set[int]:
         return set(self.config.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
 
+    def _plan_row(self, row: int, turn: Turn) -> "_RowPlan":
+        """Check one row's turn and say what it appends, prefills and generates (no mutation)."""
+        if not isinstance(turn, Turn):
+            raise ValueError(f"trajectory {row}: expected a Turn; got {type(turn).__name__}")
+        agent = self._agent_index(turn.agent)
+        add = (self.tokenizer.encode(turn.append) if turn.append else []) + [
+            int(t) for t in turn.append_ids]
+        scored = [int(t) for t in turn.score_tokens] if turn.score_tokens is not None else None
+        length = len(self.tokens[row]) + len(add)
+        total = length + (len(scored) if scored is not None else 0)
+        if length == 0:
+            raise ValueError(f"trajectory {row} is empty: append a prompt before a turn")
+        max_new = 0 if scored is not None else turn.settings.max_new_tokens
+        if scored is not None and not scored:
+            raise ValueError(f"trajectory {row}: score_tokens is empty")
+        if total + max(max_new - 1, 0) > self.capacity:
+            raise CapacityError(
+                f"trajectory {row}: length {total} plus up to {max_new} new tokens exceeds the "
+                f"cache capacity {self.capacity}; nothing was changed (start a session with a "
+                "larger capacity)")
+        bad = [t for t in add + (scored or []) if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"trajectory {row}: token ids {bad[:5]} out of range for vocab size "
+                             f"{self.config.vocab_size}")
+        view = max(agent, 0)
+        need = length - 1  # the last context token must run to predict what follows
+        start = self.processed[row, view] if self.mode.per_agent_view else self.filled[row]
+        return _RowPlan(agent=agent, view=view, add=add, scored=scored, length=length,
+                        total=total, max_new=max_new, start=int(min(start, need)))
+
     def turn(self, turns: Mapping[int, Turn]) -> dict[int, TurnResult]:
-        """Run one turn for the given rows (others stay untouched) in one jitted call."""
+        """Run one turn for the given rows (others stay untouched) in one jitted call.
+
+        All or nothing: if any row's turn is invalid, or the call fails, no host state changes
+        (see the class docstring for the cache after a failure inside the call)."""
         if not turns:
             return {}
-        B, S, A = self.batch, self.capacity, self.num_agents
+        if self._replay_pending:
+            self._replay()
+        B, V = self.batch, self.config.vocab_size
         plans = {}
         for row, turn in turns.items():
-            self._check_row(row)
-            agent = self._agent_index(turn.agent)
-            view = max(agent, 0)
-            add = (self.tokenizer.encode(turn.append) if turn.append else []) + list(turn.append_ids)
-            scored = list(turn.score_tokens) if turn.score_tokens is not None else None
-            length = len(self.tokens[row]) + len(add)
-            total = length + (len(scored) if scored is not None else 0)
-            if length == 0:
-                raise ValueError(f"trajectory {row} is empty: append a prompt before a turn")
-            max_new = 0 if scored is not None else turn.settings.max_new_tokens
-            if scored is not None and not scored:
-                raise ValueError(f"trajectory {row}: score_tokens is empty")
-            if total + max(max_new - 1, 0) > S:
-                raise CapacityError(
-                    f"trajectory {row}: length {total} plus up to {max_new} new tokens exceeds the "
-                    f"cache capacity {S}; nothing was changed (start a session with a larger "
-                    "capacity)")
-            bad = [t for t in add + (scored or []) if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"trajectory {row}: token ids {bad[:5]} out of range for vocab size "
-                                 f"{self.config.vocab_size}")
-            plans[row] = (agent, view, add, scored, length, total, max_new)
-        kinds = {p[3] is not None for p in plans.values()}
+            row = self._check_row(row)
+            plans[row] = self._plan_row(row, turn)
+        kinds = {p.scored is not None for p in plans.values()}
         if len(kinds) > 1:
             raise ValueError("a turn either scores tokens on every row or generates on every row")
         scoring = kinds.pop()
 
-        # all checks passed: mutate host state
-        starts = np.zeros(B, np.int32)
-        chunk_len = np.zeros(B, np.int32)
-        agents = np.full(B, NO_ADAPTER, np.int32)
-        max_new = np.zeros(B, np.int32)
-        temperature = np.zeros(B, np.float32)
-        top_p = np.ones(B, np.float32)
-        top_k = np.zeros(B, np.int32)
-        stop_mask = np.zeros((B, self.config.vocab_size), bool)
+        inputs = self._empty_inputs()
         chunks = {}
-        for row, (agent, view, add, scored, length, total, row_max_new) in plans.items():
-            self.tokens[row].extend(add)
-            if scored is not None:
-                self.tokens[row].extend(scored)
-            need = length - 1  # the last context token must run to predict what follows
-            start = self.processed[row, view] if self.mode.per_agent_view else self.filled[row]
-            start = int(min(start, need))
-            chunks[row] = self.tokens[row][start:total]
-            starts[row], chunk_len[row], agents[row] = start, total - start, agent
-            max_new[row] = max(row_max_new, 1)
+        for row, plan in plans.items():
             settings = turns[row].settings
-            temperature[row], top_p[row], top_k[row] = (settings.temperature, settings.top_p,
-                                                        settings.top_k)
-            stop_mask[row] = self._stop_mask(settings)
+            full = self.tokens[row] + plan.add + (plan.scored or [])
+            chunks[row] = full[plan.start:plan.total]
+            inputs.start[row], inputs.chunk_len[row] = plan.start, plan.total - plan.start
+            inputs.agent[row], inputs.max_new[row] = plan.agent, max(plan.max_new, 1)
+            inputs.temperature[row] = settings.temperature
+            inputs.top_p[row], inputs.top_k[row] = settings.top_p, settings.top_k
+            inputs.stop_mask[row] = self._stop_mask(settings)
+            inputs.seed[row] = (settings.seed if settings.seed is not None
+                                else self._rng.integers(0, 2 ** 32, dtype=np.uint32))
+            inputs.counter[row] = plan.length
         sampling = "greedy"
         if not scoring and any(turns[r].settings.temperature > 0 for r in plans):
             filtered = any(turns[r].settings.top_p < 1 or turns[r].settings.top_k > 0 for r in plans)
             sampling = "sample_filtered" if filtered else "sample"
-        chunk_bucket = bucket(int(chunk_len.max()), self.min_chunk_bucket)
-        prefill_chunk = min(self.prefill_chunk, chunk_bucket)
-        tokens = np.zeros((B, chunk_bucket), np.int32)
+        chunk_bucket = bucket(int(inputs.chunk_len.max()), self.min_chunk_bucket)
+        inputs.tokens = np.zeros((B, chunk_bucket), np.int32)
         for row, ids in chunks.items():
-            tokens[row, :len(ids)] = ids
-        shape = TurnShape(config=self.config, spec=self.spec, chunk_bucket=chunk_bucket,
-                          prefill_chunk=prefill_chunk,
-                          max_new_bucket=0 if scoring else bucket(int(max_new.max()),
-                                                                       self.min_new_bucket),
+            inputs.tokens[row, :len(ids)] = ids
+        shape = TurnShape(config=self.config, spec=self.spec, lora=self.lora,
+                          chunk_bucket=chunk_bucket,
+                          prefill_chunk=min(self.prefill_chunk, chunk_bucket),
+                          max_new_bucket=0 if scoring else bucket(int(inputs.max_new.max()),
+                                                                  self.min_new_bucket),
                           sampling=sampling, attn_impl=self.attn_impl, return_hidden=scoring,
-                          unroll=self.scan_unroll)
-        self._key, key = jax.random.split(self._key)
+                          decode_block=self.decode_block)
         t0 = time.perf_counter()
-        result = run_turn(self.params, self.adapters, self.cache, tokens, chunk_len, starts, agents,
-                          self.processed.astype(np.int32), self.filled.astype(np.int32), max_new,
-                          temperature, top_p, top_k, stop_mask, key, shape=shape)
-        self.cache = result[0]
-        if scoring:
-            return self._finish_scoring(plans, result, starts)
-        out, n_out = jax.device_get(result[1:])
+        try:
+            cache, *outputs = run_turn(self.params, self._prepared, self.cache, inputs,
+                                       shape=shape)
+            outputs = jax.device_get(outputs)
+        except BaseException:
+            self._recover_cache()
+            raise
+        self.cache = cache
         self.last_turn_seconds = time.perf_counter() - t0
-        return self._finish_generation(turns, plans, starts, chunk_len, out, n_out)
+        for row, plan in plans.items():  # the call succeeded: commit the appended tokens
+            self.tokens[row].extend(plan.add + (plan.scored or []))
+        if scoring:
+            return self._finish_scoring(plans, outputs[1])
+        return self._finish_generation(turns, plans, inputs.chunk_len, *outputs)
 
-    def _finish_generation(self, turns, plans, starts, chunk_len, out, n_out):
+    def _empty_inputs(self) -> TurnInputs:
+        B, V = self.batch, self.config.vocab_size
+        return TurnInputs(
+            tokens=None, chunk_len=np.zeros(B, np.int32), start=np.zeros(B, np.int32),
+            agent=np.full(B, NO_ADAPTER, np.int32),
+            processed0=self.processed.astype(np.int32), filled0=self.filled.astype(np.int32),
+            max_new=np.ones(B, np.int32), temperature=np.zeros(B, np.float32),
+            top_p=np.ones(B, np.float32), top_k=np.zeros(B, np.int32),
+            stop_mask=np.zeros((B, V), bool), seed=np.zeros(B, np.uint32),
+            counter=np.zeros(B, np.int32))
+
+    def _recover_cache(self) -> None:
+        """After a failed call: if the donated cache was consumed, start from an empty cache; the
+        next turn replays every row's history into it first (``_replay``)."""
+        if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
+            self.cache = init_cache(self.spec, self._cache_sharding)
+            self.processed[:] = 0
+            self.filled[:] = 0
+            self._replay_pending = True
+
+    def _replay(self) -> None:
+        """Refill an empty cache: the i-th committed turn of every row, in order, as a
+        prefill-only call through the agent that made it."""
+        history = [list(h) for h in self._history]
+        for i in range(max(map(len, history), default=0)):
+            inputs = self._empty_inputs()
+            chunks = {}
+            for row, runs in enumerate(history):
+                if i < len(runs) and runs[i][1] > runs[i][0]:
+                    first, end, agent = runs[i]
+                    chunks[row] = self.tokens[row][first:end]
+                    inputs.start[row], inputs.chunk_len[row] = first, end - first
+                    inputs.agent[row] = agent
+            if not chunks:
+                continue
+            chunk_bucket = bucket(int(inputs.chunk_len.max()), self.min_chunk_bucket)
+            inputs.tokens = np.zeros((self.batch, chunk_bucket), np.int32)
+            for row, ids in chunks.items():
+                inputs.tokens[row, :len(ids)] = ids
+            shape = TurnShape(config=self.config, spec=self.spec, lora=self.lora,
+                              chunk_bucket=chunk_bucket,
+                              prefill_chunk=min(self.prefill_chunk, chunk_bucket),
+                              max_new_bucket=0, attn_impl=self.attn_impl,
+                              decode_block=self.decode_block)
+            try:
+                cache, _, _ = run_turn(self.params, self._prepared, self.cache, inputs,
+                                       shape=shape)
+                jax.block_until_ready(cache)
+            except BaseException:
+                self._recover_cache()
+                raise
+            self.cache = cache
+            for row in chunks:
+                first, end, agent = history[row][i]
+                view = max(agent, 0)
+                self.processed[row, view] = end
+                self.filled[row] = max(self.filled[row], end)
+        self._replay_pending = False
+
+    def _finish_generation(self, turns, plans, chunk_len, out, n_out):
         results = {}
         eos = self._eos_ids()
-        for row, (agent, view, add, _, length, _, _) in plans.items():
+        for row, plan in plans.items():
             settings = turns[row].settings
             gen = [int(t) for t in out[row, :n_out[row]]]
-            fed = length + len(gen) - 1  # tokens whose entries are in the cache
+            fed = plan.length + len(gen) - 1  # tokens whose entries are in the cache
             reason = "length"
             if gen and gen[-1] in eos:
                 gen, reason = gen[:-1], "eos"
@@ -381,38 +541,55 @@ class Session:
                     keep += 1
                 tail = text[len(self.tokenizer.decode(gen[:keep])):]
                 gen = gen[:keep] + (self.tokenizer.encode(tail) if tail else [])
-                fed = min(fed, length + keep)
+                fed = min(fed, plan.length + keep)
                 reason = "stop"
             self.tokens[row].extend(gen)
+            self._history[row].append((plan.start, fed, plan.agent))
             # fed >= length >= the previous filled, and entries past fed are stale after a cut
-            self.processed[row, view] = fed
+            self.processed[row, plan.view] = fed
             self.filled[row] = fed
-            self.prefilled[row, view] += int(chunk_len[row])
-            self.decoded[row, view] += int(n_out[row])
+            self.prefilled[row, plan.view] += int(chunk_len[row])
+            self.decoded[row, plan.view] += int(n_out[row])
             results[row] = TurnResult(text=text, token_ids=gen, stop_reason=reason,
                                       prefilled=int(chunk_len[row]))
         return results
 
-    def _finish_scoring(self, plans, result, starts):
-        _, _, hidden = result
-        hidden = np.asarray(jax.device_get(hidden))
+    def _finish_scoring(self, plans, hidden):
+        hidden = np.asarray(hidden)
         results = {}
-        for row, (agent, view, add, scored, length, total, _) in plans.items():
-            first = length - 1 - int(starts[row])  # chunk index predicting scored[0]
-            n = len(scored)
+        for row, plan in plans.items():
+            first = plan.length - 1 - plan.start  # chunk index predicting scored[0]
+            n = len(plan.scored)
             # padded to a bucket so that one compiled scorer serves many segment lengths
             h = np.zeros((bucket(n, 16), hidden.shape[-1]), hidden.dtype)
             h[:n] = hidden[row, first:first + n]
-            target = np.asarray(scored, np.int32)
             padded = np.zeros(len(h), np.int32)
-            padded[:n] = target
+            padded[:n] = plan.scored
             logprobs, match = jax.device_get(_score_positions(self.params, h, padded,
                                                               config=self.config))
-            self.processed[row, view] = total
-            self.filled[row] = max(self.filled[row], total)
-            self.prefilled[row, view] += total - int(starts[row])
-            results[row] = TurnResult(text=self.tokenizer.decode(scored), token_ids=list(scored),
-                                      stop_reason="scored", prefilled=total - int(starts[row]),
+            self._history[row].append((plan.start, plan.total, plan.agent))
+            self.processed[row, plan.view] = plan.total
+            self.filled[row] = max(self.filled[row], plan.total)
+            self.prefilled[row, plan.view] += plan.total - plan.start
+            results[row] = TurnResult(text=self.tokenizer.decode(plan.scored),
+                                      token_ids=list(plan.scored), stop_reason="scored",
+                                      prefilled=plan.total - plan.start,
                                       logprobs=np.asarray(logprobs[:n]),
                                       greedy_match=np.asarray(match[:n]))
         return results
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowPlan:
+    """One row's part of a turn: its agent (index, -1 for none) and cache view, the tokens it
+    appends (``add``) or scores, the trajectory length after the append (``length``) and after the
+    scored tokens (``total``), tokens to generate at most, and where its prefill starts."""
+
+    agent: int
+    view: int
+    add: list
+    scored: list | None
+    length: int
+    total: int
+    max_new: int
+    start: int

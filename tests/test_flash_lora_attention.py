@@ -28,7 +28,8 @@ PLATFORM = jax.default_backend()
 ON_GPU = PLATFORM in ("gpu", "cuda", "rocm")
 ON_TPU = PLATFORM == "tpu"
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
-BACKENDS = ("triton", "mosaic_tpu")
+BACKENDS = ("triton", "mosaic_tpu")  # the Pallas kernels
+GRID_BACKENDS = BACKENDS + ("cudnn",)  # every backend the odd-shape grid checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +171,12 @@ def relative_error(out, ref) -> float:
 
 
 def run_backend(backend: str, args, kwargs, block_sizes=None):
+    if backend == "cudnn":
+        if ON_TPU:
+            pytest.skip("cuDNN backend on a TPU host")
+        if ON_GPU and args[0].dtype == jnp.float32:
+            pytest.skip("cuDNN attention takes half precision only")
+        return flash_lora_attention(*args, **kwargs, implementation="cudnn", interpret=not ON_GPU)
     if backend == "triton":
         if ON_TPU:
             pytest.skip("Triton backend on a TPU host")
@@ -193,7 +200,7 @@ def check_case(backend: str, case: Case):
         assert not np.asarray(out[0], np.float32).any(), "a row that sees no key must be zeros"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 class TestFlashLoraAttention:
     @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
     def test_matches_reference(self, backend, case):
@@ -289,6 +296,39 @@ def test_automatic_choice_on_cpu_is_the_reference():
     out = flash_lora_attention(*args)
     ref = flash_lora_attention(*args, implementation="reference")
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_dispatch_by_platform_and_shape():
+    from pallas_kernels.flash_lora_attention.api import (GPU_THRESHOLDS, DispatchThresholds,
+                                                         select_implementation)
+
+    t = GPU_THRESHOLDS
+    pick = functools.partial(select_implementation, platform="gpu", has_lowrank=True)
+    assert pick(t_len=1) == "triton" and pick(t_len=t.decode_max_t) == "triton"
+    assert pick(t_len=t.decode_max_t + 1) == ("cudnn" if t.cudnn_min_t <= t.decode_max_t + 1
+                                              else "triton")
+    assert pick(t_len=t.cudnn_min_t) == "cudnn" and pick(t_len=16384) == "cudnn"
+    assert pick(t_len=t.cudnn_min_t - 1) == "triton"
+    assert select_implementation(platform="gpu", t_len=t.cudnn_min_t_plain,
+                                 has_lowrank=False) == "cudnn"
+    assert pick(t_len=4096, per_token_index=True) == "reference"
+    assert select_implementation(platform="tpu", t_len=4096, has_lowrank=True) == "mosaic_tpu"
+    assert select_implementation(platform="cpu", t_len=1, has_lowrank=True) == "reference"
+    custom = DispatchThresholds(decode_max_t=4, cudnn_min_t=8, cudnn_min_t_plain=8)
+    assert pick(t_len=5, thresholds=custom) == "triton"
+    assert pick(t_len=8, thresholds=custom) == "cudnn"
+
+
+@pytest.mark.skipif(ON_GPU or ON_TPU, reason="checks the CPU host")
+def test_explicit_implementation_overrides_the_dispatch():
+    args = _small_inputs()
+    ref = flash_lora_attention(*args, implementation="reference")
+    forced = flash_lora_attention(*args, implementation="cudnn", interpret=True)
+    assert relative_error(forced, ref) <= 2e-5
+    with pytest.raises(UnsupportedError, match="NVIDIA GPU"):
+        flash_lora_attention(*args, implementation="cudnn")
+    with pytest.raises(ValueError, match="implementation='cuda'"):
+        flash_lora_attention(*args, implementation="cuda")
 
 
 def test_block_sizes_validate():

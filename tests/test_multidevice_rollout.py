@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(r"""
                     cache_dtype=jnp.float32, prefill_chunk=64, min_chunk_bucket=64,
                     cache_sharding=cache_sharding)
         if mesh is not None:
-            assert len(s.cache.arrays.k.sharding.device_set) == 8
+            assert all(len(k.sharding.device_set) == 8 for k in s.cache.arrays.k)
         for row in range(4):
             s.append_text(row, f"Trajectory {row}: question?\n")
         agents = ["plan", "action", "reflect", "plan"]

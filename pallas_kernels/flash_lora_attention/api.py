@@ -6,6 +6,7 @@ which is plain JAX and differentiable.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from typing import Any
@@ -19,7 +20,7 @@ from pallas_kernels.flash_lora_attention.reference import flash_lora_attention_r
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 KERNEL_HEAD_DIMS = (64, 128, 256)
 KERNEL_MAX_RANK = 128
-IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu")
+IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu", "cudnn")
 
 # backend name -> module path; each module exposes `unsupported_reason(**shape_info) -> str | None`
 # and `flash_lora_attention(...)` with the reference's keyword arguments plus `block_sizes`,
@@ -27,8 +28,43 @@ IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu")
 _BACKEND_MODULES = {
     "triton": "pallas_kernels.flash_lora_attention.triton_gpu",
     "mosaic_tpu": "pallas_kernels.flash_lora_attention.mosaic_tpu",
+    "cudnn": "pallas_kernels.flash_lora_attention.cudnn",
 }
 _PLATFORM_DEFAULT = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchThresholds:
+    """Which backend ``implementation=None`` picks on an NVIDIA GPU, by the call's shape.
+
+    T <= ``decode_max_t``: the Flash-LoRA split-K decode kernel (reads the cache once, no V + C·B);
+    T >= ``cudnn_min_t`` (``cudnn_min_t_plain`` without an adapter term): cuDNN's fused attention,
+    the adapter term materialised per row; in between: the Flash-LoRA prefill kernel. Measured on
+    the H200 (NOTES.md, "dispatch"): cuDNN wins from these chunk lengths on, the kernel below.
+    """
+
+    decode_max_t: int = 16
+    cudnn_min_t: int = 256
+    cudnn_min_t_plain: int = 64
+
+
+GPU_THRESHOLDS = DispatchThresholds()
+
+
+def select_implementation(*, platform: str, t_len: int, has_lowrank: bool,
+                          per_token_index: bool = False,
+                          thresholds: DispatchThresholds = GPU_THRESHOLDS) -> str:
+    """The backend ``implementation=None`` tries first for a call of this shape on ``platform``
+    (it falls back to "reference" when that backend cannot take the call)."""
+    if per_token_index:
+        return "reference"  # one agent per query row: only the reference takes it
+    if platform in ("gpu", "cuda"):
+        if t_len <= thresholds.decode_max_t:
+            return "triton"
+        if t_len >= (thresholds.cudnn_min_t if has_lowrank else thresholds.cudnn_min_t_plain):
+            return "cudnn"
+        return "triton"
+    return _PLATFORM_DEFAULT.get(platform, "reference")
 
 
 class UnsupportedError(ValueError):
@@ -177,8 +213,9 @@ def flash_lora_attention(
       q_offset: [B] int32 cache position of query row 0 (default kv_lengths - T).
       causal: key j is visible to query row t iff j <= q_offset + t (and always j < kv_lengths).
       sm_scale: softmax scale (default 1/sqrt(H)).
-      implementation: None (best for the platform, falling back to "reference" when the kernel cannot
-        take the call), "reference", "triton" or "mosaic_tpu" (raise if it cannot run).
+      implementation: None (chosen by platform and shape, ``select_implementation``, falling back to
+        "reference" when that backend cannot take the call), or one of "reference", "triton",
+        "mosaic_tpu", "cudnn" (raise if it cannot run).
       block_sizes: backend-specific frozen block sizes; None picks by shape bucket.
       interpret: run a Pallas backend in interpret mode (CPU tests).
       layer: scalar int, the layer to read from layer-stacked k/v/lowrank (avoids slicing a copy).
@@ -218,7 +255,9 @@ def flash_lora_attention(
 
     requested = implementation
     if requested is None:
-        requested = default_implementation()
+        requested = select_implementation(
+            platform=jax.default_backend(), t_len=t_len, has_lowrank=lowrank is not None,
+            per_token_index=adapter_index is not None and adapter_index.ndim == 2)
     if requested == "reference":
         return flash_lora_attention_reference(*args, **kwargs)
 

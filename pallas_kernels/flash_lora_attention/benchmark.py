@@ -106,6 +106,14 @@ def measure_copy_bandwidth() -> dict:
     return dict(bytes=moved, seconds=seconds, tb_per_s=moved / seconds / 1e12)
 
 
+def measure_read_bandwidth() -> dict:
+    """A read-dominated pass: the sum of a 4 GiB buffer (bytes read / time)."""
+    n = 2**30
+    x = jax.random.normal(jax.random.key(3), (n,), jnp.float32)
+    seconds = time_per_call(lambda a: jnp.sum(a), [(x,)])
+    return dict(bytes=n * 4, seconds=seconds, tb_per_s=n * 4 / seconds / 1e12)
+
+
 def measure_matmul_rate() -> dict:
     n = 8192
     keys = jax.random.split(jax.random.key(1), 4)
@@ -255,6 +263,57 @@ def run_shape(section, batch, t_len, s_len, rows: list[Row], log):
         del sets
 
 
+DISPATCH_SHAPES = [(t, s_len) for s_len in (4096, 16384, 32768)
+                   for t in (32, 64, 128, 256, 512, 1024, 2048, 4096) if t <= s_len]
+
+
+def offset_call(impl, q, k, v, lowrank, lora_b, adapter_index, *, with_lora=True):
+    """A chunk of T queries at the end of an S-key cache (q_offset = S - T), causal."""
+    s_len, t_len = k.shape[1], q.shape[1]
+    offset = jnp.full((q.shape[0],), s_len - t_len, jnp.int32)
+    if not with_lora:
+        lowrank = lora_b = adapter_index = None
+    return flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, q_offset=offset,
+                                implementation=impl)
+
+
+def run_dispatch(rows: list[Row], log):
+    """Where cuDNN (adapter term materialised) overtakes the Flash-LoRA kernels: a chunk of T
+    queries at the end of an S-key cache, R=16, both forced and as ``implementation=None``
+    chooses; and the 16k prefill chunk against plain cuDNN attention."""
+    cases = [(t, s_len, "chunk") for t, s_len in DISPATCH_SHAPES] + [(16384, 16384, "prefill")]
+    for t_len, s_len, kind in cases:
+        per_call = _decode_bytes(1, s_len, BASELINE_RANK)
+        sets = [make_set(31 + i, 1, t_len, s_len, BASELINE_RANK)
+                for i in range(num_sets(per_call))]
+        flops = _attention_flops(1, t_len, s_len)
+        runs = [("triton", functools.partial(offset_call, "triton")),
+                ("cudnn (V+CB, two parts)", functools.partial(offset_call, "cudnn")),
+                ("auto", functools.partial(offset_call, None)),
+                ("auto, no LoRA", functools.partial(offset_call, None, with_lora=False))]
+        if kind == "prefill":
+            runs.append(("cudnn plain (is_causal)", functools.partial(cudnn_call, causal=True)))
+        for label, call in runs:
+            row = Row("dispatch-" + kind, label, 1, t_len, s_len,
+                      0 if "no LoRA" in label or "plain" in label else BASELINE_RANK)
+            try:
+                seconds = time_per_call(call, sets)
+                row.ms = seconds * 1e3
+                row.tflop_per_s = flops / seconds / 1e12
+                if label.startswith("cudnn (V"):
+                    out = jax.jit(call)(*sets[0])
+                    ref = jax.jit(functools.partial(offset_call, "reference"))(*sets[0]) \
+                        if reference_fits(1, t_len, s_len) else None
+                    if ref is not None:
+                        row.rel_err_vs_reference = _rel_err(out, ref)
+            except Exception as exc:  # noqa: BLE001
+                row.note = f"failed: {type(exc).__name__}: {exc}"[:300]
+                traceback.print_exc(file=sys.stderr)
+            rows.append(row)
+            log(row)
+        del sets
+
+
 # (block_q, block_k, num_warps, num_stages, rank_pad) at R=16, and the same without adapter
 PREFILL_VARIANTS = [(128, 64, 8, 3, 16), (128, 128, 8, 2, 16), (64, 128, 4, 2, 16),
                     (128, 64, 8, 3, 32), (128, 64, 8, 3, 64), (128, 128, 8, 2, 64),
@@ -365,8 +424,8 @@ def summarize(rows: list[Row], ceilings: dict) -> list[str]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default="flash_lora_attention_benchmark.json")
-    parser.add_argument("--sections", default="ceilings,prefill,decode,variants",
-                        help="comma-separated subset of ceilings,variants,prefill,decode")
+    parser.add_argument("--sections", default="ceilings,prefill,decode,dispatch",
+                        help="comma-separated subset of ceilings,variants,prefill,decode,dispatch")
     parser.add_argument("--prefill-lengths", default=",".join(map(str, PREFILL_LENGTHS)))
     parser.add_argument("--decode-lengths", default=",".join(map(str, DECODE_LENGTHS)))
     args = parser.parse_args(argv)
@@ -393,9 +452,11 @@ def main(argv=None):
 
     print(f"device {device.device_kind}, jax {jax.__version__}, {result['date']}", flush=True)
     if "ceilings" in sections:
+        result["ceilings"]["read"] = measure_read_bandwidth()
         result["ceilings"]["copy"] = measure_copy_bandwidth()
         result["ceilings"]["matmul_bf16"] = measure_matmul_rate()
-        print(f"copy {result['ceilings']['copy']['tb_per_s']:.2f} TB/s (read + write), "
+        print(f"read {result['ceilings']['read']['tb_per_s']:.2f} TB/s, "
+              f"copy {result['ceilings']['copy']['tb_per_s']:.2f} TB/s (read + write), "
               f"bf16 matmul {result['ceilings']['matmul_bf16']['tflop_per_s']:.0f} TFLOP/s",
               flush=True)
         save()
@@ -409,6 +470,8 @@ def main(argv=None):
                     run_shape("decode", batch, t_len, s_len, rows, log)
     if "variants" in sections:
         run_variants(rows, log)
+    if "dispatch" in sections:
+        run_dispatch(rows, log)
     result["targets"] = summarize(rows, result["ceilings"])
     save()
     print()

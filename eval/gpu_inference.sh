@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU runs behind the inference-speed results (per-layer decode layout, attention dispatch), in
+# sections that each fit one device call (10 minutes).
+#   bash eval/gpu_inference.sh check OUTDIR      correctness on the GPU: kernel grid compiled for
+#                                                real, dispatched sessions vs reference, cuDNN paths
+#   bash eval/gpu_inference.sh explore OUTDIR    decode variants: stop-check block, XLA command
+#                                                buffers; 8B decode with and without adapters
+#   bash eval/gpu_inference.sh decode OUTDIR     the decode table (8B batch 1/16/64, 2k-32k; SmolLM2)
+#   bash eval/gpu_inference.sh kernels OUTDIR    attention dispatch thresholds, prefill vs cuDNN
+#   bash eval/gpu_inference.sh replay OUTDIR     3-agent episode replay, 8B shape, 16k and 32k
+# Each step has its own time limit so one slow step cannot take the others down.
+set -u
+OUT=${2:-results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t0=$(date +%s)
+         timeout "$limit" "$@" 2>&1 | tail -n 30; echo "=== done in $(( $(date +%s) - t0 ))s"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+GEN="python3 -m eval.bench_generate"
+case "${1:-}" in
+  check)
+    step 150 python3 -m eval.check_gpu_paths
+    XLA_FLAGS=--xla_gpu_autotune_level=0 step 330 python3 -m pytest -q -x -p no:cacheprovider \
+      tests/test_flash_lora_attention.py
+    ;;
+  explore)
+    step 150 $GEN --model smollm2_135m --batch 1 --context 512 --new 64 --decode-block 1,4,8,16 \
+      --out "$OUT/explore_smollm2_blocks.json"
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
+      step 120 $GEN --model smollm2_135m --batch 1 --context 512 --new 64 --decode-block 1,8 \
+      --no-floors --out "$OUT/explore_smollm2_cmdbuf.json"
+    step 240 $GEN --model llama3_1_8b --batch 1 --context 2048 --new 32 --adapters none,lora \
+      --repeats 3 --out "$OUT/explore_llama8b.json"
+    ;;
+  decode)
+    step 330 $GEN --model llama3_1_8b --batch 1 --context 2048,16384,32768 --new 32 \
+      --adapters none,lora --repeats 3 --out "$OUT/decode_llama8b_b1.json"
+    step 200 $GEN --model llama3_1_8b --batch 16,64 --context 2048 --new 32 --adapters none,lora \
+      --repeats 3 --no-floors --out "$OUT/decode_llama8b_batched.json"
+    step 60 $GEN --model smollm2_135m --batch 1,16 --context 512 --new 128 \
+      --out "$OUT/decode_smollm2.json"
+    ;;
+  kernels)
+    step 560 python3 -m pallas_kernels.flash_lora_attention.benchmark --sections ceilings,dispatch \
+      --json "$OUT/kernels_dispatch.json"
+    ;;
+  replay)
+    step 290 python3 -m eval.efficiency --model llama3_1_8b --lengths 16384 --repeats 2 \
+      --targets q,v,o,gate,up,down --out "$OUT/efficiency_llama8b_16k.json"
+    step 290 python3 -m eval.efficiency --model llama3_1_8b --lengths 32768 --repeats 1 \
+      --targets q,v,o,gate,up,down --no-floors --out "$OUT/efficiency_llama8b_32k.json"
+    ;;
+  *) echo "usage: bash eval/gpu_inference.sh check|explore|decode|kernels|replay OUTDIR" >&2
+     exit 2 ;;
+esac

@@ -1,0 +1,380 @@
+"""The inference layout: one buffer per layer, fused projections, prepared adapters, and the
+per-layer forward that reads and writes the multi-agent cache.
+
+Why a second layout (DESIGN.md): decoding reads every weight once per token. Under ``lax.scan``
+over layer-stacked ``[L, ...]`` weights inside the decode ``while_loop``, XLA materialises each
+layer's slice, so every weight byte is read twice and written once. Here every layer's weights
+are their own arrays and the layers run as a Python loop inside the jitted turn: each byte is read
+once. Training keeps the stacked layout (``model.forward_hidden``): a whole-sequence step amortises
+the slices and its compile time does not grow with depth.
+
+Per-layer weights (``params["layers"]`` is a tuple of L dicts; m = model-parallel shards, 1 unless
+the weights are laid out for a mesh, so that each shard's columns are contiguous):
+
+    attn_norm [D], mlp_norm [D]
+    qkv      [D, m, (N/m + 2·K/m)·H]   shard j: its q heads | its k heads | its v heads
+    qkv_bias [m, (N/m + 2·K/m)·H]      (Qwen2 only)
+    o        [N·H, D]
+    gate_up  [D, m, 2, F/m]            shard j: its gate columns, its up columns
+    down     [F, D]
+
+q|k|v and gate|up are each one matmul: one weight read and one kernel instead of three or two.
+
+Prepared adapters (``prepare_adapters``, per layer, built once per session from the stacked
+adapter pytree): for each projection group ("qkv", "o", "gate_up", "down") with adapted modules,
+``a`` [Din, Σ Rm] (the group's A matrices side by side; Rm = R with shared A, A·R with one A per
+agent) and ``b`` [Mb·A·R, Σ Dout] (every agent's B of the Mb modules whose delta is added, in one
+block matrix). A row's delta is then one product of its agent-masked low-rank activations with
+``b``: one matmul per group over all agents, no gather, any per-row or per-token agent mix. With a
+factored v (base_shared, base_lowrank_shared) v's delta is not added: its x·A goes to the low-rank
+cache and ``v_b`` [A, K, R, H] is applied inside attention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from lragent_jax.cache import CacheArrays, ChunkPlan, write_layer
+from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.model import F32, apply_rope, rms_norm, rope_inv_freq
+from pallas_kernels.flash_lora_attention import flash_lora_attention
+
+GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+
+# ----------------------------------------------------------------------------- the weight layout
+
+
+def is_inference_layout(params: dict) -> bool:
+    return isinstance(params.get("layers"), (tuple, list))
+
+
+def _check_shards(config: ModelConfig, shards: int) -> None:
+    if (not isinstance(shards, int) or shards < 1 or config.num_heads % shards
+            or config.num_kv_heads % shards or config.intermediate_size % shards):
+        raise ValueError(f"shards={shards!r} must be a positive int dividing num_heads="
+                         f"{config.num_heads}, num_kv_heads={config.num_kv_heads} and "
+                         f"intermediate_size={config.intermediate_size}")
+
+
+def _fuse_qkv(q, k, v, m: int, head_dim: int):
+    """[D, N·H], [D, K·H], [D, K·H] (or biases without the D axis) -> [..., m, (N/m+2K/m)·H]."""
+    lead = q.shape[:-1]
+    parts = [x.reshape(*lead, m, x.shape[-1] // m) for x in (q, k, v)]
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _fuse_gate_up(gate, up, m: int):
+    d = gate.shape[0]
+    return jnp.stack([gate.reshape(d, m, -1), up.reshape(d, m, -1)], axis=2)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "head_dim", "layers"))
+def _split_qkv(q, k, v, *, m, head_dim, layers):
+    return tuple(_fuse_qkv(q[i], k[i], v[i], m, head_dim) for i in range(layers))
+
+
+@functools.partial(jax.jit, static_argnames=("m", "layers"))
+def _split_gate_up(gate, up, *, m, layers):
+    return tuple(_fuse_gate_up(gate[i], up[i], m) for i in range(layers))
+
+
+@functools.partial(jax.jit, static_argnames=("layers",))
+def _split(x, *, layers):
+    return tuple(x[i] for i in range(layers))
+
+
+def to_inference_params(params: dict, config: ModelConfig, *, shards: int = 1,
+                        donate: bool = False) -> dict:
+    """The per-layer inference layout of stacked (training-layout) parameters.
+
+    Converts one group of leaves at a time; with ``donate=True`` each stacked leaf is deleted as
+    soon as its per-layer copies exist, so at most one group (q|k|v or gate|up) is held twice.
+    Parameters already in the inference layout are returned as they are.
+    """
+    if is_inference_layout(params):
+        return params
+    _check_shards(config, shards)
+    stacked = params["layers"]
+    L, m, H = config.num_layers, shards, config.head_dim
+    layers = [dict() for _ in range(L)]
+
+    def done(*names):
+        if donate:
+            for name in names:
+                stacked[name].delete()
+
+    for name in ("attn_norm", "mlp_norm", "o", "down"):
+        for i, x in enumerate(_split(stacked[name], layers=L)):
+            layers[i][name] = x
+        done(name)
+    for i, x in enumerate(_split_qkv(stacked["q"], stacked["k"], stacked["v"], m=m, head_dim=H,
+                                     layers=L)):
+        layers[i]["qkv"] = x
+    done("q", "k", "v")
+    if config.qkv_bias:
+        for i, x in enumerate(_split_qkv(stacked["q_bias"], stacked["k_bias"], stacked["v_bias"],
+                                         m=m, head_dim=H, layers=L)):
+            layers[i]["qkv_bias"] = x
+        done("q_bias", "k_bias", "v_bias")
+    for i, x in enumerate(_split_gate_up(stacked["gate"], stacked["up"], m=m, layers=L)):
+        layers[i]["gate_up"] = x
+    done("gate", "up")
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": tuple(layers)}
+
+
+def to_training_params(params: dict, config: ModelConfig) -> dict:
+    """The stacked layout of inference-layout parameters (a copy; the inverse of
+    ``to_inference_params``)."""
+    if not is_inference_layout(params):
+        return params
+    N, K, H, F = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    layers = params["layers"]
+    m = layers[0]["qkv"].shape[1]
+    nq, nk = N // m * H, K // m * H
+
+    def unfuse(fused, lead):
+        x = fused.reshape(*lead, m, nq + 2 * nk)
+        return (x[..., :nq].reshape(*lead, N * H), x[..., nq:nq + nk].reshape(*lead, K * H),
+                x[..., nq + nk:].reshape(*lead, K * H))
+
+    out = {name: [] for name in ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up",
+                                 "down")}
+    if config.qkv_bias:
+        out.update(q_bias=[], k_bias=[], v_bias=[])
+    for lp in layers:
+        d = lp["qkv"].shape[0]
+        for name in ("attn_norm", "mlp_norm", "o", "down"):
+            out[name].append(lp[name])
+        for name, x in zip("qkv", unfuse(lp["qkv"], (d,))):
+            out[name].append(x)
+        if config.qkv_bias:
+            for name, x in zip(("q_bias", "k_bias", "v_bias"), unfuse(lp["qkv_bias"], ())):
+                out[name].append(x)
+        out["gate"].append(lp["gate_up"][:, :, 0].reshape(d, F))
+        out["up"].append(lp["gate_up"][:, :, 1].reshape(d, F))
+    stacked = {name: jnp.stack(xs) for name, xs in out.items()}
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": stacked}
+
+
+# ----------------------------------------------------------------------------- prepared adapters
+
+
+def _group_modules(lora: LoraConfig, group: str, factored_v: bool):
+    """(modules whose A the group computes, modules whose delta the group adds)."""
+    with_a = tuple(m for m in GROUPS[group] if m in lora.targets)
+    with_b = tuple(m for m in with_a if not (factored_v and m == "v"))
+    return with_a, with_b
+
+
+def prepare_adapters(adapters: dict | None, config: ModelConfig, lora: LoraConfig | None, *,
+                     factored_v: bool, dtype=None) -> tuple | None:
+    """Per-layer prepared adapters (see the module docstring) from the stacked adapter pytree
+    ``{module: {"a": [L, Din, R] or [L, A, Din, R], "b": [L, A, R, Dout]}}``. Traceable."""
+    if adapters is None or lora is None:
+        return None
+    A, R = lora.num_agents, lora.rank
+    out = []
+    for layer in range(config.num_layers):
+        prepared = {}
+        for group in GROUPS:
+            with_a, with_b = _group_modules(lora, group, factored_v)
+            if not with_a:
+                continue
+            a_parts = []
+            for module in with_a:
+                a = adapters[module]["a"][layer]  # [Din, R] or [A, Din, R]
+                if a.ndim == 3:
+                    a = jnp.transpose(a, (1, 0, 2)).reshape(a.shape[1], A * R)
+                a_parts.append(a)
+            entry = {"a": jnp.concatenate(a_parts, axis=-1)}
+            if with_b:
+                widths = [config.module_dims(mod)[1] for mod in with_b]
+                rows = []
+                for i, module in enumerate(with_b):
+                    b = adapters[module]["b"][layer].reshape(A * R, widths[i])
+                    row = [b if j == i else jnp.zeros((A * R, w), b.dtype)
+                           for j, w in enumerate(widths)]
+                    rows.append(jnp.concatenate(row, axis=-1))
+                entry["b"] = jnp.concatenate(rows, axis=0)  # [Mb·A·R, Σ Dout]
+            prepared[group] = entry
+        if factored_v and "v" in lora.targets:
+            b = adapters["v"]["b"][layer]  # [A, R, K·H]
+            prepared["v_b"] = b.reshape(A, R, config.num_kv_heads, config.head_dim).transpose(
+                0, 2, 1, 3)
+        if dtype is not None:
+            prepared = jax.tree.map(lambda x: x.astype(dtype), prepared)
+        out.append(prepared)
+    return tuple(out)
+
+
+def agent_onehot(adapter_index: Int[Array, "B"] | Int[Array, "B T"], num_agents: int, dtype
+                 ) -> Float[Array, "B Tq A"]:
+    """[B, 1, A] (one agent per row) or [B, T, A] (one per token); all zeros for index -1."""
+    index = adapter_index if adapter_index.ndim == 2 else adapter_index[:, None]
+    return jax.nn.one_hot(index, num_agents, dtype=dtype)
+
+
+def _masked_lowrank(lr: Float[Array, "B T Rm"], onehot: Float[Array, "B Tq A"], lora: LoraConfig):
+    """[B, T, A·R]: the row's agent block holds its x·A, every other block zeros."""
+    B, T = lr.shape[:2]
+    A, R = lora.num_agents, lora.rank
+    if lora.shared_a:
+        per_agent = lr[:, :, None, :] * onehot[..., None]
+    else:
+        per_agent = lr.reshape(B, T, A, R) * onehot[..., None]
+    return per_agent.reshape(B, T, A * R)
+
+
+def _group_adapter(h, entry, lora: LoraConfig, group: str, factored_v: bool, onehot, config):
+    """(x·A of each module in the group [B, T, Rm], delta of each module with a B [B, T, Dout])."""
+    with_a, with_b = _group_modules(lora, group, factored_v)
+    lr = jnp.einsum("btd,dr->btr", h, entry["a"].astype(h.dtype))
+    per = lora.rank if lora.shared_a else lora.rank * lora.num_agents
+    pieces = {m: lr[..., i * per:(i + 1) * per] for i, m in enumerate(with_a)}
+    deltas = {}
+    if with_b:
+        masked = jnp.concatenate([_masked_lowrank(pieces[m], onehot, lora) for m in with_b],
+                                 axis=-1)
+        delta = jnp.einsum("btr,ro->bto", masked, entry["b"].astype(h.dtype),
+                           preferred_element_type=F32)
+        offset = 0
+        for m in with_b:
+            width = config.module_dims(m)[1]
+            deltas[m] = delta[..., offset:offset + width]
+            offset += width
+    return pieces, deltas
+
+
+def _select_lowrank(lr_v, onehot_clipped, lora: LoraConfig):
+    """The row's own x·A_v [B, T, R] from a module's low-rank piece (all agents' with one A per
+    agent)."""
+    if lora.shared_a:
+        return lr_v
+    B, T = lr_v.shape[:2]
+    return jnp.einsum("btar,bta->btr", lr_v.reshape(B, T, lora.num_agents, lora.rank),
+                      jnp.broadcast_to(onehot_clipped, (B, T, lora.num_agents)))
+
+
+# ----------------------------------------------------------------------------- the forward
+
+
+def _add(base, deltas, name):
+    return base if name not in deltas else (base.astype(F32) + deltas[name]).astype(base.dtype)
+
+
+def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, factored_v: bool,
+           onehot, onehot_clipped, adapter_index, plan: ChunkPlan, inv_freq, attn_impl,
+           kv_indirect: bool, lowrank_indirect: bool):
+    B, T, _ = x.shape
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+    m = lp["qkv"].shape[1]
+    nq, nk = N // m * H, K // m * H
+
+    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    qkv = jnp.einsum("btd,dmc->btmc", h, lp["qkv"])
+    if "qkv_bias" in lp:
+        qkv = qkv + lp["qkv_bias"].astype(qkv.dtype)
+    q = qkv[..., :nq].reshape(B, T, N * H)
+    k = qkv[..., nq:nq + nk].reshape(B, T, K * H)
+    v = qkv[..., nq + nk:].reshape(B, T, K * H)
+    lowrank = lora_b = None
+    if la is not None and "qkv" in la:
+        pieces, deltas = _group_adapter(h, la["qkv"], lora, "qkv", factored_v, onehot, config)
+        q, k, v = _add(q, deltas, "q"), _add(k, deltas, "k"), _add(v, deltas, "v")
+        if factored_v and "v" in pieces:
+            lowrank = _select_lowrank(pieces["v"], onehot_clipped, lora)
+            lora_b = la["v_b"].astype(q.dtype)
+    q = apply_rope(q.reshape(B, T, N, H), plan.positions, inv_freq)
+    k = apply_rope(k.reshape(B, T, K, H), plan.positions, inv_freq)
+    v = v.reshape(B, T, K, H)
+
+    if cache is not None:
+        cache = write_layer(cache, plan, k, v, lowrank)
+        attn = flash_lora_attention(
+            q, cache.k, cache.v, cache.lowrank if lora_b is not None else None, lora_b,
+            adapter_index if lora_b is not None else None, kv_lengths=plan.kv_lengths,
+            q_offset=plan.q_offset, implementation=attn_impl,
+            kv_index=plan.kv_row if kv_indirect else None,
+            lowrank_index=plan.lowrank_row if (lora_b is not None and lowrank_indirect) else None)
+    else:
+        attn = flash_lora_attention(q, k, v, lowrank, lora_b,
+                                    adapter_index if lora_b is not None else None,
+                                    kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
+                                    implementation=attn_impl)
+
+    attn = attn.reshape(B, T, N * H)
+    o = jnp.einsum("btc,cd->btd", attn, lp["o"])
+    if la is not None and "o" in la:
+        _, deltas = _group_adapter(attn, la["o"], lora, "o", factored_v, onehot, config)
+        o = _add(o, deltas, "o")
+    x = x + o
+    h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
+    gu = jnp.einsum("btd,dmgf->btgmf", h, lp["gate_up"])
+    gate = gu[:, :, 0].reshape(B, T, config.intermediate_size)
+    up = gu[:, :, 1].reshape(B, T, config.intermediate_size)
+    if la is not None and "gate_up" in la:
+        _, deltas = _group_adapter(h, la["gate_up"], lora, "gate_up", factored_v, onehot, config)
+        gate, up = _add(gate, deltas, "gate"), _add(up, deltas, "up")
+    act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(h.dtype)
+    down = jnp.einsum("btf,fd->btd", act, lp["down"])
+    if la is not None and "down" in la:
+        _, deltas = _group_adapter(act, la["down"], lora, "down", factored_v, onehot, config)
+        down = _add(down, deltas, "down")
+    return x + down, cache
+
+
+def forward_layers(params: dict, tokens: Int[Array, "B T"], *, config: ModelConfig,
+                   lora: LoraConfig | None = None, adapters: tuple | None = None,
+                   adapter_index: Int[Array, "B"] | Int[Array, "B T"] | None = None,
+                   plan: ChunkPlan | None = None, cache: CacheArrays | None = None,
+                   factored_v: bool = False, attn_impl: str | None = None,
+                   kv_indirect: bool = True, lowrank_indirect: bool = True):
+    """The decoder over new tokens in the inference layout; returns (final hidden states
+    [B, T, D], updated cache).
+
+    ``adapters``: prepared per-layer adapters (``prepare_adapters`` with the same ``factored_v``).
+    ``adapter_index``: [B] (one agent per row) or [B, T] (one per token); -1 = no adapter.
+    Without a cache, ``tokens`` are right-padded rows from position 0 (``plan`` optional). With a
+    cache, ``plan`` says where the chunk sits and what it writes; every layer writes its entries
+    and then attends over its buffers. ``kv_indirect`` / ``lowrank_indirect``: batch rows read cache
+    rows ``plan.kv_row`` / ``plan.lowrank_row`` (False: row b reads row b, no gather).
+    """
+    B, T = tokens.shape
+    if adapter_index is None:
+        adapter_index = jnp.full((B,), -1, jnp.int32)
+    if plan is None:
+        if cache is not None:
+            raise ValueError("a cache needs a ChunkPlan")
+        plan = ChunkPlan.full_sequence(B, T)
+    if adapters is not None and len(adapters) != config.num_layers:
+        raise ValueError(f"prepared adapters have {len(adapters)} layers; the model has "
+                         f"{config.num_layers}")
+    x = jnp.take(params["embed"], tokens, axis=0)
+    onehot = onehot_clipped = None
+    if adapters is not None:
+        onehot = agent_onehot(adapter_index, lora.num_agents, x.dtype)
+        onehot_clipped = agent_onehot(jnp.maximum(adapter_index, 0), lora.num_agents, x.dtype)
+    inv_freq = rope_inv_freq(config)
+    layer_caches = []
+    for i, lp in enumerate(params["layers"]):
+        x, layer_cache = _layer(
+            x, lp, None if adapters is None else adapters[i],
+            None if cache is None else cache.layer(i), config=config, lora=lora,
+            factored_v=factored_v, onehot=onehot, onehot_clipped=onehot_clipped,
+            adapter_index=adapter_index, plan=plan, inv_freq=inv_freq, attn_impl=attn_impl,
+            kv_indirect=kv_indirect, lowrank_indirect=lowrank_indirect)
+        layer_caches.append(layer_cache)
+    if cache is not None:
+        cache = CacheArrays.from_layers(layer_caches)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), cache
+
+
+def inference_param_bytes(params: dict) -> int:
+    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(params)))
