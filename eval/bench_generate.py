@@ -29,7 +29,7 @@ import numpy as np
 from eval.common import NullTokenizer, environment, print_table, write_json
 from eval.floors import decode_step_bytes, measure_ceilings, weight_bytes
 from lragent_jax.config import LoraConfig, ModelConfig
-from lragent_jax.inference import to_inference_params
+from lragent_jax.inference import fuse_adapters, to_inference_params
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
 from lragent_jax.session import GenerationSettings, Session, Turn
@@ -154,13 +154,16 @@ def run(args) -> dict:
               "ceilings": ceilings, "rows": []}
     lora = LoraConfig(rank=args.rank, targets=ADAPTER_TARGETS)
     adapters = init_adapters(jax.random.key(1), config, lora, dtype=dtype, b_scale=0.02)
+    # one copy of the weights with the adapters' A appended, shared by every adapter row
+    fused = fuse_adapters(params, config, adapters, lora) if "lora" in args.adapters else None
     for kind in args.adapters:
         for batch in args.batch:
             for context in args.context:
                 for block in (args.decode_block or [None]):
                     capacity = -(-(context + args.new + 8) // 256) * 256
                     extra = {} if kind == "none" else {"adapters": adapters, "lora": lora}
-                    session = Session(config, params, NullTokenizer(),
+                    session = Session(config, params if kind == "none" else fused,
+                                      NullTokenizer(),
                                       mode="base_lowrank_shared" if kind == "lora" else "non_shared",
                                       batch=batch, capacity=capacity, attn_impl=args.attn,
                                       prefill_chunk=min(args.prefill_chunk,

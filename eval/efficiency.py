@@ -26,7 +26,7 @@ from eval.floors import measure_ceilings
 from eval.traces import Trace, generate_trace, load_traces
 from lragent_jax.cache import ALL_MODES, ShareMode
 from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
-from lragent_jax.inference import to_inference_params
+from lragent_jax.inference import fuse_adapters, to_inference_params
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
 from lragent_jax.session import GenerationSettings, Session, Turn
@@ -87,6 +87,7 @@ def benchmark(config: ModelConfig, traces: list[Trace], *, modes=ALL_MODES, attn
                     if a in ("plan", "action", "reflect") else 9)
     lora = LoraConfig(rank=rank, targets=tuple(targets), agents=tuple(agents))
     adapters = init_adapters(jax.random.key(seed + 1), config, lora, dtype=dtype, b_scale=0.02)
+    params = fuse_adapters(params, config, adapters, lora, donate=True)  # shared by every mode
     rows = []
     for trace in traces:
         capacity = -(-(trace.total + 64) // 256) * 256

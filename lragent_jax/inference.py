@@ -12,18 +12,21 @@ Per-layer weights (``params["layers"]`` is a tuple of L dicts; m = model-paralle
 the weights are laid out for a mesh, so that each shard's columns are contiguous):
 
     attn_norm [D], mlp_norm [D]
-    qkv      [D, m, (N/m + 2·K/m)·H]   shard j: its q heads | its k heads | its v heads
-    qkv_bias [m, (N/m + 2·K/m)·H]      (Qwen2 only)
-    o        [N·H, D]
-    gate_up  [D, m, 2, F/m]            shard j: its gate columns, its up columns
-    down     [F, D]
+    qkv      [D, m, (N/m + 2·K/m)·H (+ Ra)]   shard j: its q heads | its k heads | its v heads
+    qkv_bias [m, (N/m + 2·K/m)·H]             (Qwen2 only)
+    o        [N·H, D (+ Ra)]
+    gate_up  [D, m, 2·F/m (+ Ra)]             shard j: its gate columns | its up columns
+    down     [F, D (+ Ra)]
 
 q|k|v and gate|up are each one matmul: one weight read and one kernel instead of three or two.
+With adapters attached (``fuse_adapters``), each group's A matrices are appended as Ra extra
+columns (for q|k|v and gate|up only when m = 1), so x·A comes out of the base matmul at no extra
+kernel; the bare model ignores those columns.
 
 Prepared adapters (``prepare_adapters``, per layer, built once per session from the stacked
 adapter pytree): for each projection group ("qkv", "o", "gate_up", "down") with adapted modules,
 ``a`` [Din, Σ Rm] (the group's A matrices side by side; Rm = R with shared A, A·R with one A per
-agent) and ``b`` [Mb·A·R, Σ Dout] (every agent's B of the Mb modules whose delta is added, in one
+agent; absent where the weights carry them) and ``b`` [Mb·A·R, Σ Dout] (every agent's B of the Mb modules whose delta is added, in one
 block matrix). A row's delta is then one product of its agent-masked low-rank activations with
 ``b``: one matmul per group over all agents, no gather, any per-row or per-token agent mix. With a
 factored v (base_shared, base_lowrank_shared) v's delta is not added: its x·A goes to the low-rank
@@ -71,7 +74,7 @@ def _fuse_qkv(q, k, v, m: int, head_dim: int):
 
 def _fuse_gate_up(gate, up, m: int):
     d = gate.shape[0]
-    return jnp.stack([gate.reshape(d, m, -1), up.reshape(d, m, -1)], axis=2)
+    return jnp.concatenate([gate.reshape(d, m, -1), up.reshape(d, m, -1)], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "head_dim", "layers"))
@@ -147,7 +150,7 @@ def to_training_params(params: dict, config: ModelConfig) -> dict:
                                  "down")}
     if config.qkv_bias:
         out.update(q_bias=[], k_bias=[], v_bias=[])
-    for lp in layers:
+    for lp in unfuse_adapters(params, config)["layers"]:
         d = lp["qkv"].shape[0]
         for name in ("attn_norm", "mlp_norm", "o", "down"):
             out[name].append(lp[name])
@@ -156,10 +159,126 @@ def to_training_params(params: dict, config: ModelConfig) -> dict:
         if config.qkv_bias:
             for name, x in zip(("q_bias", "k_bias", "v_bias"), unfuse(lp["qkv_bias"], ())):
                 out[name].append(x)
-        out["gate"].append(lp["gate_up"][:, :, 0].reshape(d, F))
-        out["up"].append(lp["gate_up"][:, :, 1].reshape(d, F))
+        gu = lp["gate_up"][..., :2 * (F // m)]
+        out["gate"].append(gu[..., :F // m].reshape(d, F))
+        out["up"].append(gu[..., F // m:].reshape(d, F))
     stacked = {name: jnp.stack(xs) for name, xs in out.items()}
     return {**{k: v for k, v in params.items() if k != "layers"}, "layers": stacked}
+
+
+def base_widths(config: ModelConfig, m: int) -> dict:
+    """Output columns of each group's base weight (without appended A columns)."""
+    N, K, H, F, D = (config.num_heads, config.num_kv_heads, config.head_dim,
+                     config.intermediate_size, config.hidden_size)
+    return {"qkv": (N // m + 2 * (K // m)) * H, "o": D, "gate_up": 2 * (F // m), "down": D}
+
+
+def _shards(layer: dict) -> int:
+    return layer["qkv"].shape[1]
+
+
+def fused_groups(params: dict, config: ModelConfig) -> frozenset:
+    """Groups whose weights carry appended A columns (from the shapes)."""
+    if not is_inference_layout(params):
+        return frozenset()
+    layer = params["layers"][0]
+    widths = base_widths(config, _shards(layer))
+    return frozenset(g for g in GROUPS if layer[g].shape[-1] > widths[g])
+
+
+def _concat_a(layer_a: dict, lora: LoraConfig, group: str):
+    """One layer's A matrices of a group side by side [Din, Σ Rm] (None: no adapted module);
+    ``layer_a``: module -> [Din, R] (shared A) or [A, Din, R]."""
+    parts = []
+    for module in GROUPS[group]:
+        if module not in lora.targets:
+            continue
+        a = layer_a[module]
+        if a.ndim == 3:
+            a = jnp.transpose(a, (1, 0, 2)).reshape(a.shape[1], -1)
+        parts.append(a)
+    return jnp.concatenate(parts, axis=-1) if parts else None
+
+
+def _group_a(adapters: dict, lora: LoraConfig, group: str, layer: int):
+    return _concat_a({m: adapters[m]["a"][layer] for m in GROUPS[group] if m in lora.targets},
+                     lora, group)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora"))
+def _fuse_layer(layer, stacked_a, index, *, config, lora):
+    widths = base_widths(config, _shards(layer))
+    layer_a = {m: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
+               for m, a in stacked_a.items()}
+    out = {}
+    for group in GROUPS:
+        w = layer[group][..., :widths[group]]
+        a_cat = _concat_a(layer_a, lora, group)
+        if a_cat is None or (w.ndim == 3 and w.shape[1] > 1):
+            out[group] = w
+            continue
+        a_cat = a_cat.astype(w.dtype)
+        out[group] = jnp.concatenate([w, a_cat[:, None, :] if w.ndim == 3 else a_cat], axis=-1)
+    return out
+
+
+def fuse_adapters(params: dict, config: ModelConfig, adapters: dict | None,
+                  lora: LoraConfig | None, *, donate: bool = False) -> dict:
+    """Inference-layout params with the adapters' A matrices appended to each group's weight
+    (replacing any A appended before); the bare weights when ``adapters`` is None. One layer at a
+    time; with ``donate=True`` each old layer buffer is deleted once its new one exists."""
+    if not is_inference_layout(params):
+        raise ValueError("fuse_adapters takes inference-layout params (to_inference_params)")
+    if adapters is None:
+        return unfuse_adapters(params, config, donate=donate)
+    layers = []
+    for i, layer in enumerate(params["layers"]):
+        groups = {g: layer[g] for g in GROUPS}
+        fused = _fuse_layer(groups, {m: adapters[m]["a"] for m in lora.targets}, jnp.int32(i),
+                            config=config, lora=lora)
+        layers.append({**layer, **fused})
+        if donate:
+            for group in GROUPS:
+                layer[group].delete()
+    return {**params, "layers": tuple(layers)}
+
+
+def unfuse_adapters(params: dict, config: ModelConfig, *, donate: bool = False) -> dict:
+    """Inference-layout params without appended A columns."""
+    if not fused_groups(params, config):
+        return params
+    layers = []
+    for layer in params["layers"]:
+        widths = base_widths(config, _shards(layer))
+        new = dict(layer)
+        for group in GROUPS:
+            if layer[group].shape[-1] > widths[group]:
+                new[group] = layer[group][..., :widths[group]]
+                if donate:
+                    layer[group].delete()
+        layers.append(new)
+    return {**params, "layers": tuple(layers)}
+
+
+def check_fused_adapters(params: dict, config: ModelConfig, adapters: dict | None,
+                         lora: LoraConfig | None) -> None:
+    """Refuse params whose appended A columns are not these adapters' A (first and last layer)."""
+    groups = fused_groups(params, config)
+    if not groups or adapters is None:
+        return
+    for index in sorted({0, config.num_layers - 1}):
+        layer = params["layers"][index]
+        widths = base_widths(config, _shards(layer))
+        for group in groups:
+            want = _group_a(adapters, lora, group, index)
+            got = layer[group][..., widths[group]:]
+            got = got[..., 0, :] if got.ndim == 3 else got
+            if want is None or got.shape != want.shape or not bool(jnp.allclose(
+                    got.astype(jnp.float32), want.astype(got.dtype).astype(jnp.float32))):
+                raise ValueError(
+                    f"these params carry the A matrices of other adapters (group {group!r}, "
+                    f"layer {index}): use inference.fuse_adapters(params, config, adapters, lora) "
+                    "or the Model these adapters were attached to")
 
 
 # ----------------------------------------------------------------------------- prepared adapters
@@ -173,9 +292,11 @@ def _group_modules(lora: LoraConfig, group: str, factored_v: bool):
 
 
 def prepare_adapters(adapters: dict | None, config: ModelConfig, lora: LoraConfig | None, *,
-                     factored_v: bool, dtype=None) -> tuple | None:
+                     factored_v: bool, dtype=None, fused: frozenset = frozenset()
+                     ) -> tuple | None:
     """Per-layer prepared adapters (see the module docstring) from the stacked adapter pytree
-    ``{module: {"a": [L, Din, R] or [L, A, Din, R], "b": [L, A, R, Dout]}}``. Traceable."""
+    ``{module: {"a": [L, Din, R] or [L, A, Din, R], "b": [L, A, R, Dout]}}``; no ``a`` for the
+    ``fused`` groups, whose weights carry it. Traceable."""
     if adapters is None or lora is None:
         return None
     A, R = lora.num_agents, lora.rank
@@ -186,13 +307,7 @@ def prepare_adapters(adapters: dict | None, config: ModelConfig, lora: LoraConfi
             with_a, with_b = _group_modules(lora, group, factored_v)
             if not with_a:
                 continue
-            a_parts = []
-            for module in with_a:
-                a = adapters[module]["a"][layer]  # [Din, R] or [A, Din, R]
-                if a.ndim == 3:
-                    a = jnp.transpose(a, (1, 0, 2)).reshape(a.shape[1], A * R)
-                a_parts.append(a)
-            entry = {"a": jnp.concatenate(a_parts, axis=-1)}
+            entry = {} if group in fused else {"a": _group_a(adapters, lora, group, layer)}
             if with_b:
                 widths = [config.module_dims(mod)[1] for mod in with_b]
                 rows = []
@@ -231,10 +346,12 @@ def _masked_lowrank(lr: Float[Array, "B T Rm"], onehot: Float[Array, "B Tq A"], 
     return per_agent.reshape(B, T, A * R)
 
 
-def _group_adapter(h, entry, lora: LoraConfig, group: str, factored_v: bool, onehot, config):
-    """(x·A of each module in the group [B, T, Rm], delta of each module with a B [B, T, Dout])."""
+def _group_adapter(h, lr, entry, lora: LoraConfig, group: str, factored_v: bool, onehot, config):
+    """(x·A of each module in the group [B, T, Rm], delta of each module with a B [B, T, Dout]).
+    ``lr``: the group's x·A from the fused base matmul, or None to compute it from ``entry``."""
     with_a, with_b = _group_modules(lora, group, factored_v)
-    lr = jnp.einsum("btd,dr->btr", h, entry["a"].astype(h.dtype))
+    if lr is None:
+        lr = jnp.einsum("btd,dr->btr", h, entry["a"].astype(h.dtype))
     per = lora.rank if lora.shared_a else lora.rank * lora.num_agents
     pieces = {m: lr[..., i * per:(i + 1) * per] for i, m in enumerate(with_a)}
     deltas = {}
@@ -276,16 +393,26 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
     m = lp["qkv"].shape[1]
     nq, nk = N // m * H, K // m * H
 
+    widths = base_widths(config, m)
+    adapted = la is not None
+
+    def split(out, group):
+        """(base output, x·A columns or None) of a group's matmul output."""
+        if out.shape[-1] > widths[group]:
+            lr = out[..., widths[group]:]
+            return out[..., :widths[group]], (lr[:, :, 0] if lr.ndim == 4 else lr)
+        return out, None
+
     h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    qkv = jnp.einsum("btd,dmc->btmc", h, lp["qkv"])
+    qkv, lr = split(jnp.einsum("btd,dmc->btmc", h, lp["qkv"]), "qkv")
     if "qkv_bias" in lp:
         qkv = qkv + lp["qkv_bias"].astype(qkv.dtype)
     q = qkv[..., :nq].reshape(B, T, N * H)
     k = qkv[..., nq:nq + nk].reshape(B, T, K * H)
     v = qkv[..., nq + nk:].reshape(B, T, K * H)
     lowrank = lora_b = None
-    if la is not None and "qkv" in la:
-        pieces, deltas = _group_adapter(h, la["qkv"], lora, "qkv", factored_v, onehot, config)
+    if adapted and "qkv" in la:
+        pieces, deltas = _group_adapter(h, lr, la["qkv"], lora, "qkv", factored_v, onehot, config)
         q, k, v = _add(q, deltas, "q"), _add(k, deltas, "k"), _add(v, deltas, "v")
         if factored_v and "v" in pieces:
             lowrank = _select_lowrank(pieces["v"], onehot_clipped, lora)
@@ -309,22 +436,24 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
                                     implementation=attn_impl)
 
     attn = attn.reshape(B, T, N * H)
-    o = jnp.einsum("btc,cd->btd", attn, lp["o"])
-    if la is not None and "o" in la:
-        _, deltas = _group_adapter(attn, la["o"], lora, "o", factored_v, onehot, config)
+    o, lr = split(jnp.einsum("btc,cd->btd", attn, lp["o"]), "o")
+    if adapted and "o" in la:
+        _, deltas = _group_adapter(attn, lr, la["o"], lora, "o", factored_v, onehot, config)
         o = _add(o, deltas, "o")
     x = x + o
     h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gu = jnp.einsum("btd,dmgf->btgmf", h, lp["gate_up"])
-    gate = gu[:, :, 0].reshape(B, T, config.intermediate_size)
-    up = gu[:, :, 1].reshape(B, T, config.intermediate_size)
-    if la is not None and "gate_up" in la:
-        _, deltas = _group_adapter(h, la["gate_up"], lora, "gate_up", factored_v, onehot, config)
+    gu, lr = split(jnp.einsum("btd,dmc->btmc", h, lp["gate_up"]), "gate_up")
+    half = config.intermediate_size // m
+    gate = gu[..., :half].reshape(B, T, config.intermediate_size)
+    up = gu[..., half:].reshape(B, T, config.intermediate_size)
+    if adapted and "gate_up" in la:
+        _, deltas = _group_adapter(h, lr, la["gate_up"], lora, "gate_up", factored_v, onehot,
+                                   config)
         gate, up = _add(gate, deltas, "gate"), _add(up, deltas, "up")
     act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(h.dtype)
-    down = jnp.einsum("btf,fd->btd", act, lp["down"])
-    if la is not None and "down" in la:
-        _, deltas = _group_adapter(act, la["down"], lora, "down", factored_v, onehot, config)
+    down, lr = split(jnp.einsum("btf,fd->btd", act, lp["down"]), "down")
+    if adapted and "down" in la:
+        _, deltas = _group_adapter(act, lr, la["down"], lora, "down", factored_v, onehot, config)
         down = _add(down, deltas, "down")
     return x + down, cache
 

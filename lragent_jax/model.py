@@ -272,15 +272,17 @@ def forward(params: dict, tokens: Int[Array, "B T"], *, config: ModelConfig,
 
     Stacked (training-layout) parameters run under ``lax.scan``; per-layer (inference-layout)
     parameters run the per-layer forward, which needs ``lora`` (the adapters' ``LoraConfig``)
-    when ``adapters`` are given. ``adapters`` are always the stacked adapter pytree.
+    when ``adapters`` are given. ``adapters`` are always the stacked adapter pytree; with
+    inference-layout params that carry appended A columns, they must be those adapters'.
     """
     from lragent_jax import inference
 
     if inference.is_inference_layout(params):
         if adapters is not None and lora is None:
             raise ValueError("forward() on inference-layout params with adapters needs lora=")
+        fused = inference.fused_groups(params, config) if adapters is not None else frozenset()
         prepared = inference.prepare_adapters(adapters, config, lora, factored_v=False,
-                                              dtype=params["embed"].dtype)
+                                              dtype=params["embed"].dtype, fused=fused)
         B, T = tokens.shape
         hidden, _ = inference.forward_layers(
             params, tokens, config=config, lora=lora, adapters=prepared,

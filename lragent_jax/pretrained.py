@@ -16,7 +16,8 @@ from lragent_jax.cache import ShareMode
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.generate import bucket
 from lragent_jax.lora import NO_ADAPTER, validate_adapters
-from lragent_jax.inference import to_inference_params
+from lragent_jax.inference import (check_fused_adapters, fuse_adapters, fused_groups,
+                                   to_inference_params)
 from lragent_jax.model import forward
 from lragent_jax.session import GenerationSettings, Session, Turn
 
@@ -43,13 +44,23 @@ class Model:
             raise ValueError("pass adapters together with their LoraConfig (or neither)")
         if self.adapters is not None:
             validate_adapters(self.adapters, self.config, self.lora)
+        # inference layout, with the adapters' A matrices in the weights (one copy, shared by
+        # every session of this model)
+        self.params = to_inference_params(self.params, self.config)
+        if self.adapters is not None and fused_groups(self.params, self.config):
+            check_fused_adapters(self.params, self.config, self.adapters, self.lora)
+        elif self.adapters is not None:
+            self.params = fuse_adapters(self.params, self.config, self.adapters, self.lora)
 
     @property
     def dtype(self):
         return self.params["embed"].dtype
 
     def with_adapters(self, adapters: dict, lora: LoraConfig) -> "Model":
-        return dataclasses.replace(self, adapters=adapters, lora=lora)
+        """This model with other adapters (their A matrices replace the ones in the weights)."""
+        validate_adapters(adapters, self.config, lora)
+        params = fuse_adapters(self.params, self.config, adapters, lora)
+        return dataclasses.replace(self, params=params, adapters=adapters, lora=lora)
 
     def _agent_index(self, agent) -> int:
         if agent is None:

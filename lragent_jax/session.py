@@ -25,7 +25,8 @@ from lragent_jax.cache import (CacheSpec, KVCache, ShareMode, analytic_cache_byt
                                check_mode_compatible, init_cache, measured_cache_bytes)
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.generate import TurnInputs, TurnShape, bucket, run_turn
-from lragent_jax.inference import prepare_adapters, to_inference_params
+from lragent_jax.inference import (check_fused_adapters, fuse_adapters, fused_groups,
+                                   prepare_adapters, to_inference_params)
 from lragent_jax.lora import NO_ADAPTER, validate_adapters
 from pallas_kernels.flash_lora_attention.api import IMPLEMENTATIONS
 
@@ -153,9 +154,10 @@ class Session:
 
     Args:
       config, params, tokenizer: the base model. ``params`` in either layout; stacked
-        (training-layout) params are converted to the per-layer inference layout, a copy: pass
-        ``inference.to_inference_params(params, config)`` (or a loaded ``Model``'s params) to
-        share one copy between sessions.
+        (training-layout) params are converted to the per-layer inference layout and, with
+        adapters, get the adapters' A matrices appended (``inference.fuse_adapters``): each a copy
+        of the weights. A loaded ``Model``'s params (or ``fuse_adapters`` output) are already in
+        that form: sessions then share one copy.
       adapters, lora: multi-agent adapters (None: base model only, one agent view).
       mode: a ``ShareMode`` or its name.
       batch: number of trajectories (rows).
@@ -205,7 +207,12 @@ class Session:
         if attn_impl is not None and attn_impl not in IMPLEMENTATIONS:
             raise ValueError(f"attn_impl={attn_impl!r}; allowed: None or {IMPLEMENTATIONS}")
         self.config, self.tokenizer = config, tokenizer
-        self.params = to_inference_params(params, config)
+        params = to_inference_params(params, config)
+        if adapters is not None and fused_groups(params, config):
+            check_fused_adapters(params, config, adapters, lora)
+        elif adapters is not None:
+            params = fuse_adapters(params, config, adapters, lora)  # this session's own copy
+        self.params = params
         self.adapters, self.lora = adapters, lora
         self.num_agents = lora.num_agents if lora is not None else 1
         self.agent_names = tuple(lora.agents) if lora is not None else ("base",)
@@ -214,7 +221,8 @@ class Session:
                                      capacity=capacity, lora=lora, dtype=cache_dtype)
         self._prepared = prepare_adapters(adapters, config, lora,
                                           factored_v=self.mode.factored_v,
-                                          dtype=self.params["embed"].dtype)
+                                          dtype=self.params["embed"].dtype,
+                                          fused=fused_groups(self.params, config))
         self.attn_impl = attn_impl
         self.decode_block = (default_decode_block(self.params) if decode_block is None
                              else _positive_int("decode_block", decode_block))

@@ -244,3 +244,32 @@ def test_turn_arguments_are_checked(model):
         s.turn({0: Turn(True)})
     with pytest.raises(ValueError, match="trajectory 5 out of range"):
         s.turn({5: Turn("plan")})
+
+
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_fused_adapter_columns_give_the_same_logits(shared_a):
+    cfg = _tiny()
+    stacked = init_params(jax.random.key(5), cfg)
+    lora = LoraConfig(rank=4, targets=("q", "v", "o", "gate", "up", "down"), shared_a=shared_a)
+    adapters = init_adapters(jax.random.key(6), cfg, lora, b_scale=0.3)
+    bare = inference.to_inference_params(stacked, cfg)
+    fused = inference.fuse_adapters(bare, cfg, adapters, lora)
+    assert inference.fused_groups(fused, cfg) == {"qkv", "o", "gate_up", "down"}
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, cfg.vocab_size, (3, 17)), jnp.int32)
+    index = jnp.asarray([1, -1, 2], jnp.int32)
+    want = forward(stacked, tokens, config=cfg, adapters=adapters, adapter_index=index)
+    got = forward(fused, tokens, config=cfg, adapters=adapters, adapter_index=index, lora=lora)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)
+    # the bare model ignores the appended columns; stripping them gives the bare weights back
+    np.testing.assert_allclose(np.asarray(forward(fused, tokens, config=cfg)),
+                               np.asarray(forward(stacked, tokens, config=cfg)), rtol=2e-4,
+                               atol=2e-4)
+    for a, b in zip(jax.tree.leaves(inference.unfuse_adapters(fused, cfg)), jax.tree.leaves(bare)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = init_adapters(jax.random.key(7), cfg, lora, b_scale=0.3)
+    with pytest.raises(ValueError, match="carry the A matrices of other adapters"):
+        Session(cfg, fused, TOK, adapters=other, lora=lora, mode="base_shared")
+    refused = LoraConfig(rank=2, targets=("q", "v"), shared_a=shared_a)
+    with pytest.raises(ValueError, match="other adapters"):
+        Session(cfg, fused, TOK, adapters=init_adapters(jax.random.key(8), cfg, refused),
+                lora=refused, mode="base_shared")
