@@ -361,7 +361,9 @@ class ProgressBar:
 
     def __call__(self, p: RolloutProgress) -> None:
         now = time.perf_counter()
-        if now - self._last < self.every_s and p.running:
+        if (now - self._last < self.every_s and p.running) or (
+                self._shown is not None and (p.done, p.calls) == (self._shown.done,
+                                                                   self._shown.calls)):
             return
         self._last, self._shown = now, p
         total = p.total if p.total is not None else self.total
