@@ -304,7 +304,7 @@ def _budget_bytes(opts) -> int | None:
 
 def _schedule(opts) -> Schedule:
     return Schedule(long_prefill=None if opts.long_prefill == 0 else opts.long_prefill,
-                    long_share=opts.long_share)
+                    long_fill=opts.long_fill)
 
 
 def _rows_for(rule, config, mode, capacity, lora, dtype, budget, prefill_chunk, episodes):
@@ -410,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-prefill", type=int, default=512,
                    help="schedule: turns prefilling more tokens wait to run together (0: never "
                         "hold back; default 512)")
-    p.add_argument("--long-share", type=float, default=0.5,
-                   help="schedule: share of busy rows that must want a long prefill (default 0.5)")
+    p.add_argument("--long-fill", type=float, default=0.5,
+                   help="schedule: share of a long call's padded prefill (rows x padded length) "
+                        "that real tokens must fill (default 0.5)")
     p.add_argument("--attn", default=None, help="attention implementation (default: platform's)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("traces workload (random weights)")
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("bfloat16", "float32"),
                    default="float32" if on_cpu else "bfloat16")
     g.add_argument("--prefill-chunk", type=int, default=2048)
-    g.add_argument("--min-chunk-bucket", type=int, default=256,
+    g.add_argument("--min-chunk-bucket", type=int, default=64,
                    help="smallest padded prefill length (fewer compiled shapes when larger)")
     g = p.add_argument_group("kb workload (built-in task)")
     g.add_argument("--kb-model", default=None,
@@ -444,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kb-min-bucket", type=int, default=64)
     g.add_argument("--task-seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=12)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="instead of running: merge the rows of these results files (e.g. one run "
+                        "per mode) into --out, with the summary, tables and plot")
     p.add_argument("--quick", action="store_true",
                    help="both workloads at smoke-test size on a tiny random model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -482,6 +486,45 @@ def check(opts, parser) -> list[str]:
     return modes
 
 
+def _print_tables(rows, summary, env) -> None:
+    print_table(rows, ["workload", "model", "length", "mode", "rows", "episodes_s", "gen_tok_s",
+                       "prefilled_total", "ttft_p50_s", "ttft_p99_s", "rows_per_call",
+                       "prefill_efficiency", "accuracy", "failed"],
+                title=f"throughput on {env['device']} (jax {env['jax']}, {env['date']})")
+    print_table(summary, ["workload", "model", "length", "rows_rule", "lr_vs_non_shared",
+                          "lr_vs_fully_shared", "lr_vs_base_shared"],
+                title="base_lowrank_shared episodes/s over the other modes (>1: faster)")
+
+
+def merge(paths, out_path: Path, plot: bool = True) -> dict:
+    """One results file from several (e.g. one run per mode, each within a time limit)."""
+    import json
+
+    payloads = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--merge: no such file: {path}")
+        try:
+            payloads.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--merge: {path} is not valid JSON ({e})") from None
+        if "rows" not in payloads[-1]:
+            raise ValueError(f"--merge: {path} holds no throughput rows")
+    rows = [r for p in payloads for r in p["rows"]]
+    payload = {"environment": payloads[0].get("environment", {}),
+               "merged_from": [{"file": str(f), "environment": p.get("environment"),
+                                "partial": p.get("partial")} for f, p in zip(paths, payloads)],
+               "rows": rows, "summary": summarize(rows),
+               "partial": any(p.get("partial") for p in payloads)}
+    if plot and any(r["workload"] == "traces" for r in rows):
+        payload["plot"] = str(plot_episodes_per_s(rows, out_path.with_suffix(".png")))
+    write_json(out_path, payload)
+    _print_tables(rows, payload["summary"], {"device": "-", "jax": "-", "date": "-",
+                                             **payload["environment"]})
+    return payload
+
+
 def run(opts, modes, out_path: Path, log=print) -> dict:
     """Every workload of ``opts``; writes ``out_path`` (partial results after every row) and the
     plot beside it. Returns the payload."""
@@ -504,14 +547,7 @@ def run(opts, modes, out_path: Path, log=print) -> dict:
     if not opts.no_plots and any(r["workload"] == "traces" for r in done):
         payload["plot"] = str(plot_episodes_per_s(done, out_path.with_suffix(".png")))
     write_json(out_path, payload)
-    print_table(done, ["workload", "model", "length", "mode", "rows", "episodes_s", "gen_tok_s",
-                       "prefilled_total", "ttft_p50_s", "ttft_p99_s", "rows_per_call",
-                       "prefill_efficiency", "accuracy", "failed"],
-                title=f"throughput on {env['device']} (jax {env['jax']}, {env['date']})")
-    print_table(payload["summary"], ["workload", "model", "length", "rows_rule",
-                                     "lr_vs_non_shared", "lr_vs_fully_shared",
-                                     "lr_vs_base_shared"],
-                title="base_lowrank_shared episodes/s over the other modes (>1: faster)")
+    _print_tables(done, payload["summary"], env)
     return payload
 
 
@@ -531,6 +567,13 @@ def run_part(args, modes, out_dir: Path) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.merge:
+        try:
+            payload = merge(opts.merge, Path(opts.out), plot=not opts.no_plots)
+        except ValueError as e:
+            parser.error(str(e))
+        print(f"wrote {opts.out}" + (f" and {payload['plot']}" if "plot" in payload else ""))
+        return 0
     if opts.quick:
         apply_quick(opts)
     modes = check(opts, parser)

@@ -244,20 +244,27 @@ def test_a_turn_the_session_refuses_fails_only_its_row(model):
         batcher.acquire(), batcher.acquire()
 
 
-def test_schedule_holds_long_prefills_back_until_enough_want_one():
-    schedule = Schedule(long_prefill=100, long_share=0.5, max_wait=2)
+def test_schedule_holds_long_prefills_back_until_they_fill_a_call():
+    schedule = Schedule(long_prefill=100, long_fill=0.5, max_wait=2)
     turn = Turn("plan")
-    short = [PendingTurn(r, turn, None, r, chunk=10) for r in range(3)]
-    long = [PendingTurn(3, turn, None, 3, chunk=4000)]
-    assert schedule.select(short + long, busy=8) == short  # 1 of 8 rows wants a long prefill
-    assert schedule.select(long, busy=8) == long  # nothing else to do
-    many = long + [PendingTurn(4 + r, turn, None, 4, chunk=900) for r in range(3)]
-    assert schedule.select(short + many, busy=8) == short + many  # half of the rows: all run
+
+    def pending(row, chunk):
+        return PendingTurn(row, turn, None, row, chunk=chunk)
+
+    short = [pending(r, 10) for r in range(3)]
+    long = [pending(3, 4000)]  # padded to 4096: 4000 of 8 x 4096 positions are real
+    assert schedule.select(short + long, rows=8) == short
+    assert schedule.select(long, rows=8) == long  # nothing else to do
+    full = [pending(4 + r, 4000) for r in range(4)]  # 5 x 4000 + 30 >= 0.5 x 8 x 4096
+    assert schedule.select(short + long + full, rows=8) == short + long + full
+    # the longest padded length that fills: the 4096 turns wait, the 1024 ones go
+    mid = [pending(10 + r, 1000) for r in range(5)]  # 5000 + 30 real of 8 x 1024 positions
+    assert schedule.select(short + long + mid, rows=8) == short + mid
     long[0].waited = 2
-    assert schedule.select(short + long, busy=8) == short + long  # waited long enough
-    assert Schedule(long_prefill=None).select(short + long, busy=8) == short + long
-    with pytest.raises(ValueError, match="long_share must be in"):
-        Schedule(long_share=0)
+    assert schedule.select(short + long, rows=8) == short + long  # waited long enough
+    assert Schedule(long_prefill=None).select(short + long, rows=8) == short + long
+    with pytest.raises(ValueError, match="long_fill must be in"):
+        Schedule(long_fill=2)
 
 
 def test_progress_and_early_stop_give_rows_back(model):

@@ -50,6 +50,16 @@ def test_trace_workload_same_and_max_rows(tmp_path, capsys):
     assert summary[256, "same"]["lr_vs_non_shared"] == pytest.approx(
         by["base_lowrank_shared", "same"]["episodes_s"] / by["non_shared", "same"]["episodes_s"])
     assert "episodes/s over the other modes" in capsys.readouterr().out
+    # results of separate runs (one per mode) merge into one file with the same summary
+    halves = []
+    for mode in ("non_shared", "base_lowrank_shared"):
+        half = dict(payload, rows=[r for r in rows if r["mode"] == mode])
+        halves.append(tmp_path / f"{mode}.json")
+        halves[-1].write_text(json.dumps(half))
+    merged = tmp_path / "merged.json"
+    assert throughput.main(["--merge", *map(str, halves), "--out", str(merged)]) == 0
+    assert json.loads(merged.read_text())["summary"] == payload["summary"]
+    assert (tmp_path / "merged.png").stat().st_size > 0
 
 
 def test_kb_workload_scores_accuracy(tmp_path):
@@ -69,7 +79,8 @@ def test_bad_options_are_named(capsys):
                           (["--workloads", "chat"], "unknown workload(s) ['chat']"),
                           (["--modes", "shared"], "unknown share mode 'shared'"),
                           (["--lengths", "100"], "--lengths must be >= 256 tokens; got [100]"),
-                          (["--budget-gib", "-1"], "--budget-gib must be > 0; got -1.0")):
+                          (["--budget-gib", "-1"], "--budget-gib must be > 0; got -1.0"),
+                          (["--merge", "/nonexistent.json"], "--merge: no such file")):
         with pytest.raises(SystemExit):
             throughput.main(argv)
         assert message in capsys.readouterr().err

@@ -41,37 +41,48 @@ from lragent_jax.session import Session, Turn, TurnResult
 class Schedule:
     """Which pending turns run together in one call.
 
-    A call's prefill costs every row of the session the call's longest chunk (rounded up to a power
-    of two, padding included), so one row's long prefill (a prompt, a tool observation, a
-    non-shared agent catching up) makes every row of that call pay for it. Turns whose chunk is
-    longer than ``long_prefill`` tokens therefore wait until at least ``long_share`` of the busy
-    rows want a long prefill, until nothing else is pending, or until they have been passed over
-    ``max_wait`` times; then everything pending runs together. ``long_prefill=None`` runs every
-    pending turn in every call. Scheduling never changes an episode's tokens, only when they run.
+    A call's prefill computes every row of the session over the call's longest chunk rounded up to
+    a power of two (the padded length), so one row's long prefill (a prompt, a tool observation, a
+    non-shared agent catching up) makes all rows pay for it. Short turns (at most ``long_prefill``
+    tokens to prefill) run in every call. Long turns join a call only when real tokens fill at least
+    ``long_fill`` of its padded prefill (rows x padded length; the longest padded length that does
+    is chosen, with every pending turn that fits in it), when nothing short is pending, or when one
+    of them has been passed over ``max_wait`` times. ``long_prefill=None`` runs every pending turn
+    in every call. Scheduling never changes an episode's tokens, only when they run.
     """
 
     long_prefill: int | None = 512
-    long_share: float = 0.5
+    long_fill: float = 0.5
     max_wait: int = 8
 
     def __post_init__(self):
         if self.long_prefill is not None and (not isinstance(self.long_prefill, int)
                                               or self.long_prefill < 1):
             raise ValueError(f"long_prefill must be an int >= 1 or None; got {self.long_prefill!r}")
-        if not 0 < self.long_share <= 1:
-            raise ValueError(f"long_share must be in (0, 1]; got {self.long_share}")
+        if not 0 <= self.long_fill <= 1:
+            raise ValueError(f"long_fill must be in [0, 1]; got {self.long_fill}")
         if not isinstance(self.max_wait, int) or self.max_wait < 0:
             raise ValueError(f"max_wait must be an int >= 0; got {self.max_wait!r}")
 
-    def select(self, pending: list[PendingTurn], busy: int) -> list[PendingTurn]:
-        """The turns of the next call, from ``pending`` (non-empty, all of one kind)."""
+    def select(self, pending: list[PendingTurn], rows: int,
+               min_bucket: int = 16) -> list[PendingTurn]:
+        """The turns of the next call, from ``pending`` (non-empty, one kind) in a session of
+        ``rows`` rows whose smallest padded chunk is ``min_bucket``."""
         if self.long_prefill is None:
             return pending
-        long = [p for p in pending if p.chunk > self.long_prefill]
-        if (not long or len(long) == len(pending) or len(long) >= self.long_share * busy
-                or any(p.waited >= self.max_wait for p in long)):
+        short = [p for p in pending if p.chunk <= self.long_prefill]
+        if len(short) == len(pending) or not short:
             return pending
-        return [p for p in pending if p.chunk <= self.long_prefill]
+        if any(p.waited >= self.max_wait for p in pending if p.chunk > self.long_prefill):
+            return pending
+        padded = {id(p): bucket(p.chunk, min_bucket) for p in pending}
+        for length in sorted({padded[id(p)] for p in pending}, reverse=True):
+            if length <= self.long_prefill:
+                break
+            group = [p for p in pending if padded[id(p)] <= length]
+            if sum(p.chunk for p in group) >= self.long_fill * rows * length:
+                return group
+        return short
 
 
 @dataclasses.dataclass
@@ -212,7 +223,7 @@ class TurnBatcher:
         # a call either scores on every row or generates on every row: the oldest turn's kind
         scoring = pending[0].turn.score_tokens is not None
         pending = [p for p in pending if (p.turn.score_tokens is not None) == scoring]
-        chosen = self.schedule.select(pending, self.busy_rows)
+        chosen = self.schedule.select(pending, self.rows, self.session.min_chunk_bucket)
         for p in self._pending.values():
             if p not in chosen:
                 p.waited += 1
