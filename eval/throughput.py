@@ -552,12 +552,17 @@ def run(opts, modes, out_path: Path, log=print) -> dict:
 
 
 def run_part(args, modes, out_dir: Path) -> dict:
-    """The ``throughput`` part of ``python -m eval``: both workloads with this module's defaults,
-    the ``eval`` run's model, dtype, attention and output folder."""
+    """The ``throughput`` part of ``python -m eval``: both workloads, with that command's model,
+    adapters, dtype, attention, ``--lengths`` (traces), ``--questions`` (kb episodes), ``--batch``
+    (the same-rows count, beside ``max``), ``--capacity``, ``--min-bucket`` and output folder."""
     opts = build_parser().parse_args([])
     opts.workloads = list(WORKLOADS)
     opts.kb_model, opts.kb_adapters, opts.kb_dtype = args.model, args.adapters, args.dtype
     opts.attn, opts.task_seed, opts.max_steps = args.attn, args.task_seed, args.max_steps
+    opts.lengths, opts.kb_episodes, opts.rows = list(args.lengths), args.questions, [
+        str(args.batch), "max"]
+    opts.kb_capacity, opts.kb_min_bucket, opts.no_plots = args.capacity, args.min_bucket, \
+        args.no_plots
     if args.model == "tiny":
         opts.trace_model = "tiny"
     payload = run(opts, modes, Path(out_dir) / "throughput.json")

@@ -62,18 +62,6 @@ def test_trace_workload_same_and_max_rows(tmp_path, capsys):
     assert (tmp_path / "merged.png").stat().st_size > 0
 
 
-def test_kb_workload_scores_accuracy(tmp_path):
-    out = tmp_path / "kb.json"
-    assert throughput.main(["--workloads", "kb", "--kb-model", "tiny", "--kb-adapters", "random",
-                            "--kb-episodes", "2", "--kb-capacity", "1024", "--kb-min-bucket",
-                            "256", "--max-steps", "1", "--warmup", "0", "--rows", "same:2",
-                            "--modes", "base_lowrank_shared", "--no-progress", "--no-plots",
-                            "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["workload"] == "kb" and row["episodes"] == 2 and row["failed"] == 0
-    assert 0 <= row["accuracy"] <= 1 and row["mean_tokens"] > 100
-
-
 def test_bad_options_are_named(capsys):
     for argv, message in ((["--rows", "same:0"], "--rows items are 'same:N' (N >= 1) or 'max'"),
                           (["--workloads", "chat"], "unknown workload(s) ['chat']"),
@@ -104,3 +92,20 @@ def test_engine_replay_is_a_drop_in_for_the_efficiency_replay():
     assert len(new["ttft_s"]) == len(old["ttft_s"]) == len(trace.turns)
     many = throughput.replay_many(session(2), [trace, generate_trace(256, 4)], seed=1)
     assert many[0]["prefilled"] == old["prefilled"] and len(many) == 2
+
+
+def test_throughput_is_a_part_of_python_m_eval(tmp_path):
+    from eval import cli
+
+    assert cli.main(["--model", "tiny", "--adapters", "random", "--parts", "throughput",
+                     "--modes", "base_lowrank_shared", "--lengths", "256", "--questions", "2",
+                     "--batch", "2", "--capacity", "1024", "--max-steps", "1", "--min-bucket",
+                     "256", "--no-plots", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["throughput"]
+    assert {(r["workload"], r["rows_rule"]) for r in results["rows"]} == {
+        ("traces", "same"), ("traces", "max"), ("kb", "same"), ("kb", "max")}
+    assert all(r["failed"] == 0 for r in results["rows"])
+    for row in results["rows"]:
+        if row["workload"] == "kb":  # scored as the accuracy part scores it
+            assert row["episodes"] == 2 and 0 <= row["accuracy"] <= 1 and row["mean_tokens"] > 100
+    assert (tmp_path / "throughput.json").is_file()
