@@ -42,8 +42,8 @@ from eval.common import NullTokenizer, environment, print_table, write_json
 from eval.traces import Trace, generate_trace
 from lragent_jax.cache import ALL_MODES, ShareMode
 from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
-from lragent_jax.rollout import (ProgressBar, RolloutEngine, Schedule, TraceEpisode, plan_rows,
-                                 run_traces, run_workflow)
+from lragent_jax.rollout import (ProgressBar, RolloutEngine, Schedule, TraceEpisode,
+                                 device_free_bytes, plan_rows, run_traces)
 from lragent_jax.session import Session
 
 WORKLOADS = ("traces", "kb")
@@ -294,12 +294,16 @@ def _trace_config(name: str) -> ModelConfig:
     return ModelConfig.preset(name)
 
 
-def _budget_bytes(opts) -> int | None:
+def _budget_bytes(opts) -> tuple[int, str]:
+    """The budget every mode's ``max`` row count is planned in, and where it comes from:
+    --budget-gib, else what the device has free now (call it once the weights are on the device),
+    else (a CPU) 2 GiB."""
     if opts.budget_gib is not None:
-        return int(opts.budget_gib * (1 << 30))
-    if jax.default_backend() == "cpu":
-        return int(CPU_BUDGET_GIB * (1 << 30))
-    return None  # plan_rows takes the device's free memory (measured after the weights)
+        return int(opts.budget_gib * (1 << 30)), "--budget-gib"
+    free = device_free_bytes()
+    if free is not None:
+        return free, "device free memory after the weights"
+    return int(CPU_BUDGET_GIB * (1 << 30)), "CPU default"
 
 
 def _schedule(opts) -> Schedule:
@@ -311,7 +315,8 @@ def _rows_for(rule, config, mode, capacity, lora, dtype, budget, prefill_chunk, 
     if rule != "max":
         return int(rule), None
     plan = plan_rows(config, mode, capacity=capacity, lora=lora, cache_dtype=dtype,
-                     budget_bytes=budget, prefill_chunk=prefill_chunk, max_rows=episodes)
+                     budget_bytes=budget[0], budget_source=budget[1], prefill_chunk=prefill_chunk,
+                     max_rows=episodes)
     print(f"  {plan.describe()}", flush=True)
     return plan.rows, plan
 
@@ -404,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mode fits in the budget); default same:16,max")
     p.add_argument("--budget-gib", type=float, default=None,
                    help="device-memory budget for --rows max (default: what the device has free "
-                        f"after the weights; {CPU_BUDGET_GIB:g} GiB on a CPU)")
+                        "after the weights, within JAX's pool: XLA_PYTHON_CLIENT_MEM_FRACTION, 75%% "
+                        f"of a GPU unless set; {CPU_BUDGET_GIB:g} GiB on a CPU)")
     p.add_argument("--warmup", type=int, default=4,
                    help="untimed episodes before each timed run (compilation; default 4)")
     p.add_argument("--long-prefill", type=int, default=512,

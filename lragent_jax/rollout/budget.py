@@ -90,14 +90,15 @@ class RowBudget:
 def plan_rows(config: ModelConfig, mode, *, capacity: int, lora: LoraConfig | None = None,
               cache_dtype=jnp.bfloat16, budget_bytes: int | None = None, prefill_chunk: int = 512,
               attention_scores: bool | None = None, headroom: float = 0.1,
-              max_rows: int | None = None) -> RowBudget:
+              max_rows: int | None = None, budget_source: str = "given") -> RowBudget:
     """The largest row count whose cache (analytic bytes) plus activation allowance fits the budget.
 
     ``budget_bytes``: None takes what the device has free now (call it after the weights are on the
     device); the CPU reports no memory, so there a budget must be given. ``attention_scores``: None
     counts the reference attention's score tensors when the platform's default attention is the
     reference (the CPU). ``headroom``: share of the budget kept back. ``max_rows``: an upper bound
-    (e.g. the number of episodes). Raises ValueError when not even one row fits, naming the budget,
+    (e.g. the number of episodes). ``budget_source``: how a given budget was chosen, for the
+    report. Raises ValueError when not even one row fits, naming the budget,
     the mode and the bytes one row needs.
     """
     mode = ShareMode.parse(mode)
@@ -116,7 +117,7 @@ def plan_rows(config: ModelConfig, mode, *, capacity: int, lora: LoraConfig | No
     else:
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be > 0; got {budget_bytes}")
-        source = "given"
+        source = budget_source
     if attention_scores is None:
         from pallas_kernels.flash_lora_attention.api import default_implementation
 

@@ -128,7 +128,8 @@ class CallStats:
 class TurnBatcher:
     """The scheduling core over one session's rows (see the module docstring).
 
-    ``record_calls``: keep a ``CallStats`` per call in ``calls`` (totals are always kept).
+    ``record_calls``: keep a ``CallStats`` per call in ``calls`` (totals are always kept). Not
+    thread-safe: drive it from one thread (a server hands requests to the loop that steps it).
     """
 
     def __init__(self, session: Session, schedule: Schedule | None = None, *,
