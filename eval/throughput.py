@@ -11,7 +11,8 @@ Workloads:
   adapters: every turn appends random tokens and generates exactly its count, the first token in
   a call of its own (its time to first token). Default shape: llama3_1_8b on a GPU, tiny on a CPU.
 - ``kb``: the built-in task (``KBTask`` test split, ``ReActWorkflow``, greedy) on the embedded
-  SmolLM2-135M-Instruct with the shipped adapters, scored as the accuracy part scores it.
+  SmolLM2-135M-Instruct with the shipped adapters, scored as the accuracy part scores it. A turn
+  returns all its tokens at the end of one call, so its time to first token is its latency.
 
 Row counts (``--rows``): ``same:N`` runs every mode with N rows; ``max`` runs each mode with the
 largest row count that fits the memory budget (``lragent_jax.rollout.plan_rows``: analytic cache
