@@ -19,7 +19,8 @@ largest row count that fits the memory budget (``lragent_jax.rollout.plan_rows``
 bytes plus an activation allowance; ``--budget-gib``, default what the device has free after the
 weights, 2 GiB on a CPU), at most the episode count.
 
-Each (workload, length, mode, rows) first runs ``--warmup`` episodes untimed (compilation), then
+A ``same:N`` run that does not fit the budget (without headroom) is skipped and reported. Each
+(workload, length, mode, rows) first runs ``--warmup`` episodes untimed (compilation), then
 times the episodes. Reported: episodes/s, generated tokens/s, prefilled tokens per agent, time to
 first token p50 / p99 and turn latency p50 over all turns, calls and rows per call, the share of
 computed prefill positions that were real tokens, compile seconds that still fell in the timed
@@ -205,16 +206,19 @@ def run_traces_workload(opts, modes, log=print) -> list[dict]:
                                  seed=opts.seed + start + i) for i in range(count))
 
         for rule, mode in [(rule, m) for rule in opts.rows for m in modes]:
-            rows, plan = _rows_for(rule, config, mode, capacity, lora, dtype, budget,
-                                   opts.prefill_chunk, opts.episodes)
+            rows, plan, skip = _rows_for(rule, config, mode, capacity, lora, dtype, budget,
+                                         opts.prefill_chunk, opts.episodes)
+            row = {"workload": "traces", "model": config.name, "length": length, "mode": mode,
+                   "rows_rule": rule if rule == "max" else "same",
+                   "budget": plan.describe() if plan else None}
+            if skip is not None:
+                rows_out.append(_skipped(row, rows, skip, log))
+                continue
             session = Session(config, params, NullTokenizer(), adapters=adapters, lora=lora,
                               mode=mode, batch=rows, capacity=capacity, attn_impl=opts.attn,
                               prefill_chunk=opts.prefill_chunk, seed=opts.seed,
                               min_chunk_bucket=min(opts.min_chunk_bucket, capacity),
                               min_new_bucket=64)
-            row = {"workload": "traces", "model": config.name, "length": length, "mode": mode,
-                   "rows_rule": rule if rule == "max" else "same",
-                   "budget": plan.describe() if plan else None}
             row.update(measure(session, make, episodes=opts.episodes,
                                warmup=min(opts.warmup, opts.episodes), schedule=schedule,
                                label=f"{config.name} {length} {mode} x{rows}",
@@ -264,14 +268,17 @@ def run_kb_workload(opts, modes, log=print) -> list[dict]:
 
     rows_out = []
     for rule, mode in [(rule, m) for rule in opts.rows for m in modes]:
-        rows, plan = _rows_for(rule, model.config, mode, opts.kb_capacity, model.lora, dtype,
-                               budget, opts.kb_prefill_chunk, len(questions))
-        session = model.session(mode, batch=rows, capacity=opts.kb_capacity,
-                                prefill_chunk=opts.kb_prefill_chunk,
-                                min_chunk_bucket=opts.kb_min_bucket, min_new_bucket=128)
+        rows, plan, skip = _rows_for(rule, model.config, mode, opts.kb_capacity, model.lora,
+                                     dtype, budget, opts.kb_prefill_chunk, len(questions))
         row = {"workload": "kb", "model": model.config.name, "length": None, "mode": mode,
                "rows_rule": rule if rule == "max" else "same",
                "budget": plan.describe() if plan else None}
+        if skip is not None:
+            rows_out.append(_skipped(row, rows, skip, log))
+            continue
+        session = model.session(mode, batch=rows, capacity=opts.kb_capacity,
+                                prefill_chunk=opts.kb_prefill_chunk,
+                                min_chunk_bucket=opts.kb_min_bucket, min_new_bucket=128)
         row.update(measure(session, make, episodes=len(questions),
                            warmup=min(opts.warmup, len(questions)), schedule=schedule,
                            label=f"kb {mode} x{rows}", progress=not opts.no_progress, score=score))
@@ -313,13 +320,27 @@ def _schedule(opts) -> Schedule:
 
 
 def _rows_for(rule, config, mode, capacity, lora, dtype, budget, prefill_chunk, episodes):
-    if rule != "max":
-        return int(rule), None
-    plan = plan_rows(config, mode, capacity=capacity, lora=lora, cache_dtype=dtype,
-                     budget_bytes=budget[0], budget_source=budget[1], prefill_chunk=prefill_chunk,
-                     max_rows=episodes)
-    print(f"  {plan.describe()}", flush=True)
-    return plan.rows, plan
+    """(rows, plan or None, why the run is skipped or None) for a row rule: ``max`` plans the rows
+    in the budget; ``same:N`` is skipped when N rows do not fit it even with no headroom."""
+    common = dict(capacity=capacity, lora=lora, cache_dtype=dtype, budget_bytes=budget[0],
+                  budget_source=budget[1], prefill_chunk=prefill_chunk)
+    try:
+        if rule == "max":
+            plan = plan_rows(config, mode, max_rows=episodes, **common)
+            print(f"  {plan.describe()}", flush=True)
+            return plan.rows, plan, None
+        fits = plan_rows(config, mode, headroom=0.0, **common)
+    except ValueError as e:
+        return 0, None, str(e)
+    if int(rule) > fits.rows:
+        return int(rule), None, (f"{rule} rows of mode {mode} do not fit: {fits.describe()} "
+                                 "(no headroom)")
+    return int(rule), None, None
+
+
+def _skipped(row: dict, rows: int, reason: str, log) -> dict:
+    log(f"  skipped {row['mode']} ({row['rows_rule']} rows): {reason}")
+    return {**row, "rows": rows, "skipped": reason}
 
 
 def _line(row) -> str:
@@ -332,6 +353,7 @@ def _line(row) -> str:
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (workload, model, length, rows rule): base_lowrank_shared's episodes/s over the others'."""
     out = []
+    rows = [r for r in rows if "skipped" not in r]
     keys = sorted({(r["workload"], r["model"], r["length"] or 0, r["rows_rule"]) for r in rows},
                   key=str)
     for key in keys:
@@ -355,7 +377,7 @@ def plot_episodes_per_s(rows: list[dict], path: Path) -> Path:
     from eval import plots
 
     fig, ax = plots.plt.subplots(figsize=(6, 4))
-    traces = [r for r in rows if r["workload"] == "traces"]
+    traces = [r for r in rows if r["workload"] == "traces" and "skipped" not in r]
     for rule, style in (("same", "-"), ("max", "--")):
         for mode in plots._modes({r["mode"] for r in traces}):
             pts = sorted((r["length"], r["episodes_s"], r["rows"]) for r in traces

@@ -20,13 +20,18 @@ def test_trace_workload_same_and_max_rows(tmp_path, capsys):
     out = tmp_path / "tp.json"
     assert throughput.main(["--workloads", "traces", "--trace-model", "tiny", "--lengths", "256",
                             "--modes", "non_shared,base_lowrank_shared",
-                            "--episodes", "3", "--warmup", "1", "--rows", "same:2,max",
+                            "--episodes", "3", "--warmup", "1", "--rows", "same:2,max,same:5000",
                             "--budget-gib", "0.05", "--no-progress", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert payload["partial"] is False
     assert {"device", "jax", "date", "command"} <= set(payload["environment"])
-    rows = payload["rows"]
-    assert len(rows) == 4  # 2 modes x 2 row rules
+    skipped = [r for r in payload["rows"] if "skipped" in r]
+    assert [(r["mode"], r["rows"]) for r in skipped] == [("non_shared", 5000),
+                                                         ("base_lowrank_shared", 5000)]
+    assert all("5000 rows of mode" in r["skipped"] and "do not fit" in r["skipped"]
+               for r in skipped)
+    rows = [r for r in payload["rows"] if "skipped" not in r]
+    assert len(rows) == 4  # 2 modes x 2 row rules that fit
     trace = generate_trace(256, 0)
     for row in rows:
         assert row["failed"] == 0 and row["episodes"] == 3
@@ -53,7 +58,7 @@ def test_trace_workload_same_and_max_rows(tmp_path, capsys):
     # results of separate runs (one per mode) merge into one file with the same summary
     halves = []
     for mode in ("non_shared", "base_lowrank_shared"):
-        half = dict(payload, rows=[r for r in rows if r["mode"] == mode])
+        half = dict(payload, rows=[r for r in payload["rows"] if r["mode"] == mode])
         halves.append(tmp_path / f"{mode}.json")
         halves[-1].write_text(json.dumps(half))
     merged = tmp_path / "merged.json"
