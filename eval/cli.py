@@ -31,7 +31,8 @@ from lragent_jax.tasks.kb import KBTask
 from lragent_jax.tokenizer import ByteTokenizer
 from lragent_jax.workflow import ReActWorkflow
 
-PARTS = ("rollout", "accuracy", "teacher_forced", "scienceqa", "efficiency", "memory")
+PARTS = ("rollout", "accuracy", "teacher_forced", "scienceqa", "efficiency", "memory",
+         "throughput")
 DEFAULT_PARTS = ("rollout", "accuracy", "memory")
 SHIPPED_ADAPTERS = "smollm2-135m-kb"
 
@@ -159,7 +160,7 @@ def _apply_quick(args) -> None:
     args.model = args.model or "tiny"
     if args.adapters is None:
         args.adapters = "random"
-    args.parts = [p for p in PARTS if p != "scienceqa"]
+    args.parts = [p for p in PARTS if p not in ("scienceqa", "throughput")]
     args.questions, args.batch, args.tf_episodes = 2, 2, 1
     args.seeds, args.temperature = 1, 0.0
     args.capacity, args.max_steps = 1024, 2
@@ -338,6 +339,11 @@ def main(argv=None) -> int:
                     ["model", "length", "attn", "speed_vs_fully_shared", "speed_vs_non_shared",
                      "memory_vs_non_shared"],
                     title="base_lowrank_shared vs the others (time ratio, >1 = faster)")
+
+    if "throughput" in args.parts:
+        from eval.throughput import run_part
+
+        results["throughput"] = run_part(args, modes, out_dir)
 
     if "memory" in args.parts:
         memory = memory_summary(model, args)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "CapacityError": "session", "GenerationSettings": "session", "Session": "session",
     "TokenAlignmentError": "session", "Turn": "session", "TurnResult": "session",
     "ModelPolicy": "agents", "run_model_episodes": "agents",
+    "RolloutEngine": "rollout", "plan_rows": "rollout", "run_workflow": "rollout",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,8 +4,51 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lragent_jax.session import GenerationSettings, Session, Turn
+from lragent_jax.session import GenerationSettings, Session, Turn, TurnResult
 from lragent_jax.workflow import Segment, TurnOutput, TurnRequest, Workflow, clean_output, run_episodes
+
+def prepare_turn(session: Session, row: int, request: TurnRequest, **sampling) -> Turn | None:
+    """The session turn for a workflow request on ``row``, or None when the row has no room left
+    (the agent then says nothing). ``sampling``: GenerationSettings fields (temperature, ...)."""
+    append = session.tokenizer.encode(request.append) if request.append else []
+    room = session.capacity - len(session.tokens[row]) - len(append) + 1
+    if room < 1:
+        return None
+    return Turn(request.agent, append_ids=tuple(append),
+                settings=GenerationSettings(max_new_tokens=min(request.max_new_tokens, room),
+                                            stop=tuple(request.stop), **sampling))
+
+
+def finish_turn(session: Session, row: int, request: TurnRequest,
+                result: TurnResult | None) -> TurnOutput:
+    """The workflow's output for a turn's result (None: no turn ran), with the row's trajectory cut
+    back to the recorded (cleaned) segment."""
+    if result is None:
+        return TurnOutput("", "length")
+    cleaned = clean_output(result.text, request.stop)
+    if cleaned != result.text:
+        # keep the trajectory in step with the recorded (stripped) segment
+        start = len(session.tokens[row]) - len(result.token_ids)
+        session.truncate(row, start)
+        session.append_tokens(row, _segment_tokens(session, result.token_ids, cleaned, row))
+    reason = result.stop_reason if result.stop_reason in ("eos", "stop", "length") else "eos"
+    return TurnOutput(result.text, reason)
+
+
+def _segment_tokens(session: Session, generated: list[int], cleaned: str, row: int) -> list[int]:
+    """Tokens for the cleaned segment: the generated ones minus whitespace-only tokens at either end
+    when they decode to it exactly, else the cleaned text tokenized (clipped to the row's remaining
+    capacity)."""
+    decode = session.tokenizer.decode
+    i, j = 0, len(generated)
+    while i < j and not decode(generated[i:i + 1]).strip():
+        i += 1
+    while j > i and not decode(generated[j - 1:j]).strip():
+        j -= 1
+    if decode(generated[i:j]) == cleaned:
+        return list(generated[i:j])
+    ids = session.tokenizer.encode(cleaned) if cleaned else []
+    return ids[:session.capacity - len(session.tokens[row])]
 
 
 class ModelPolicy:
@@ -46,57 +89,23 @@ class ModelPolicy:
             if request.episode not in self._rows:
                 raise ValueError(f"episode {request.episode} was not started (start_episode)")
             row = self._rows[request.episode]
-            append = self.session.tokenizer.encode(request.append) if request.append else []
-            room = self.session.capacity - len(self.session.tokens[row]) - len(append) + 1
-            if room < 1:
+            turn = prepare_turn(self.session, row, request, temperature=self.temperature,
+                                top_p=self.top_p, top_k=self.top_k)
+            if turn is None:
                 # out of cache capacity: the agent says nothing and the episode runs out of steps
                 self.out_of_capacity.add(request.episode)
                 continue
-            turns[row] = Turn(
-                request.agent, append_ids=tuple(append),
-                settings=GenerationSettings(max_new_tokens=min(request.max_new_tokens, room),
-                                            temperature=self.temperature, top_p=self.top_p,
-                                            top_k=self.top_k, stop=tuple(request.stop)))
+            turns[row] = turn
         results = self.session.turn(turns)
-        outputs = []
-        for request in requests:
-            row = self._rows[request.episode]
-            if row not in results:
-                outputs.append(TurnOutput("", "length"))
-                continue
-            result = results[row]
-            cleaned = clean_output(result.text, request.stop)
-            if cleaned != result.text:
-                # keep the trajectory in step with the recorded (stripped) segment
-                start = len(self.session.tokens[row]) - len(result.token_ids)
-                self.session.truncate(row, start)
-                self.session.append_tokens(row, self._segment_tokens(result.token_ids, cleaned,
-                                                                     row))
-            reason = result.stop_reason if result.stop_reason in ("eos", "stop", "length") else "eos"
-            outputs.append(TurnOutput(result.text, reason))
-        return outputs
-
-
-    def _segment_tokens(self, generated: list[int], cleaned: str, row: int) -> list[int]:
-        """Tokens for the cleaned segment: the generated ones minus whitespace-only tokens at
-        either end when they decode to it exactly, else the cleaned text tokenized (clipped to the
-        row's remaining capacity)."""
-        decode = self.session.tokenizer.decode
-        i, j = 0, len(generated)
-        while i < j and not decode(generated[i:i + 1]).strip():
-            i += 1
-        while j > i and not decode(generated[j - 1:j]).strip():
-            j -= 1
-        if decode(generated[i:j]) == cleaned:
-            return list(generated[i:j])
-        ids = self.session.tokenizer.encode(cleaned) if cleaned else []
-        return ids[:self.session.capacity - len(self.session.tokens[row])]
+        return [finish_turn(self.session, self._rows[r.episode], r,
+                            results.get(self._rows[r.episode])) for r in requests]
 
 
 def run_model_episodes(workflow: Workflow, tasks: Sequence, session: Session, *,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                        progress=None) -> list:
-    """Run every task as an episode, ``session.batch`` episodes at a time."""
+    """Run every task as an episode, ``session.batch`` episodes at a time (for continuous batching
+    over the rows, see ``lragent_jax.rollout``)."""
     policy = ModelPolicy(session, temperature=temperature, top_p=top_p, top_k=top_k)
     records = []
     tasks = list(tasks)

@@ -337,12 +337,17 @@ class ReActWorkflow(Workflow):
 
     ``reflect=None`` gives a two-role loop in which Finish ends the episode; ``action=plan`` lets one
     role write everything. Tasks are question strings or objects with a ``question`` attribute.
+    ``tool_errors``: "observe" (a tool that raises answers "Error: ..." and the agent goes on) or
+    "raise" (the exception propagates: the rollout engine ends that episode as failed).
     """
 
     def __init__(self, tools: Mapping[str, Tool], *, templates: ReActTemplates | None = None,
                  plan: str = "plan", action: str = "action", reflect: str | None = "reflect",
                  max_steps: int = 10, thought_tokens: int = 96, action_tokens: int = 16,
-                 argument_tokens: int = 48):
+                 argument_tokens: int = 48, tool_errors: str = "observe"):
+        if tool_errors not in ("observe", "raise"):
+            raise ValueError(f"tool_errors must be 'observe' or 'raise'; got {tool_errors!r}")
+        self.tool_errors = tool_errors
         self.templates = templates if templates is not None else ReActTemplates.default()
         t = self.templates
         builtin = {t.finish} | ({t.reflect} if reflect is not None else set())
@@ -476,7 +481,9 @@ class ReActWorkflow(Workflow):
         function, _ = self.tools[name]
         try:
             observation = str(function(argument))
-        except Exception as error:  # a tool must never end the episode; the agent sees the error
+        except Exception as error:  # by default a tool never ends the episode; the agent sees it
+            if self.tool_errors == "raise":
+                raise
             observation = f"Error: {type(error).__name__}: {error}"
         return self._observe(state, observation, close)
 
@@ -561,7 +568,8 @@ def run_episodes(workflow: Workflow, tasks: Sequence[Any], policy: Policy, *,
     request for every episode still running (episodes may be at different agents).
 
     Episode ids are ``first_episode + index``. ``progress(done, total)`` is called after every step.
-    Returns the records in task order.
+    Returns the records in task order. (``lragent_jax.rollout`` runs episodes continuously instead,
+    over the rows of a session, with the same per-episode steps below.)
     """
     if not isinstance(workflow, Workflow):
         raise ValueError(f"workflow must be a Workflow; got {type(workflow).__name__}")
@@ -573,31 +581,22 @@ def run_episodes(workflow: Workflow, tasks: Sequence[Any], policy: Policy, *,
     records: list[EpisodeRecord | None] = [None] * len(tasks)
     running: list[_Running] = []
     for index, task in enumerate(tasks):
-        state = workflow.start(task)
-        prompt = tuple(workflow.prompt(state))
-        for segment in prompt:
-            if not isinstance(segment, Segment) or segment.writer != ENV:
-                raise ValueError(f"workflow prompt must be env segments; got {segment!r}")
-        running.append(_Running(first_episode + index, task, state, list(prompt), []))
+        episode = _start(workflow, task, first_episode + index)
+        running.append(episode)
         if start_hook is not None:
-            start_hook(first_episode + index, prompt)
+            start_hook(episode.episode, tuple(episode.segments))
 
     done = 0
     while running:
         batch: list[tuple[_Running, TurnSpec]] = []
         for episode in running:
-            spec = workflow.next_turn(episode.state)
+            spec = _next_spec(workflow, episode)
             if spec is None:
                 records[episode.episode - first_episode] = _finish(workflow, episode)
                 done += 1
                 if end_hook is not None:
                     end_hook(episode.episode)
                 continue
-            if not isinstance(spec, TurnSpec):
-                raise ValueError(f"next_turn must return a TurnSpec or None; got {spec!r}")
-            if spec.agent not in workflow.roles:
-                raise ValueError(f"turn agent {spec.agent!r} is not one of the workflow's roles "
-                                 f"{workflow.roles}")
             batch.append((episode, spec))
         if batch:
             _step(workflow, policy, batch)
@@ -607,21 +606,50 @@ def run_episodes(workflow: Workflow, tasks: Sequence[Any], policy: Policy, *,
     return records  # type: ignore[return-value]
 
 
+def _start(workflow: Workflow, task: Any, episode: int) -> _Running:
+    """A running episode on ``task`` with its validated opening env segments."""
+    state = workflow.start(task)
+    prompt = tuple(workflow.prompt(state))
+    for segment in prompt:
+        if not isinstance(segment, Segment) or segment.writer != ENV:
+            raise ValueError(f"workflow prompt must be env segments; got {segment!r}")
+    return _Running(episode, task, state, list(prompt), [])
+
+
+def _next_spec(workflow: Workflow, episode: _Running) -> TurnSpec | None:
+    """The episode's next turn (validated), or None when it is over."""
+    spec = workflow.next_turn(episode.state)
+    if spec is None:
+        return None
+    if not isinstance(spec, TurnSpec):
+        raise ValueError(f"next_turn must return a TurnSpec or None; got {spec!r}")
+    if spec.agent not in workflow.roles:
+        raise ValueError(f"turn agent {spec.agent!r} is not one of the workflow's roles "
+                         f"{workflow.roles}")
+    return spec
+
+
 def _step(workflow: Workflow, policy: Policy, batch: list[tuple[_Running, TurnSpec]]) -> None:
     requests = [TurnRequest(e.episode, s.agent, s.append, s.max_new_tokens, s.stop) for e, s in batch]
     outputs = list(policy.turns(requests))
     if len(outputs) != len(requests):
         raise ValueError(f"policy.turns returned {len(outputs)} outputs for {len(requests)} requests")
     for (episode, spec), output in zip(batch, outputs):
-        if not isinstance(output, TurnOutput):
-            raise ValueError(f"policy.turns must return TurnOutput objects; got {output!r} for "
-                             f"episode {episode.episode}")
-        text = clean_output(output.text, spec.stop)
-        if spec.append:
-            episode.segments.append(Segment(ENV, spec.append))
-        episode.segments.append(Segment(spec.agent, text))
-        episode.turns.append(TurnLog(spec.agent, spec.append, text, output.text, output.stop_reason))
-        workflow.on_output(episode.state, text)
+        _record_output(workflow, episode, spec, output)
+
+
+def _record_output(workflow: Workflow, episode: _Running, spec: TurnSpec,
+                   output: TurnOutput) -> None:
+    """Append the turn's env text and cleaned output to the episode and hand it to the workflow."""
+    if not isinstance(output, TurnOutput):
+        raise ValueError(f"policy.turns must return TurnOutput objects; got {output!r} for "
+                         f"episode {episode.episode}")
+    text = clean_output(output.text, spec.stop)
+    if spec.append:
+        episode.segments.append(Segment(ENV, spec.append))
+    episode.segments.append(Segment(spec.agent, text))
+    episode.turns.append(TurnLog(spec.agent, spec.append, text, output.text, output.stop_reason))
+    workflow.on_output(episode.state, text)
 
 
 def _finish(workflow: Workflow, episode: _Running) -> EpisodeRecord:
