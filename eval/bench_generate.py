@@ -55,6 +55,23 @@ def _adapter_list(text: str) -> list[str]:
     return values
 
 
+def _case_list(text: str) -> list[tuple[int, int, str]]:
+    cases = []
+    for item in (v for v in text.split(",") if v):
+        parts = item.split(":")
+        try:
+            batch, context, kind = int(parts[0]), int(parts[1]), parts[2]
+        except (IndexError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected BATCH:CONTEXT:none|lora; got {item!r}")
+        if batch < 1 or context < 1 or kind not in ("none", "lora") or len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"expected BATCH:CONTEXT:none|lora with positive "
+                                             f"numbers; got {item!r}")
+        cases.append((batch, context, kind))
+    if not cases:
+        raise argparse.ArgumentTypeError("--cases is empty")
+    return cases
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.bench_generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--new", type=int, default=64, help="decoded tokens per timed turn (>= 2)")
     p.add_argument("--adapters", type=_adapter_list, default=["none"],
                    help="none (bare model) and/or lora (rank 8, base_lowrank_shared)")
+    p.add_argument("--cases", type=_case_list, default=None,
+                   help="explicit BATCH:CONTEXT:ADAPTERS triples instead of the product of "
+                        "--batch, --context and --adapters, e.g. 1:2048:none,16:2048:lora")
     p.add_argument("--rank", type=int, default=8, help="adapter rank with --adapters lora")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--attn", default=None,
@@ -154,47 +174,48 @@ def run(args) -> dict:
               "ceilings": ceilings, "rows": []}
     lora = LoraConfig(rank=args.rank, targets=ADAPTER_TARGETS)
     adapters = init_adapters(jax.random.key(1), config, lora, dtype=dtype, b_scale=0.02)
+    cases = args.cases or [(b, c, k) for k in args.adapters for b in args.batch
+                           for c in args.context]
     # one copy of the weights with the adapters' A appended, shared by every adapter row
-    fused = fuse_adapters(params, config, adapters, lora) if "lora" in args.adapters else None
-    for kind in args.adapters:
-        for batch in args.batch:
-            for context in args.context:
-                for block in (args.decode_block or [None]):
-                    capacity = -(-(context + args.new + 8) // 256) * 256
-                    extra = {} if kind == "none" else {"adapters": adapters, "lora": lora}
-                    session = Session(config, params if kind == "none" else fused,
-                                      NullTokenizer(),
-                                      mode="base_lowrank_shared" if kind == "lora" else "non_shared",
-                                      batch=batch, capacity=capacity, attn_impl=args.attn,
-                                      prefill_chunk=min(args.prefill_chunk,
-                                                        1 << (context - 1).bit_length()),
-                                      min_new_bucket=64, decode_block=block, **extra)
-                    m = measure(session, context, args.new, args.repeats,
-                                "plan" if kind == "lora" else None, rng)
-                    step = m["decode_step_s"]
-                    row = {"model": args.model, "adapters": kind, "batch": batch,
-                           "context": context, "decode_block": session.decode_block,
-                           "prefill_s": m["prefill_s"],
-                           "prefill_tok_s": batch * context / m["prefill_s"],
-                           "decode_step_ms": step * 1e3, "decode_tok_s": batch / step,
-                           "prefill_first_call_s": m["prefill_first_call_s"]}
-                    if ceilings:
-                        need = decode_step_bytes(params, config, batch=batch, context=context,
-                                                 cache_dtype=session.spec.dtype,
-                                                 rank=session.spec.rank)
-                        floor = need / ceilings["read_Bps"]
-                        row.update(step_bytes=need, floor_step_ms=floor * 1e3,
-                                   step_over_floor=step / floor)
-                        flops = prefill_flops(params, config, batch, context)
-                        row["prefill_over_matmul_floor"] = m["prefill_s"] / (
-                            flops / ceilings["matmul_bf16_flops"])
-                    result["rows"].append(row)
-                    write_json(args.out, result)
-                    print(f"  {kind} B={batch} ctx={context} block={session.decode_block}: "
-                          f"decode {step * 1e3:.3f} ms"
-                          + (f" ({row['step_over_floor']:.2f}x floor)" if ceilings else ""),
-                          flush=True)
-                    del session
+    fused = (fuse_adapters(params, config, adapters, lora) if any(k == "lora" for *_, k in cases)
+             else None)
+    for batch, context, kind in cases:
+        for block in (args.decode_block or [None]):
+            capacity = -(-(context + args.new + 8) // 256) * 256
+            extra = {} if kind == "none" else {"adapters": adapters, "lora": lora}
+            session = Session(config, params if kind == "none" else fused,
+                              NullTokenizer(),
+                              mode="base_lowrank_shared" if kind == "lora" else "non_shared",
+                              batch=batch, capacity=capacity, attn_impl=args.attn,
+                              prefill_chunk=min(args.prefill_chunk,
+                                                1 << (context - 1).bit_length()),
+                              min_new_bucket=64, decode_block=block, **extra)
+            m = measure(session, context, args.new, args.repeats,
+                        "plan" if kind == "lora" else None, rng)
+            step = m["decode_step_s"]
+            row = {"model": args.model, "adapters": kind, "batch": batch,
+                   "context": context, "decode_block": session.decode_block,
+                   "prefill_s": m["prefill_s"],
+                   "prefill_tok_s": batch * context / m["prefill_s"],
+                   "decode_step_ms": step * 1e3, "decode_tok_s": batch / step,
+                   "prefill_first_call_s": m["prefill_first_call_s"]}
+            if ceilings:
+                need = decode_step_bytes(params, config, batch=batch, context=context,
+                                         cache_dtype=session.spec.dtype,
+                                         rank=session.spec.rank)
+                floor = need / ceilings["read_Bps"]
+                row.update(step_bytes=need, floor_step_ms=floor * 1e3,
+                           step_over_floor=step / floor)
+                flops = prefill_flops(params, config, batch, context)
+                row["prefill_over_matmul_floor"] = m["prefill_s"] / (
+                    flops / ceilings["matmul_bf16_flops"])
+            result["rows"].append(row)
+            write_json(args.out, result)
+            print(f"  {kind} B={batch} ctx={context} block={session.decode_block}: "
+                  f"decode {step * 1e3:.3f} ms"
+                  + (f" ({row['step_over_floor']:.2f}x floor)" if ceilings else ""),
+                  flush=True)
+            del session
     return result
 
 

@@ -5,9 +5,12 @@
 #                                                real, dispatched sessions vs reference, cuDNN paths
 #   bash eval/gpu_inference.sh explore OUTDIR    decode variants: stop-check block, XLA command
 #                                                buffers; 8B decode with and without adapters
-#   bash eval/gpu_inference.sh decode OUTDIR     the decode table (8B batch 1/16/64, 2k-32k; SmolLM2)
+#   bash eval/gpu_inference.sh decode OUTDIR     the decode table (8B batch 1/16/64, 2k-32k, with and
+#                                                without adapters; SmolLM2), launches per layer
 #   bash eval/gpu_inference.sh kernels OUTDIR    attention dispatch thresholds, prefill vs cuDNN
-#   bash eval/gpu_inference.sh replay OUTDIR     3-agent episode replay, 8B shape, 16k and 32k
+#   bash eval/gpu_inference.sh replay OUTDIR     3-agent episode replay, 8B shape, 16k
+#   bash eval/gpu_inference.sh throughput OUTDIR many episodes through the rollout engine, 8B, 16k
+#   bash eval/gpu_inference.sh call2 OUTDIR      kernels + replay + throughput (one device call)
 # Each step has its own time limit so one slow step cannot take the others down.
 set -u
 OUT=${2:-results/gpu}
@@ -34,23 +37,30 @@ case "${1:-}" in
       --repeats 3 --out "$OUT/explore_llama8b.json"
     ;;
   decode)
-    step 330 $GEN --model llama3_1_8b --batch 1 --context 2048,16384,32768 --new 32 \
-      --adapters none,lora --repeats 3 --out "$OUT/decode_llama8b_b1.json"
-    step 200 $GEN --model llama3_1_8b --batch 16,64 --context 2048 --new 32 --adapters none,lora \
-      --repeats 3 --no-floors --out "$OUT/decode_llama8b_batched.json"
-    step 60 $GEN --model smollm2_135m --batch 1,16 --context 512 --new 128 \
+    step 100 python3 -m eval.decode_profile --model smollm2_135m --layers 2,4 --time-layers 10,30 \
+      --out "$OUT/decode_profile_smollm2.json"
+    step 330 $GEN --model llama3_1_8b --new 32 --repeats 3 --cases \
+      1:2048:none,1:2048:lora,1:16384:none,1:16384:lora,1:32768:none,1:32768:lora,16:2048:none,16:2048:lora,64:2048:none,64:2048:lora \
+      --out "$OUT/decode_llama8b.json"
+    step 90 $GEN --model smollm2_135m --batch 1,16 --context 512 --new 64 --adapters none,lora \
       --out "$OUT/decode_smollm2.json"
     ;;
   kernels)
-    step 560 python3 -m pallas_kernels.flash_lora_attention.benchmark --sections ceilings,dispatch \
-      --json "$OUT/kernels_dispatch.json"
+    step 150 python3 -m pallas_kernels.flash_lora_attention.benchmark --sections ceilings,dispatch \
+      --dispatch-shapes 64:16384,256:16384,1024:16384,4096:16384 --json "$OUT/kernels_dispatch.json"
     ;;
   replay)
-    step 290 python3 -m eval.efficiency --model llama3_1_8b --lengths 16384 --repeats 2 \
+    step 240 python3 -m eval.efficiency --model llama3_1_8b --lengths 16384 --repeats 1 \
       --targets q,v,o,gate,up,down --out "$OUT/efficiency_llama8b_16k.json"
-    step 290 python3 -m eval.efficiency --model llama3_1_8b --lengths 32768 --repeats 1 \
-      --targets q,v,o,gate,up,down --no-floors --out "$OUT/efficiency_llama8b_32k.json"
     ;;
-  *) echo "usage: bash eval/gpu_inference.sh check|explore|decode|kernels|replay OUTDIR" >&2
+  throughput)
+    step 300 python3 -m eval.throughput --workloads traces --trace-model llama3_1_8b \
+      --lengths 16384 --episodes 12 --warmup 2 --rows same:6,max --budget-gib 60 \
+      --modes base_lowrank_shared,non_shared --no-progress --out "$OUT/throughput_8b_16k.json"
+    ;;
+  call2)
+    bash "$0" kernels "$OUT"; bash "$0" replay "$OUT"; bash "$0" throughput "$OUT"
+    ;;
+  *) echo "usage: bash eval/gpu_inference.sh check|explore|decode|kernels|replay|throughput|call2 OUTDIR" >&2
      exit 2 ;;
 esac

@@ -175,14 +175,19 @@ def replay_many(session: Session, traces, *, seed: int = 0,
 def random_model(config: ModelConfig, *, rank: int = 8, targets=("q", "v"), dtype=jnp.bfloat16,
                  seed: int = 0):
     """Random weights of ``config``'s shape without EOS ids, and random plan / action / reflect
-    adapters (as the efficiency benchmark builds them)."""
+    adapters (as the efficiency benchmark builds them); the weights in the inference layout with
+    the adapters' A appended, one copy shared by every session."""
+    from lragent_jax.inference import fuse_adapters, to_inference_params
     from lragent_jax.lora import init_adapters
     from lragent_jax.model import init_params
 
     config = config.replace(eos_token_ids=())
-    params = jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(seed), config, dtype)
+    params = to_inference_params(
+        jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(seed), config, dtype), config,
+        donate=True)
     lora = LoraConfig(rank=rank, targets=tuple(targets), agents=ROLES)
     adapters = init_adapters(jax.random.key(seed + 1), config, lora, dtype=dtype, b_scale=0.02)
+    params = fuse_adapters(params, config, adapters, lora, donate=True)
     return config, params, lora, adapters
 
 

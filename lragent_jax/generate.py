@@ -182,8 +182,9 @@ def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnSh
         adapter_index=inputs.agent, factored_v=spec.mode.factored_v, attn_impl=shape.attn_impl,
         kv_indirect=spec.mode.base_per_agent, lowrank_indirect=spec.mode.lowrank_per_agent)
 
-    # ---- prefill, C tokens at a time
-    n_steps = shape.chunk_bucket // C
+    # ---- prefill, C tokens at a time, as many steps as the longest row needs (a chunk bucket
+    # wider than C serves every long chunk: one compilation for all of them)
+    n_steps = jnp.clip(-(-jnp.max(inputs.chunk_len) // C), 1, shape.chunk_bucket // C)
     dtype = params["embed"].dtype
     hidden_all = (jnp.zeros((B, shape.chunk_bucket, config.hidden_size), dtype)
                   if shape.return_hidden else None)

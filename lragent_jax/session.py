@@ -166,7 +166,8 @@ class Session:
       attn_impl: attention implementation (None: chosen per call shape and platform).
       prefill_chunk: tokens per prefill step inside a turn (a power of two; bounds attention
         memory).
-      min_chunk_bucket: smallest padded chunk length (fewer distinct compilations when larger).
+      min_chunk_bucket: smallest padded chunk length (fewer distinct compilations when larger;
+        chunks longer than ``prefill_chunk`` share one compilation whatever their length).
       min_new_bucket: smallest output buffer of a turn (the decode loop stops at each row's limit,
         so a larger buffer only costs memory, and saves compilations).
       decode_block: decode steps between two checks that every row is done (None: see
@@ -442,7 +443,7 @@ class Session:
         if not scoring and any(turns[r].settings.temperature > 0 for r in plans):
             filtered = any(turns[r].settings.top_p < 1 or turns[r].settings.top_k > 0 for r in plans)
             sampling = "sample_filtered" if filtered else "sample"
-        chunk_bucket = bucket(int(inputs.chunk_len.max()), self.min_chunk_bucket)
+        chunk_bucket = self._chunk_bucket(int(inputs.chunk_len.max()))
         inputs.tokens = np.zeros((B, chunk_bucket), np.int32)
         for row, ids in chunks.items():
             inputs.tokens[row, :len(ids)] = ids
@@ -468,6 +469,15 @@ class Session:
         if scoring:
             return self._finish_scoring(plans, outputs[1])
         return self._finish_generation(turns, plans, inputs.chunk_len, *outputs)
+
+    def _chunk_bucket(self, longest: int) -> int:
+        """Padded chunk width of a turn: the next power of two (at least ``min_chunk_bucket``) up to
+        ``prefill_chunk``; above it one width for every long chunk (the capacity rounded up to
+        ``prefill_chunk``), whose prefill runs only the steps the longest row needs."""
+        width = bucket(longest, self.min_chunk_bucket)
+        if width <= self.prefill_chunk:
+            return width
+        return -(-self.capacity // self.prefill_chunk) * self.prefill_chunk
 
     def _empty_inputs(self) -> TurnInputs:
         B, V = self.batch, self.config.vocab_size
@@ -504,7 +514,7 @@ class Session:
                     inputs.agent[row] = agent
             if not chunks:
                 continue
-            chunk_bucket = bucket(int(inputs.chunk_len.max()), self.min_chunk_bucket)
+            chunk_bucket = self._chunk_bucket(int(inputs.chunk_len.max()))
             inputs.tokens = np.zeros((self.batch, chunk_bucket), np.int32)
             for row, ids in chunks.items():
                 inputs.tokens[row, :len(ids)] = ids

@@ -124,7 +124,7 @@ def plan_rows(config: ModelConfig, mode, *, capacity: int, lora: LoraConfig | No
         attention_scores = default_implementation() == "reference"
     num_agents = lora.num_agents if lora is not None else 1
     has_v = lora is not None and "v" in lora.targets
-    rank = lora.rank if has_v and mode.lowrank_kind is not None else 0
+    rank = lora.rank if has_v and mode.factored_v else 0
     cache = analytic_cache_bytes(config, mode, num_agents=num_agents, capacity=capacity, rank=rank,
                                  batch=1, dtype=cache_dtype, v_adapter=rank > 0)["total"]
     activation = activation_bytes_per_row(config, capacity=capacity, prefill_chunk=prefill_chunk,

@@ -277,11 +277,12 @@ def offset_call(impl, q, k, v, lowrank, lora_b, adapter_index, *, with_lora=True
                                 implementation=impl)
 
 
-def run_dispatch(rows: list[Row], log):
+def run_dispatch(rows: list[Row], log, shapes=None):
     """Where cuDNN (adapter term materialised) overtakes the Flash-LoRA kernels: a chunk of T
     queries at the end of an S-key cache, R=16, both forced and as ``implementation=None``
     chooses; and the 16k prefill chunk against plain cuDNN attention."""
-    cases = [(t, s_len, "chunk") for t, s_len in DISPATCH_SHAPES] + [(16384, 16384, "prefill")]
+    cases = [(t, s_len, "chunk") for t, s_len in (shapes or DISPATCH_SHAPES)] + [
+        (16384, 16384, "prefill")]
     for t_len, s_len, kind in cases:
         per_call = _decode_bytes(1, s_len, BASELINE_RANK)
         sets = [make_set(31 + i, 1, t_len, s_len, BASELINE_RANK)
@@ -428,6 +429,9 @@ def main(argv=None):
                         help="comma-separated subset of ceilings,variants,prefill,decode,dispatch")
     parser.add_argument("--prefill-lengths", default=",".join(map(str, PREFILL_LENGTHS)))
     parser.add_argument("--decode-lengths", default=",".join(map(str, DECODE_LENGTHS)))
+    parser.add_argument("--dispatch-shapes", default=None,
+                        help="T:S pairs of the dispatch section (default: T 32..4096 at S 4k, 16k, "
+                             "32k), e.g. 64:16384,256:16384")
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
     device = jax.devices()[0]
@@ -471,7 +475,10 @@ def main(argv=None):
     if "variants" in sections:
         run_variants(rows, log)
     if "dispatch" in sections:
-        run_dispatch(rows, log)
+        shapes = None
+        if args.dispatch_shapes:
+            shapes = [tuple(map(int, item.split(":"))) for item in args.dispatch_shapes.split(",")]
+        run_dispatch(rows, log, shapes)
     result["targets"] = summarize(rows, result["ceilings"])
     save()
     print()
