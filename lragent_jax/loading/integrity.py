@@ -168,8 +168,14 @@ def _exchange(a: Path, b: Path) -> bool:
 def swap_into_place(staging: Path, destination: Path) -> None:
     """Make ``staging`` the folder at ``destination`` in one atomic step; the previous
     ``destination`` (if any) is deleted afterwards."""
+    os.chmod(staging, normal_mode(directory=True))
     for path in staging.rglob("*"):
-        if path.is_file():
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, normal_mode(directory=True))
+        elif path.is_file():
+            os.chmod(path, normal_mode())  # some writers (safetensors) create files 0600
             _fsync(path)
     if not destination.exists():
         os.replace(staging, destination)
