@@ -36,8 +36,9 @@ import ml_dtypes
 import numpy as np
 
 from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
-from lragent_jax.loading.integrity import (atomic_write_text, count_nonfinite, is_float_dtype,
-                                           sha256_file, staging_dir, swap_into_place)
+from lragent_jax.loading.integrity import (atomic_write_text, count_nonfinite, failpoint,
+                                           is_float_dtype, sha256_file, staging_dir,
+                                           swap_into_place)
 from lragent_jax.lora import validate_adapters
 
 MANIFEST = "lragent_adapters.json"
@@ -253,6 +254,7 @@ def save_adapters(folder: str | os.PathLike, adapters: dict, lora: LoraConfig,
                 _peft_config(lora, config), indent=2) + "\n", encoding="utf-8")
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 files[f"{agent}/{name}"] = sha256_file(agent_dir / name)
+            failpoint("export.agent")
         base_model = {"name": config.name, "fingerprint": config_fingerprint(config),
                       "config": config.to_hf_dict()}
         if fingerprint is not None:
@@ -265,6 +267,7 @@ def save_adapters(folder: str | os.PathLike, adapters: dict, lora: LoraConfig,
             "metadata": metadata or {},
         }
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+        failpoint("export.swap")
         swap_into_place(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

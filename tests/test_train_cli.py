@@ -40,7 +40,8 @@ def _args(toy_dir, out, *extra):
 def test_tiny_run_end_to_end_then_kill_and_resume(tmp_path, toy_dir, capsys):
     out = tmp_path / "run"
     assert main(_args(toy_dir, out, "--stop-after", "3", "--save-every", "2")) == 0
-    assert "continue with --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "continue with: python -m train --model tiny" in err and err.rstrip().endswith("--resume")
     assert main(_args(toy_dir, out)) == 2  # checkpoints there: refuse to start over silently
     assert "pass --resume to continue" in capsys.readouterr().err
     assert main(_args(toy_dir, out, "--resume")) == 0

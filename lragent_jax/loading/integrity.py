@@ -9,6 +9,8 @@
 - ``sha256_file``, ``crc32_of``: checksums recorded at save time and verified at load.
 - ``count_nonfinite``: NaN/Inf per tensor, vectorised (a bit test on the exponent for 16-bit
   floats), cheap enough to run on every tensor of an 8B checkpoint once at load.
+- ``failpoint``: named places where the fault-injection tests kill the process (SIGKILL, as a
+  crash or the out-of-memory killer would), set by ``LRAGENT_FAILPOINT=name[:n]``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import zlib
 from collections.abc import Callable
@@ -26,6 +29,22 @@ import ml_dtypes
 import numpy as np
 
 STAGING_MARK = ".staging-"
+FAILPOINT_ENV = "LRAGENT_FAILPOINT"
+_failpoint_hits: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    """Kill this process the n-th time it passes ``name`` when ``$LRAGENT_FAILPOINT`` is
+    ``name:n`` (``name`` alone: the first time). A no-op otherwise."""
+    spec = os.environ.get(FAILPOINT_ENV)
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target != name:
+        return
+    _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
+    if _failpoint_hits[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 _CHUNK = 1 << 24  # elements per slice of the finiteness test (bounds its temporary)
 # all-ones exponent = Inf or NaN
 _EXPONENT_BITS = {
@@ -181,6 +200,7 @@ def swap_into_place(staging: Path, destination: Path) -> None:
         os.replace(staging, destination)
         return
     if _exchange(staging, destination):
+        failpoint("swap.exchanged")
         shutil.rmtree(staging, ignore_errors=True)  # now the previous version
         return
     # No atomic exchange on this filesystem: two renames. A crash between them leaves the
