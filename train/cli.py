@@ -356,7 +356,7 @@ def run(args, argv: list[str]) -> int:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     model_kind, model_what = resolve_model(args.model, args.random_weights)
 
-    from train.checkpoint import RunLock
+    from train.checkpoint import LOCK_FILE, RunLock
     from train.data import DataSpec, load_role_samples
     from train.loop import RunOptions, TrainConfig, check_fresh_folder, train
 
@@ -378,6 +378,7 @@ def run(args, argv: list[str]) -> int:
 
     is_main = jax.process_index() == 0
     lock = RunLock(out, command)
+    created = not out.exists()
     if is_main:
         lock.acquire()  # before anything in the folder is read or deleted
     try:
@@ -400,6 +401,9 @@ def run(args, argv: list[str]) -> int:
         result = train(config, base, train_samples, valid_samples, options)
     finally:
         lock.release()
+        if is_main and created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # a run that failed before writing
+            out.rmdir()
     resume = shlex.join(["python", "-m", "train", *_resume_args(argv, out)])
     if result.stopped_by:
         saved = (f"checkpoint at step {result.last_checkpoint}" if result.last_checkpoint
