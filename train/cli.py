@@ -6,9 +6,10 @@
     python -m train --model llama-3.1-8b --random-weights --max-steps 20    # speed run, shapes only
     python -m train --out runs/x --resume            # continue a killed or stopped run exactly
 
-A first run in about a minute on a 2-core CPU (SmolLM2-135M, {cpu_speed}):
+A first run in about a minute on a 2-core CPU (SmolLM2-135M; {cpu_speed}):
 
-    python -m train --kb-train 40 --kb-valid 8 --batch-size 4 --max-steps 8 --max-len 512
+    python -m train --kb-train 40 --kb-valid 8 --batch-size 2 --max-steps 5 --max-len 384 \\
+        --bucket-multiple 384 --remat none
 
 Each run writes its own folder (runs/<model>-<variant>-<date>-<time>/ unless --out is given).
 Ctrl-C (or SIGTERM) stops after the current step with a checkpoint; --resume continues it.
@@ -29,8 +30,10 @@ from lragent_jax.config import ADAPTER_TARGETS, PRESETS, ModelConfig
 
 EMBEDDED = "embedded"
 TINY = "tiny"
-# tokens/s of the one-minute example above, measured on the project's 2-core CPU machine
-CPU_SPEED = "about 100 training tokens/s"
+# the one-minute example above on the project's 2-core CPU machine (2026-12-01), while other
+# jobs shared it (load average 6.5): 113 s wall, 70 s of CPU time
+CPU_SPEED = ("30-46 training tokens/s measured on a shared 2-core CPU, up to about twice that "
+             "when it is idle")
 
 
 def int_in(low: int, high: int | None = None):
