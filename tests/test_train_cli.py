@@ -73,6 +73,19 @@ def test_tiny_run_end_to_end_then_kill_and_resume(tmp_path, toy_dir, capsys):
         warnings.simplefilter("error")
         load_adapters(out / "adapters", config=config,
                       params=init_params(jax.random.key(0), config, jnp.float32))
+    # and python -m train.score scores them per role (the base weights checked too)
+    from train import score
+
+    capsys.readouterr()
+    assert score.main(["--adapters", str(out / "adapters"), "--model", "tiny", "--data",
+                       str(toy_dir), "--valid-fraction", "0.25", "--max-len", "64",
+                       "--batch-size", "8", "--dtype", "float32", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)["teacher_forced"]) == {"plan", "action", "reflect"}
+    assert "scoring 18 samples teacher-forced" in captured.err
+    with pytest.raises(SystemExit):
+        score.main(["--adapters", "x", "--batch-size", "0"])
+    assert "argument --batch-size: 0 is out of range" in capsys.readouterr().err
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path, toy_dir, capsys):
