@@ -10,6 +10,12 @@ Variants (``TrainConfig.variant``):
 Base weights are cast once to the compute dtype (bf16 by default); adapters and optimizer state stay
 float32 and are cast inside the forward. Logits are computed only at the loss positions (output +
 EOS of each row), so a [B, T, V] float32 tensor is never built.
+
+Faults: the run folder is locked against a second writer; a step's record is written before the
+checkpoint that includes it, and each epoch is checkpointed before its validation, so a run killed
+anywhere resumes to the same adapters with every step logged once; a NaN/Inf loss, gradient norm or
+adapter stops the run before that step is saved; SIGINT/SIGTERM stop it after the current step,
+checkpointed. Validation is capped at half the samples an epoch trains on (short runs stay short).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ import numpy as np
 from lragent_jax.config import ModelConfig, RopeScaling
 from lragent_jax.loading.hf import (CheckpointError, assemble_params, check_params, check_tensor,
                                     config_checksum, normalize_dtype, to_hf_tensors)
-from lragent_jax.loading.integrity import STAGING_MARK, crc32_of, normal_mode
+from lragent_jax.loading.integrity import (STAGING_MARK, clean_stale_staging, crc32_of,
+                                           normal_mode)
 
 # Metadata key of the checksums ``save_gguf`` writes (a JSON string): {"config": sha256 of the
 # model config, "tokenizer": sha256 of the tokenizer.* fields, "tensors": {name: crc32 of the
@@ -436,6 +437,7 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
                          f"{config.eos_token_ids}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(path)
     tmp = path.with_name(f".{path.name}{STAGING_MARK}{os.getpid()}-{os.urandom(4).hex()}")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
