@@ -419,16 +419,17 @@ class LoraConfig:
     def agent_index(self, agent: str | int) -> int:
         """Index of an agent given by name or by index (a Python or numpy integer; not a bool).
         Negative indices are not accepted here."""
-        known = f"known agents: {list(self.agents)} (indices 0..{self.num_agents - 1})"
+        allowed = f"allowed: 0..{self.num_agents - 1} ({', '.join(self.agents)})"
+        known = f"known agents: {list(self.agents)}"
         if isinstance(agent, bool):
             raise ValueError(f"agent {agent!r} is a bool, not an agent name or index; {known}")
         if is_int(agent):
             if not 0 <= agent < self.num_agents:
-                raise ValueError(f"agent index {int(agent)} out of range; {known}")
+                raise ValueError(f"agent index {int(agent)} out of range; {allowed}")
             return int(agent)
         if not isinstance(agent, str):
             raise ValueError(f"agent {agent!r} of type {type(agent).__name__} is not an agent "
-                             f"name or index; {known}")
+                             f"name or index; {known} or an index {allowed[9:]}")
         if agent not in self.agents:
             raise ValueError(f"unknown agent {agent!r}; {known}")
         return self.agents.index(agent)

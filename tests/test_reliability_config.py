@@ -14,7 +14,8 @@ def test_agent_index_accepts_numpy_integers_and_refuses_bools_and_other_types():
     assert lora.agent_index("action") == 1
     with pytest.raises(ValueError, match=r"agent True is a bool.*'plan', 'action', 'reflect'"):
         lora.agent_index(True)
-    with pytest.raises(ValueError, match=r"agent index 3 out of range.*indices 0\.\.2"):
+    with pytest.raises(ValueError, match=r"agent index 3 out of range; allowed: 0\.\.2 \(plan, "
+                                         r"action, reflect\)"):
         lora.agent_index(np.int64(3))
     with pytest.raises(ValueError, match="agent index -1 out of range"):
         lora.agent_index(-1)
