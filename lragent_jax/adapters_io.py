@@ -11,6 +11,12 @@ Each agent's folder is a standalone PEFT adapter (with shared A every folder car
 On disk B is UNSCALED, as PEFT stores it; in memory B holds the scale alpha / r folded in (see
 ``lora.py``). Scaling by a power of two (the default alpha / r = 2) is exact, so an export / import
 round trip returns the same bits; other scales can differ by one unit in the last place.
+
+Integrity: an export is built in a staging folder and switched in with one atomic rename; the
+manifest records the sha256 of every file and a fingerprint of the base model's weights (a hash of
+a fixed sample of each weight tensor), so that loading refuses changed files and adapters trained
+on other weights of the same shape (a base vs an instruct checkpoint). Non-finite adapters are
+never written, and refused at load with the tensor named.
 """
 
 from __future__ import annotations
@@ -19,14 +25,20 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
+from lragent_jax.loading.integrity import (atomic_write_text, count_nonfinite, failpoint,
+                                           is_float_dtype, sha256_file, staging_dir,
+                                           swap_into_place)
 from lragent_jax.lora import validate_adapters
 
 MANIFEST = "lragent_adapters.json"
@@ -47,6 +59,120 @@ _STORAGE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": n
 
 class AdapterFileError(ValueError):
     """An adapter folder is missing, corrupt, or made for another base model or config."""
+
+
+class OtherWeightsError(AdapterFileError):
+    """Adapters were trained on other weights of the same architecture (fingerprints differ)."""
+
+
+FINGERPRINT_METHOD = "bf16-sample-64"
+_FINGERPRINT_SAMPLES = 64
+_FLUSH_BELOW = 2.0 ** -14  # float16's smallest normal: values below it are compared as zero
+
+
+def _stacked_leaves(params: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Logical weight tensors by name ("embed", "layers/q", ...): (shape, take) where
+    ``take(index)`` gathers the values at an index tuple of the stacked [L, ...] tensor. Works on
+    per-layer leaves stacked on a leading axis and on a list of per-layer dicts alike."""
+    out = {}
+    for name, value in params.items():
+        if name != "layers":
+            out[name] = (tuple(value.shape), lambda index, x=value: _gather(x, index))
+    layers = params.get("layers", {})
+    if isinstance(layers, Mapping):
+        for name, value in layers.items():
+            out[f"layers/{name}"] = (tuple(value.shape),
+                                     lambda index, x=value: _gather(x, index))
+    else:  # one dict per layer
+        for name in layers[0]:
+            per_layer = [layer[name] for layer in layers]
+            shape = (len(per_layer), *per_layer[0].shape)
+
+            def take(index, per_layer=per_layer):
+                values = np.empty(len(index[0]), np.float32)
+                for layer in np.unique(index[0]):
+                    rows = np.flatnonzero(index[0] == layer)
+                    values[rows] = _gather(per_layer[layer], tuple(i[rows] for i in index[1:]))
+                return values
+
+            out[f"layers/{name}"] = (shape, take)
+    return out
+
+
+def _gather(x, index) -> np.ndarray:
+    if isinstance(x, jax.Array) and not all(d.platform == "cpu" for d in x.devices()):
+        return np.asarray(jax.device_get(x[index]), np.float32)  # a small gather on the device
+    return np.asarray(np.asarray(x)[index], np.float32)
+
+
+def weights_fingerprint(params: Mapping[str, Any]) -> dict[str, Any]:
+    """64 values at fixed positions of every weight tensor, rounded to bfloat16 (hex): cheap for
+    any model size, independent of the parameter layout, equal for float32 and bfloat16 loads of
+    one checkpoint and different for another checkpoint of the same shape."""
+    tensors = {}
+    dtypes = set()
+    for name, (shape, take) in sorted(_stacked_leaves(params).items()):
+        size = int(np.prod(shape))
+        flat = np.unique(np.linspace(0, size - 1, _FINGERPRINT_SAMPLES).astype(np.int64))
+        values = take(np.unravel_index(flat, shape))
+        values = np.where(np.abs(values) < _FLUSH_BELOW, 0.0, values).astype(ml_dtypes.bfloat16)
+        tensors[name] = values.view(np.uint16).astype(">u2").tobytes().hex()
+    for leaf in jax.tree.leaves(params):
+        dtypes.add(str(np.dtype(leaf.dtype)))
+    return {"method": FINGERPRINT_METHOD, "dtype": ",".join(sorted(dtypes)), "tensors": tensors}
+
+
+def _decode(text: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(text), ">u2").astype(np.uint16).view(
+        ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _differing_tensors(saved: dict, now: dict) -> list[str]:
+    """Tensors whose samples differ: bit for bit, or by more than one bfloat16 step where either
+    side was loaded in float16 (float16 rounds some values of a float32 file differently)."""
+    lenient = "float16" in saved.get("dtype", "").split(",") + now["dtype"].split(",")
+    differ = []
+    for name in sorted(set(saved["tensors"]) | set(now["tensors"])):
+        a, b = saved["tensors"].get(name), now["tensors"].get(name)
+        if a == b:
+            continue
+        try:
+            x, y = _decode(a), _decode(b)
+        except (TypeError, ValueError):
+            differ.append(name)
+            continue
+        if not lenient or x.shape != y.shape or np.any(
+                np.abs(x - y) > 2.0 ** -7 * np.maximum(np.abs(x), np.abs(y)) + 2 * _FLUSH_BELOW):
+            differ.append(name)
+    return differ
+
+
+def check_base_weights(manifest: dict, params: Mapping[str, Any], folder: str | os.PathLike,
+                       *, allow_other_weights: bool = False) -> None:
+    """Refuse adapters whose manifest fingerprints other base weights than ``params``; warn when
+    an older manifest carries no fingerprint."""
+    saved = manifest["base_model"].get("weights")
+    if not isinstance(saved, dict) or saved.get("method") != FINGERPRINT_METHOD or \
+            not isinstance(saved.get("tensors"), dict):
+        warnings.warn(f"{folder}: the manifest records no fingerprint of the base weights (an "
+                      "older export), so it cannot be checked that these adapters were trained "
+                      "on the loaded weights", stacklevel=3)
+        return
+    now = weights_fingerprint(params)
+    differ = _differing_tensors(saved, now)
+    if not differ:
+        return
+    message = (f"the adapters in {folder} were trained on other weights than the loaded base "
+               f"model {manifest['base_model'].get('name')!r} (same architecture, but "
+               f"{len(differ)} of {len(now['tensors'])} weight tensors differ, e.g. "
+               f"{', '.join(differ[:3])}): e.g. a base vs an instruct checkpoint, or another "
+               "quantisation. Load them with the weights they were trained on, or pass "
+               "allow_other_weights=True (--allow-other-weights) to use them anyway")
+    if allow_other_weights:
+        warnings.warn(message.split(": e.g.")[0] + "; used anyway (allow_other_weights)",
+                      stacklevel=3)
+        return
+    raise OtherWeightsError(message)
 
 
 def config_fingerprint(config: ModelConfig) -> str:
@@ -74,12 +200,15 @@ def _agent_dir_name(agent: str) -> str:
 
 def save_adapters(folder: str | os.PathLike, adapters: dict, lora: LoraConfig,
                   config: ModelConfig, *, metadata: dict | None = None,
-                  dtype: str = "float32") -> Path:
+                  dtype: str = "float32", base_params: Mapping[str, Any] | None = None) -> Path:
     """Write ``adapters`` (the in-memory pytree, scale folded into B) to ``folder``.
 
-    The folder is written beside its destination and renamed into place, so a reader never sees
-    a half-written export. ``dtype``: storage dtype ("float32", "bfloat16" or "float16").
-    ``metadata``: JSON-serialisable facts to keep in the manifest (training command, metrics).
+    The folder is written beside its destination and switched into place in one atomic step, so
+    a reader never sees a half-written export. ``dtype``: storage dtype ("float32", "bfloat16" or
+    "float16"). ``metadata``: JSON-serialisable facts to keep in the manifest (training command,
+    metrics). ``base_params``: the base weights the adapters were trained on; their fingerprint
+    goes into the manifest so that ``load_adapters`` can refuse other weights of the same shape.
+    Non-finite adapters are refused.
     """
     from safetensors.numpy import save_file
 
@@ -88,38 +217,58 @@ def save_adapters(folder: str | os.PathLike, adapters: dict, lora: LoraConfig,
         raise ValueError(f"storage dtype {dtype!r} is not supported; allowed: "
                          f"{sorted(_STORAGE_DTYPES)}")
     storage = _STORAGE_DTYPES[dtype]
+    host = {m: {leaf: np.asarray(x, np.float64) for leaf, x in leaves.items()}
+            for m, leaves in adapters.items()}
+    bad = [f"{m}/{leaf}: {count_nonfinite(x)} of {x.size}" for m, leaves in host.items()
+           for leaf, x in leaves.items() if count_nonfinite(x)]
+    if bad:
+        raise ValueError("refusing to export non-finite adapters (NaN or Inf values in "
+                         + "; ".join(bad) + ")")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    if folder.exists() and not (folder / MANIFEST).is_file():
+        raise AdapterFileError(f"{folder} exists and is not an adapter export (no {MANIFEST});"
+                               " refusing to overwrite it")
+    fingerprint = weights_fingerprint(base_params) if base_params is not None else None
+    staging = staging_dir(folder)
     try:
-        host = {m: {leaf: np.asarray(x, np.float64) for leaf, x in leaves.items()}
-                for m, leaves in adapters.items()}
+        files = {}
         for agent_index, agent in enumerate(lora.agents):
             tensors = {}
-            for module in lora.targets:
+            for module in lora.targets:  # (an overflowing cast is caught just below)
                 a = host[module]["a"] if lora.shared_a else host[module]["a"][:, agent_index]
                 b = host[module]["b"][:, agent_index] / lora.scale  # [L, R, Dout], unscaled
                 for layer in range(config.num_layers):
-                    tensors[tensor_key(layer, module, "A")] = np.ascontiguousarray(
-                        a[layer].T.astype(storage))
-                    tensors[tensor_key(layer, module, "B")] = np.ascontiguousarray(
-                        b[layer].T.astype(storage))
+                    with np.errstate(over="ignore"):
+                        tensors[tensor_key(layer, module, "A")] = np.ascontiguousarray(
+                            a[layer].T.astype(storage))
+                        tensors[tensor_key(layer, module, "B")] = np.ascontiguousarray(
+                            b[layer].T.astype(storage))
+            stored = [k for k, x in tensors.items() if count_nonfinite(x)]
+            if stored:
+                raise ValueError(f"refusing to export adapters that overflow {dtype}: "
+                                 f"{stored[:3]}; export in float32")
             agent_dir = staging / _agent_dir_name(agent)
             agent_dir.mkdir()
             save_file(tensors, agent_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
             (agent_dir / ADAPTER_CONFIG).write_text(json.dumps(
                 _peft_config(lora, config), indent=2) + "\n", encoding="utf-8")
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                files[f"{agent}/{name}"] = sha256_file(agent_dir / name)
+            failpoint("export.agent")
+        base_model = {"name": config.name, "fingerprint": config_fingerprint(config),
+                      "config": config.to_hf_dict()}
+        if fingerprint is not None:
+            base_model["weights"] = fingerprint
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION,
             "agents": list(lora.agents), "shared_a": lora.shared_a, "rank": lora.rank,
             "alpha": lora.alpha, "targets": list(lora.targets), "dtype": dtype,
-            "base_model": {"name": config.name, "fingerprint": config_fingerprint(config),
-                           "config": config.to_hf_dict()},
+            "base_model": base_model, "files": files,
             "metadata": metadata or {},
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n",
-                                        encoding="utf-8")
-        _replace_dir(staging, folder)
+        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+        failpoint("export.swap")
+        swap_into_place(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -134,21 +283,6 @@ def _peft_config(lora: LoraConfig, config: ModelConfig) -> dict:
         "target_modules": [HF_MODULES[m].rsplit(".", 1)[1] for m in lora.targets],
         "base_model_name_or_path": config.name,
     }
-
-
-def _replace_dir(staging: Path, folder: Path) -> None:
-    """Move ``staging`` to ``folder``, replacing an existing export (never a foreign folder)."""
-    if folder.exists():
-        if not (folder / MANIFEST).is_file():
-            raise AdapterFileError(f"{folder} exists and is not an adapter export (no {MANIFEST});"
-                                   " refusing to overwrite it")
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
@@ -171,9 +305,26 @@ def read_manifest(folder: str | os.PathLike) -> dict:
                                f"supported (this library reads version {FORMAT_VERSION})")
     for key, kind in (("agents", list), ("shared_a", bool), ("rank", int), ("alpha", (int, float)),
                       ("targets", list), ("base_model", dict)):
-        if not isinstance(manifest.get(key), kind):
+        if not isinstance(manifest.get(key), kind) or (kind is int and isinstance(
+                manifest.get(key), bool)):
             raise AdapterFileError(f"{path}: field {key!r} is missing or of the wrong type")
+    if "files" in manifest and not (isinstance(manifest["files"], dict) and all(
+            isinstance(v, str) for v in manifest["files"].values())):
+        raise AdapterFileError(f"{path}: field 'files' must map file names to sha256 strings")
     return manifest
+
+
+def verify_files(manifest: dict, folder: Path) -> list[str]:
+    """Problems with the files of an export against the sha256 its manifest records."""
+    problems = []
+    for name, expected in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            continue  # reported as missing by the reader
+        if sha256_file(path) != expected:
+            problems.append(f"{path}: its sha256 differs from the one recorded at export (the "
+                            "file changed or is corrupt)")
+    return problems
 
 
 def lora_from_manifest(manifest: dict, path: Path | str = MANIFEST) -> LoraConfig:
@@ -200,19 +351,27 @@ def check_base_model(manifest: dict, config: ModelConfig, folder: str | os.PathL
                            "the base model they were made for")
 
 
-def load_adapters(folder: str | os.PathLike, *, config: ModelConfig,
-                  dtype=jnp.float32) -> tuple[dict, LoraConfig]:
+def load_adapters(folder: str | os.PathLike, *, config: ModelConfig, dtype=jnp.float32,
+                  params: Mapping[str, Any] | None = None,
+                  allow_other_weights: bool = False) -> tuple[dict, LoraConfig]:
     """Read an export written by ``save_adapters``: ``(adapters, lora)`` with the scale folded into
-    B. Refuses adapters made for another base model; with shared A, checks that every agent's file
-    holds the same A. Every problem in the tensor files is collected and reported at once."""
+    B. Refuses adapters made for another base model (its config, and with ``params`` given, its
+    weights: ``allow_other_weights=True`` overrides that); with shared A, checks that every agent's
+    file holds the same A. Files are checked against the manifest's sha256; every tensor must be
+    floating point and finite. Every problem is collected and reported at once."""
     from safetensors import safe_open
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     lora = lora_from_manifest(manifest, folder / MANIFEST)
     check_base_model(manifest, config, folder)
+    if params is not None:
+        check_base_weights(manifest, params, folder, allow_other_weights=allow_other_weights)
+    if "files" not in manifest:
+        warnings.warn(f"{folder}: the manifest records no file checksums (an older export); the "
+                      "files are loaded unverified", stacklevel=2)
 
-    problems: list[str] = []
+    problems: list[str] = verify_files(manifest, folder)
     per_agent: list[dict[str, dict[str, np.ndarray]]] = []
     for agent in lora.agents:
         agent_dir = folder / _agent_dir_name(agent)
@@ -243,6 +402,15 @@ def load_adapters(folder: str | os.PathLike, *, config: ModelConfig,
                             if x.shape != shape:
                                 problems.append(f"{weights}: {key} has shape {list(x.shape)}, "
                                                 f"expected {list(shape)}")
+                                continue
+                            if not is_float_dtype(x.dtype):
+                                problems.append(f"{weights}: {key} is stored as {x.dtype}, not "
+                                                "floating point")
+                                continue
+                            bad = count_nonfinite(x)
+                            if bad:
+                                problems.append(f"{weights}: {key} holds {bad} non-finite "
+                                                f"value(s) (NaN or Inf) of {x.size}")
                                 continue
                             out[layer] = x.astype(np.float32).T
                     tensors[module] = {"a": a, "b": b}

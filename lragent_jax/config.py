@@ -9,9 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 ADAPTER_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# HF ``hidden_act`` names of the MLP activation this model implements (SiLU-gated MLP).
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_positive_number(name: str, value: Any) -> None:
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +46,12 @@ class RopeScaling:
         if self.kind not in ("llama3", "linear"):
             raise ValueError(f"rope scaling kind {self.kind!r} is not supported; allowed: 'llama3', "
                              "'linear'")
-        if self.factor <= 0:
-            raise ValueError(f"rope scaling factor must be > 0; got {self.factor}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            check_positive_number(f"rope scaling {name}", getattr(self, name))
+        if not is_int(self.original_max_position_embeddings) or \
+                self.original_max_position_embeddings < 1:
+            raise ValueError("rope scaling original_max_position_embeddings must be an int >= 1; "
+                             f"got {self.original_max_position_embeddings!r}")
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor; got "
                              f"{self.high_freq_factor} <= {self.low_freq_factor}")
@@ -60,16 +82,39 @@ class ModelConfig:
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                       "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"ModelConfig.{field} must be a positive int; got {value!r}")
+            object.__setattr__(self, field, int(value))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE; got {self.head_dim}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0; got {self.rope_theta}")
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        check_positive_number("ModelConfig.rope_theta", self.rope_theta)
+        check_positive_number("ModelConfig.rms_norm_eps", self.rms_norm_eps)
+        if self.rms_norm_eps >= 1:
+            raise ValueError(f"ModelConfig.rms_norm_eps must be < 1; got {self.rms_norm_eps!r}")
+        object.__setattr__(self, "rope_theta", float(self.rope_theta))
+        object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"ModelConfig.rope_scaling must be a RopeScaling or None; got "
+                             f"{self.rope_scaling!r}")
+        for field in ("tie_embeddings", "qkv_bias"):
+            value = getattr(self, field)
+            if not (isinstance(value, bool) or (is_int(value) and value in (0, 1))):
+                raise ValueError(f"ModelConfig.{field} must be a bool; got {value!r}")
+            object.__setattr__(self, field, bool(value))
+        ids = tuple(self.eos_token_ids)
+        bad = [t for t in ids if not is_int(t) or not 0 <= t < self.vocab_size]
+        if self.bos_token_id is not None and (not is_int(self.bos_token_id)
+                                              or not 0 <= self.bos_token_id < self.vocab_size):
+            bad.append(self.bos_token_id)
+        if bad:
+            raise ValueError(f"ModelConfig: special token ids {bad} are not ints in the "
+                             f"vocabulary 0..{self.vocab_size - 1}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in ids))
+        if self.bos_token_id is not None:
+            object.__setattr__(self, "bos_token_id", int(self.bos_token_id))
 
     @property
     def group_size(self) -> int:
@@ -172,6 +217,19 @@ class ModelConfig:
         return cls(**{**fields, **overrides})
 
     @classmethod
+    def tiny_byte(cls) -> "ModelConfig":
+        """The random-weight model of ``python -m train --model tiny`` and ``python -m eval
+        --model tiny`` (one definition, so adapters trained by one load in the other): byte
+        tokens (``tokenizer.ByteTokenizer``), 2 layers of width 64. Its weights are
+        ``model.init_params(jax.random.key(0), config)``."""
+        from lragent_jax.tokenizer import ByteTokenizer
+
+        return cls.tiny(vocab_size=ByteTokenizer.vocab_size,
+                        eos_token_ids=ByteTokenizer.eos_token_ids,
+                        bos_token_id=ByteTokenizer.bos_token_id, num_heads=4, num_kv_heads=2,
+                        head_dim=16, hidden_size=64, intermediate_size=128, num_layers=2)
+
+    @classmethod
     def preset(cls, name: str) -> "ModelConfig":
         key = name.replace("-", "_").replace(".", "_").lower()
         if key not in PRESETS:
@@ -186,9 +244,16 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         known_types = ("llama", "mistral", "qwen2")
         known_archs = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-        if model_type not in known_types and not any(a in known_archs for a in archs):
+        # model_type decides when present: a Llama class name in ``architectures`` does not make
+        # another model type's config (its extra fields would be ignored) a Llama.
+        if (model_type not in known_types if model_type is not None
+                else not any(a in known_archs for a in archs)):
             raise ValueError(f"unknown architecture: model_type={model_type!r}, architectures="
                              f"{archs}; supported model types: {known_types}")
+        unsupported = _unsupported_hf_features(cfg)
+        if unsupported:
+            raise ValueError("config.json asks for features this model does not implement: "
+                             + "; ".join(unsupported))
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
                                "num_hidden_layers", "num_attention_heads") if k not in cfg]
         if missing:
@@ -260,6 +325,32 @@ class ModelConfig:
         return cfg
 
 
+def _unsupported_hf_features(cfg: dict) -> list[str]:
+    """Fields of an HF config that would change the model's output if honoured: refused rather
+    than ignored."""
+    problems = []
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act not in SUPPORTED_ACTIVATIONS:
+        problems.append(f"hidden_act={act!r} (allowed: {', '.join(SUPPORTED_ACTIVATIONS)})")
+    window = cfg.get("sliding_window")
+    positions = cfg.get("max_position_embeddings", 8192)
+    if (window is not None and cfg.get("use_sliding_window", True) is not False
+            and not (is_int(window) and is_int(positions) and window >= positions)):
+        problems.append(f"sliding_window={window!r} (sliding-window attention is not implemented;"
+                        " allowed: null, or use_sliding_window=false)")
+    if cfg.get("mlp_bias"):
+        problems.append(f"mlp_bias={cfg['mlp_bias']!r} (MLP biases are not implemented; allowed:"
+                        " false)")
+    factor = cfg.get("partial_rotary_factor", 1.0)
+    if factor not in (None, 1, 1.0):
+        problems.append(f"partial_rotary_factor={factor!r} (partial RoPE is not implemented; "
+                        "allowed: 1.0)")
+    for key in ("num_local_experts", "num_experts"):
+        if cfg.get(key):
+            problems.append(f"{key}={cfg[key]!r} (mixture-of-experts layers are not implemented)")
+    return problems
+
+
 PRESETS = {
     "smollm2_135m": ModelConfig.smollm2_135m,
     "llama3_1_8b": ModelConfig.llama3_1_8b,
@@ -286,10 +377,17 @@ class LoraConfig:
     shared_a: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if not is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"LoRA rank must be a positive int; got {self.rank!r}")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be a positive number; got {self.alpha!r}")
+        if not is_number(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a finite number > 0; got {self.alpha!r}")
+        if not isinstance(self.shared_a, bool):
+            raise ValueError(f"LoRA shared_a must be a bool; got {self.shared_a!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        if isinstance(self.targets, str) or isinstance(self.agents, str):
+            raise ValueError("LoRA targets and agents are sequences of names, not one string; got "
+                             f"targets={self.targets!r}, agents={self.agents!r}")
         targets = tuple(self.targets)
         unknown = [t for t in targets if t not in ADAPTER_TARGETS]
         if unknown:
@@ -301,6 +399,9 @@ class LoraConfig:
         agents = tuple(self.agents)
         if not agents:
             raise ValueError("LoRA needs at least one agent name")
+        bad = [a for a in agents if not isinstance(a, str) or not a]
+        if bad:
+            raise ValueError(f"agent names must be non-empty strings; got {bad} in {agents!r}")
         if len(set(agents)) != len(agents):
             raise ValueError(f"agent names must be distinct; got {agents}")
         # canonical order keeps pytrees and checkpoints independent of how targets were listed
@@ -316,14 +417,21 @@ class LoraConfig:
         return self.alpha / self.rank
 
     def agent_index(self, agent: str | int) -> int:
-        """Index of an agent given by name or index; -1 / None-like names are not accepted here."""
-        if isinstance(agent, int):
+        """Index of an agent given by name or by index (a Python or numpy integer; not a bool).
+        Negative indices are not accepted here."""
+        allowed = f"allowed: 0..{self.num_agents - 1} ({', '.join(self.agents)})"
+        known = f"known agents: {list(self.agents)}"
+        if isinstance(agent, bool):
+            raise ValueError(f"agent {agent!r} is a bool, not an agent name or index; {known}")
+        if is_int(agent):
             if not 0 <= agent < self.num_agents:
-                raise ValueError(f"agent index {agent} out of range; allowed: 0..{self.num_agents - 1}"
-                                 f" ({', '.join(self.agents)})")
-            return agent
+                raise ValueError(f"agent index {int(agent)} out of range; {allowed}")
+            return int(agent)
+        if not isinstance(agent, str):
+            raise ValueError(f"agent {agent!r} of type {type(agent).__name__} is not an agent "
+                             f"name or index; {known} or an index {allowed[9:]}")
         if agent not in self.agents:
-            raise ValueError(f"unknown agent {agent!r}; known agents: {list(self.agents)}")
+            raise ValueError(f"unknown agent {agent!r}; {known}")
         return self.agents.index(agent)
 
     def replace(self, **changes: Any) -> "LoraConfig":

@@ -143,10 +143,10 @@ class Model:
 
 def load_pretrained(source: str | os.PathLike | None = None, *, dtype=jnp.float32,
                     adapters: str | os.PathLike | None = None,
-                    attn_impl: str | None = None) -> Model:
+                    attn_impl: str | None = None, allow_other_weights: bool = False) -> Model:
     """Load a base model: the embedded SmolLM2-135M-Instruct (``source=None``), a ``.gguf`` file, or
     a Hugging Face checkpoint folder (config.json + safetensors). ``adapters``: a folder of exported
-    role adapters to attach."""
+    role adapters to attach (refused if trained on other weights, unless ``allow_other_weights``)."""
     from lragent_jax.loading import load_pretrained as load_files
 
     config, params, tokenizer = load_files(source, dtype)
@@ -157,6 +157,7 @@ def load_pretrained(source: str | os.PathLike | None = None, *, dtype=jnp.float3
     if adapters is not None:
         from lragent_jax.adapters_io import load_adapters
 
-        loaded, lora = load_adapters(adapters, config=config, dtype=dtype)
+        loaded, lora = load_adapters(adapters, config=config, dtype=dtype, params=params,
+                                     allow_other_weights=allow_other_weights)
         model = model.with_adapters(loaded, lora)
     return model

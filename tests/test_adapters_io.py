@@ -26,6 +26,15 @@ def _adapters(config, lora, seed=0):
             for m, shapes in adapter_shapes(config, lora).items()}
 
 
+def _rehash(folder, name):
+    """Record a file's new sha256 in the manifest (as if it had been exported that way)."""
+    from lragent_jax.loading.integrity import sha256_file
+
+    manifest = json.loads((folder / "lragent_adapters.json").read_text())
+    manifest["files"][name] = sha256_file(folder / name)
+    (folder / "lragent_adapters.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("shared_a", [True, False])
 def test_round_trip_is_exact(tmp_path, shared_a):
     config = ModelConfig.tiny()
@@ -78,6 +87,7 @@ def test_shared_a_files_with_different_a_are_refused(tmp_path):
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
     tensors[key] = tensors[key] + 1.0
     save_file(tensors, path)
+    _rehash(out, "reflect/adapter_model.safetensors")  # a consistent export, only A differs
     with pytest.raises(AdapterFileError, match=r"agent 'reflect' has a different A than 'plan' "
                                                r"for module 'q' in layers \[1\]"):
         load_adapters(out, config=config)

@@ -22,8 +22,10 @@ def test_help_documents_every_option():
             assert flag in proc.stdout
         assert action.help, f"{action.option_strings} has no help"
     for words in ("--variant", "joint", "frozen", "independent", "--resume", "--mesh-model",
-                  "--random-weights", "loss.png"):
-        assert words in proc.stdout
+                  "--random-weights", "loss.png", "Default: mixed", "about a minute on a 2-core",
+                  "tokens/s", "--valid-samples", "Ctrl-C"):
+        assert words in " ".join(proc.stdout.split()), words
+    assert build_parser().parse_args([]).view == "mixed"
 
 
 @pytest.fixture
@@ -40,7 +42,8 @@ def _args(toy_dir, out, *extra):
 def test_tiny_run_end_to_end_then_kill_and_resume(tmp_path, toy_dir, capsys):
     out = tmp_path / "run"
     assert main(_args(toy_dir, out, "--stop-after", "3", "--save-every", "2")) == 0
-    assert "continue with --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "continue with: python -m train --model tiny" in err and err.rstrip().endswith("--resume")
     assert main(_args(toy_dir, out)) == 2  # checkpoints there: refuse to start over silently
     assert "pass --resume to continue" in capsys.readouterr().err
     assert main(_args(toy_dir, out, "--resume")) == 0
@@ -55,6 +58,34 @@ def test_tiny_run_end_to_end_then_kill_and_resume(tmp_path, toy_dir, capsys):
     manifest = json.loads((out / "adapters" / "lragent_adapters.json").read_text())
     assert manifest["metadata"]["command"].startswith("python -m train --model tiny")
     assert manifest["metadata"]["validation"]["epoch"] == 2
+    # python -m eval --model tiny builds the same model: the adapters load there, weights checked
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+
+    from lragent_jax.adapters_io import load_adapters
+    from lragent_jax.config import ModelConfig
+    from lragent_jax.model import init_params
+
+    config = ModelConfig.tiny_byte()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapters(out / "adapters", config=config,
+                      params=init_params(jax.random.key(0), config, jnp.float32))
+    # and python -m train.score scores them per role (the base weights checked too)
+    from train import score
+
+    capsys.readouterr()
+    assert score.main(["--adapters", str(out / "adapters"), "--model", "tiny", "--data",
+                       str(toy_dir), "--valid-fraction", "0.25", "--max-len", "64",
+                       "--batch-size", "8", "--dtype", "float32", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)["teacher_forced"]) == {"plan", "action", "reflect"}
+    assert "scoring 18 samples teacher-forced" in captured.err
+    with pytest.raises(SystemExit):
+        score.main(["--adapters", "x", "--batch-size", "0"])
+    assert "argument --batch-size: 0 is out of range" in capsys.readouterr().err
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path, toy_dir, capsys):
@@ -65,7 +96,57 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, toy_dir, capsys):
     (toy_dir / "action.json").unlink()
     assert main(_args(toy_dir, tmp_path / "x")) == 2
     assert "action.json: role file is missing" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # a run that failed before writing leaves no folder
     assert main(_args(tmp_path / "nowhere", tmp_path / "x")) == 2
     assert "not 'kb' and not a directory" in capsys.readouterr().err
     assert main(_args(toy_dir, tmp_path / "x", "--targets", "q,k")) == 2
     assert "adapters on k cannot be shared" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--clip-norm", "-1", r"argument --clip-norm: -1 is out of range; allowed: \(0, inf\)"),
+    ("--min-lr-ratio", "-3", r"argument --min-lr-ratio: -3 is out of range; allowed: \[0, 1\]"),
+    ("--weight-decay", "-5", r"argument --weight-decay: -5 is out of range; allowed: \[0, inf\)"),
+    ("--warmup-steps", "-5", r"argument --warmup-steps: -5 is out of range; allowed: 0\.\."),
+    ("--warmup-ratio", "2", r"argument --warmup-ratio: 2 is out of range; allowed: \[0, 1\)"),
+    ("--adam-b1", "1", r"argument --adam-b1: 1 is out of range; allowed: \[0, 1\)"),
+    ("--adam-b2", "1.5", r"argument --adam-b2: 1.5 is out of range"),
+    ("--eval-batch-size", "0", r"argument --eval-batch-size: 0 is out of range; allowed: 1\.\."),
+    ("--lr", "nan", r"argument --lr: nan is out of range; allowed: \(0, inf\)"),
+    ("--batch-size", "x", r"argument --batch-size: 'x' is not an integer"),
+    ("--valid-fraction", "1", r"argument --valid-fraction: 1 is out of range; allowed: \[0, 1\)"),
+    ("--save-every", "0", r"argument --save-every: 0 is out of range"),
+    ("--max-steps", "0", r"argument --max-steps: 0 is out of range"),
+])
+def test_numeric_flags_name_the_value_and_the_allowed_range(flag, value, message, capsys):
+    import re
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([flag, value])
+    assert info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_every_run_gets_its_own_folder_and_resume_finds_the_newest(tmp_path):
+    from train.cli import default_out
+
+    first = default_out("tiny", "joint", False, root=tmp_path)
+    (first / "checkpoints").mkdir(parents=True)
+    second = default_out("tiny", "joint", False, root=tmp_path)
+    assert second != first and second.name.startswith("tiny-joint-")
+    (second / "checkpoints").mkdir(parents=True)
+    import os
+
+    os.utime(first / "checkpoints", (1, 1))
+    assert default_out("tiny", "joint", True, root=tmp_path) == second
+    with pytest.raises(ValueError, match="no earlier run of tiny-frozen"):
+        default_out("tiny", "frozen", True, root=tmp_path)
+
+
+def test_the_recorded_command_is_the_one_typed(monkeypatch):
+    from train.cli import typed_command
+
+    monkeypatch.setattr(sys, "argv", ["/x/site-packages/train/__main__.py", "--lr", "1e-3"])
+    assert typed_command("train", ["--lr", "1e-3"]) == "python -m train --lr 1e-3"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/lragent-train", "--out", "a b"])
+    assert typed_command("train", ["--out", "a b"]) == "lragent-train --out 'a b'"

@@ -35,7 +35,7 @@ import numpy as np
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
-from train.cli import _preset_key
+from train.cli import _preset_key, int_in
 from train.data import Batch
 from train.loop import (DEFAULT_TARGETS, Phase, Placement, TrainConfig, step_functions,
                         update_mask)
@@ -59,7 +59,20 @@ class Case:
         parts = text.split(":")
         if len(parts) != 5:
             raise ValueError(f"case {text!r} must be MODEL:RANK:SEQ:BATCH:REMAT")
-        return cls(parts[0], int(parts[1]), int(parts[2]), int(parts[3]), parts[4])
+        numbers = []
+        for name, value in zip(("RANK", "SEQ", "BATCH"), parts[1:4]):
+            try:
+                number = int(value)
+            except ValueError:
+                number = 0
+            if number < 1:
+                raise ValueError(f"case {text!r}: {name} must be an int >= 1; got {value!r}")
+            numbers.append(number)
+        from train.loop import REMAT
+
+        if parts[4] not in REMAT:
+            raise ValueError(f"case {text!r}: REMAT must be one of {REMAT}; got {parts[4]!r}")
+        return cls(parts[0], *numbers, parts[4])
 
     def __str__(self) -> str:
         return f"{self.model}:{self.rank}:{self.seq}:{self.batch}:{self.remat}"
@@ -137,8 +150,8 @@ def run_case(case: Case, steps: int, peak: float) -> dict:
     def step():
         acc = jax.tree.map(jnp.zeros_like, state["adapters"])
         acc, loss, count = fns.accumulate(acc, state["adapters"], params, batch)
-        state["adapters"], state["opt"], norm = fns.apply(state["adapters"], state["opt"], acc,
-                                                          count, lr, mask)
+        state["adapters"], state["opt"], norm, _ = fns.apply(state["adapters"], state["opt"], acc,
+                                                             count, lr, mask)
         return loss, norm
 
     compile_start = time.perf_counter()
@@ -170,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", default=None,
                         help=f"MODEL:RANK:SEQ:BATCH:REMAT, repeatable (default: "
                              f"{' '.join(DEFAULT_CASES)})")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per case")
+    parser.add_argument("--steps", type=int_in(1), default=6, help="timed steps per case")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--peak-size", type=int, default=8192,
+    parser.add_argument("--peak-size", type=int_in(64), default=8192,
                         help="side of the square bf16 matmul that measures the peak rate")
     args = parser.parse_args(argv)
     cases = [Case.parse(c) for c in (args.case or DEFAULT_CASES)]

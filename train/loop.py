@@ -10,6 +10,12 @@ Variants (``TrainConfig.variant``):
 Base weights are cast once to the compute dtype (bf16 by default); adapters and optimizer state stay
 float32 and are cast inside the forward. Logits are computed only at the loss positions (output +
 EOS of each row), so a [B, T, V] float32 tensor is never built.
+
+Faults: the run folder is locked against a second writer; a step's record is written before the
+checkpoint that includes it, and each epoch is checkpointed before its validation, so a run killed
+anywhere resumes to the same adapters with every step logged once; a NaN/Inf loss, gradient norm or
+adapter stops the run before that step is saved; SIGINT/SIGTERM stop it after the current step,
+checkpointed. Validation is capped at half the samples an epoch trains on (short runs stay short).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,15 +39,35 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lragent_jax.adapters_io import config_fingerprint, describe_model, save_adapters
-from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.adapters_io import (config_fingerprint, describe_model, save_adapters,
+                                     weights_fingerprint)
+from lragent_jax.config import LoraConfig, ModelConfig, is_int, is_number
 from lragent_jax.lora import count_parameters, expected_parameter_count, init_adapters
 from lragent_jax.model import forward_hidden, logits_from_hidden
 from lragent_jax.sharding import DATA, make_mesh, replicate, shard_params
 from train import data as data_lib
-from train.checkpoint import Checkpointer, Progress, check_compatible, identity_record
+from lragent_jax.loading.integrity import atomic_write_text, failpoint
+from train.checkpoint import Checkpointer, Progress, identity_record
 
 VARIANTS = ("joint", "frozen", "independent")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "adapters")
+
+
+def check_range(name: str, value: Any, *, integer: bool = False, low: float | None = None,
+                high: float | None = None, low_open: bool = False, high_open: bool = False
+                ) -> None:
+    """Raise naming ``value`` and its allowed range unless it is a finite number (an int when
+    ``integer``; never a bool) within [low, high] (open ends where asked)."""
+    kind = "an int" if integer else "a number"
+    bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + (
+        "inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
+    ok = is_int(value) if integer else (is_number(value) and math.isfinite(value))
+    if ok:
+        ok = ((low is None or (value > low if low_open else value >= low))
+              and (high is None or (value < high if high_open else value <= high)))
+    if not ok:
+        raise ValueError(f"{name} must be {kind} in {bounds}; got {value!r}")
 REMAT = ("full", "dots", "none")
 DEFAULT_TARGETS = ("q", "v", "o", "gate", "up", "down")
 _init_adapters = jax.jit(init_adapters, static_argnums=(1, 2))
@@ -83,24 +112,35 @@ class TrainConfig:
         if self.compute_dtype not in _DTYPES:
             raise ValueError(f"compute dtype must be one of {sorted(_DTYPES)}; got "
                              f"{self.compute_dtype!r}")
+        if isinstance(self.targets, str) or isinstance(self.agents, str):
+            raise ValueError("targets and agents are sequences of names, not one string")
         if "k" in self.targets:
             raise ValueError("adapters on k cannot be shared through the cache (a key adapter sits "
                              "before RoPE); drop 'k' from the targets")
         for name in ("epochs", "batch_size", "grad_accum", "max_len", "bucket_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+            check_range(name, getattr(self, name), integer=True, low=1)
+        check_range("seed", self.seed, integer=True, low=0)
+        if self.warmup_steps is not None:
+            check_range("warmup_steps", self.warmup_steps, integer=True, low=0)
+        if self.max_steps is not None:
+            check_range("max_steps", self.max_steps, integer=True, low=1)
+        check_range("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_range("warmup_ratio", self.warmup_ratio, low=0, high=1, high_open=True)
+        check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        check_range("weight_decay", self.weight_decay, low=0)
+        check_range("clip_norm", self.clip_norm, low=0, low_open=True)
+        check_range("adam_b1", self.adam_b1, low=0, high=1, high_open=True)
+        check_range("adam_b2", self.adam_b2, low=0, high=1, high_open=True)
+        check_range("bucket_ratio", self.bucket_ratio, low=1, low_open=True)
+        check_range("alpha", self.alpha, low=0, low_open=True)
+        check_range("rank", self.rank, integer=True, low=1)
         if self.variant == "frozen" and len(self.agents) < 2:
             raise ValueError("the frozen variant needs at least two agents")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning rate must be > 0; got {self.learning_rate}")
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate'; got {self.overlong!r}")
         if self.view not in data_lib.VIEWS:
             raise ValueError(f"view must be one of {data_lib.VIEWS}; got {self.view!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1; got {self.max_steps}")
-        self.lora  # validates rank, alpha, targets, agents
+        self.lora  # validates targets and agents
 
     @property
     def lora(self) -> LoraConfig:
@@ -119,22 +159,44 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    """How a run is carried out; none of this changes the result."""
+    """How a run is carried out; none of this changes the trained adapters."""
 
     out_dir: str | Path | None = None
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = False
-    stop_after: int | None = None  # stop (as if killed) after this global step: resume tests
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run's results
+    stop_after: int | None = None  # stop (as if killed, no save) after this step: resume tests
     log_every: int = 1
     progress: bool = True
     eval_batch_size: int | None = None
+    # validation samples per epoch: None = all of them, but at most half as many as the epoch
+    # trains on (so short runs validate briefly); 0 = no validation
+    valid_samples: int | None = None
     mesh_data: int | None = None
     mesh_model: int = 1
     export_dtype: str = "float32"
     export_dir: str | Path | None = None
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     plot: bool = True
+    handle_signals: bool = True  # SIGINT/SIGTERM: stop after the current step, checkpointed
+
+    def __post_init__(self):
+        check_range("save_every", self.save_every, integer=True, low=1)
+        check_range("keep_checkpoints", self.keep_checkpoints, integer=True, low=1)
+        check_range("log_every", self.log_every, integer=True, low=1)
+        check_range("mesh_model", self.mesh_model, integer=True, low=1)
+        for name in ("stop_after", "eval_batch_size", "mesh_data"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), integer=True, low=1)
+        if self.valid_samples is not None:
+            check_range("valid_samples", self.valid_samples, integer=True, low=0)
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export dtype must be one of {EXPORT_DTYPES}; got "
+                             f"{self.export_dtype!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run "
+                             "in the folder, overwrite deletes it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +306,8 @@ class StepFunctions:
     """The jitted pieces of a training step (compiled once per batch shape).
 
     ``apply`` masks the gradients before clipping (frozen parts must not count in the norm) and
-    the updates after AdamW (weight decay must not move frozen parts either).
+    the updates after AdamW (weight decay must not move frozen parts either); it also says
+    whether the new adapters are all finite.
     """
 
     def __init__(self, model_config: ModelConfig, remat: str, optimizer, adapter_sharding):
@@ -262,7 +325,10 @@ class StepFunctions:
             grads = jax.tree.map(lambda g, m: g * m / jnp.maximum(count, 1.0), acc, mask)
             updates, opt_state = optimizer.update(grads, opt_state, adapters)
             updates = jax.tree.map(lambda u, m: -learning_rate * u * m, updates, mask)
-            return optax.apply_updates(adapters, updates), opt_state, optax.tree.norm(grads)
+            adapters = optax.apply_updates(adapters, updates)
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                        for x in jax.tree.leaves(adapters)]))
+            return adapters, opt_state, optax.tree.norm(grads), finite
 
         def evaluate(adapters, params, batch):
             return loss_terms(adapters, params, batch, config=model_config, remat="none")
@@ -338,8 +404,12 @@ class BaseModel:
     source: str = ""
 
     def identity(self) -> dict:
+        """What a checkpoint must have been made for: the architecture and the weights."""
+        if getattr(self, "_weights", None) is None:
+            self._weights = weights_fingerprint(self.params)["tensors"]
         return {"name": self.config.name, "fingerprint": config_fingerprint(self.config),
-                "description": describe_model(self.config), "source": self.source}
+                "description": describe_model(self.config), "source": self.source,
+                "weights": self._weights}
 
 
 @dataclasses.dataclass
@@ -351,10 +421,17 @@ class TrainResult:
     validation: list[dict]
     interrupted: bool = False
     export_dir: Path | None = None
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
+    last_checkpoint: int | None = None  # step of the newest checkpoint written or resumed from
+
+
+class NonFiniteTraining(FloatingPointError):
+    """The loss, gradient norm or adapters of a step are NaN or Inf; nothing of it is saved."""
 
 
 class MetricsLog:
-    """JSON lines (process 0 only); on resume, records past the checkpoint are dropped."""
+    """JSON lines (process 0 only). On resume, records past the checkpoint are dropped: every
+    step's record is written before the checkpoint that includes it, so each step appears once."""
 
     def __init__(self, path: Path | None, resume_step: int | None):
         self.path = path
@@ -368,18 +445,33 @@ class MetricsLog:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill
-                if record.get("step", 0) <= resume_step and record.get("event") != "end":
+                if self._keep(record, resume_step):
                     kept.append(record)
             self.records = kept
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n"
+                                            for r in kept))
         elif path.exists():
             path.unlink()
+
+    @staticmethod
+    def _keep(record: Any, resume_step: int) -> bool:
+        if not isinstance(record, dict) or record.get("event") in ("end", "error"):
+            return False
+        step = record.get("step", 0)
+        # validation at the resume step is redone: that checkpoint was taken before it
+        return step < resume_step or (step == resume_step and record.get("event") != "validation")
 
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
+
+    def sync(self) -> None:
+        """Make the records written so far durable (before a checkpoint that includes them)."""
+        if self.path is not None and self.path.exists():
+            with self.path.open("a", encoding="utf-8") as f:
+                os.fsync(f.fileno())
 
 
 def _json_default(value):
@@ -388,24 +480,41 @@ def _json_default(value):
     return str(value)
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class ProgressBar:
-    """One status line on stderr: phase, epoch, bar, loss and tokens/s."""
+    """One status line on stderr: what runs, a bar, done/total, elapsed and time left, and the
+    caller's text (loss, tokens/s). Redrawn in place on a terminal; elsewhere one line every 10 s."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and jax.process_index() == 0
         self.tty = sys.stderr.isatty()
         self.last = 0.0
+        self.start: float | None = None
+        self.start_done = 0
 
     def update(self, text: str, done: int, total: int, force: bool = False) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
+        if self.start is None:  # time from the first update: compilation is not in the rate
+            self.start, self.start_done = now, done
         if not force and now - self.last < (0.2 if self.tty else 10.0):
             return
         self.last = now
         width = 24
         filled = int(width * done / max(total, 1))
-        line = f"[{'=' * filled}{'.' * (width - filled)}] {done}/{total} {text}"
+        rate = (done - self.start_done) / max(now - self.start, 1e-9)
+        left = f" ~{_duration((total - done) / rate)} left" if rate > 0 and done < total else ""
+        line = (f"[{'=' * filled}{'.' * (width - filled)}] {done}/{total} "
+                f"{_duration(now - self.start)}{left} {text}")
         if self.tty:
             sys.stderr.write("\r" + line[:160].ljust(160))
         else:
@@ -413,14 +522,49 @@ class ProgressBar:
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled and self.tty:
+        if self.enabled and self.tty and self.start is not None:
             sys.stderr.write("\n")
             sys.stderr.flush()
+        self.start = None
+        self.last = 0.0
 
 
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask the run to stop after the current step, with a checkpoint;
+    a second one stops at once. Installed only in the main thread (elsewhere: no-op)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            self.__exit__()
+            raise KeyboardInterrupt(f"second {name}: stopped at once")
+        self.requested = name
+        os.write(2, f"\n{name}: stopping after the current step and saving a checkpoint "
+                    f"(send it again to stop at once)\n".encode())
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
 
 def prepare_examples(config: TrainConfig, base: BaseModel,
@@ -445,18 +589,69 @@ def _eos_id(base: BaseModel) -> int:
     return int(ids[0])
 
 
+def validation_subset(examples: Sequence[data_lib.Example], limit: int | None) -> list[int]:
+    """Indices of at most ``limit`` examples, taken in turn from each role (so every role is
+    validated), in their order; all of them when ``limit`` is None."""
+    if limit is None or limit >= len(examples):
+        return list(range(len(examples)))
+    per_agent: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        per_agent.setdefault(e.agent, []).append(i)
+    queues = [iter(v) for _, v in sorted(per_agent.items())]
+    chosen: list[int] = []
+    while len(chosen) < limit and queues:
+        for queue in list(queues):
+            index = next(queue, None)
+            if index is None:
+                queues.remove(queue)
+            elif len(chosen) < limit:
+                chosen.append(index)
+    return sorted(chosen)
+
+
+def check_fresh_folder(out_dir: Path, overwrite: bool) -> None:
+    """A new run must not mix its results with another run's: refuse (or with ``overwrite``,
+    delete) earlier results in ``out_dir``. Call with the run folder locked."""
+    from train.checkpoint import remove_run_outputs
+
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()
+             and not ((out_dir / name).is_dir() and not any((out_dir / name).iterdir()))]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"{out_dir} already holds the results of a run ({', '.join(found)}): "
+                         "pass --resume to continue that run, --overwrite to start afresh "
+                         "(deleting them), or another --out")
+    remove_run_outputs(out_dir, RUN_OUTPUTS)
+
+
 def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=None,
           run: RunOptions = RunOptions()) -> TrainResult:
     """Train every agent's adapter on role samples ``{role: [sample]}`` and export them.
 
     Returns the final adapters; writes checkpoints, ``metrics.jsonl``, ``loss.png`` and the
-    exported adapters under ``run.out_dir`` when given.
+    exported adapters under ``run.out_dir`` when given (locked against a second writer).
     """
-    lora = config.lora
+    from contextlib import nullcontext
+
+    from train.checkpoint import RunLock
+
     out_dir = Path(run.out_dir) if run.out_dir is not None else None
+    is_main = jax.process_index() == 0
+    lock = (RunLock(out_dir, str(run.metadata.get("command", "")))
+            if out_dir is not None and is_main else nullcontext())
+    with lock, StopSignals(run.handle_signals) as stop:
+        return _train(config, base, train_samples, valid_samples, run, out_dir, stop)
+
+
+def _train(config: TrainConfig, base: BaseModel, train_samples, valid_samples, run: RunOptions,
+           out_dir: Path | None, stop: StopSignals) -> TrainResult:
+    lora = config.lora
     is_main = jax.process_index() == 0
     if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not run.resume:
+            check_fresh_folder(out_dir, run.overwrite)
 
     train_examples, train_report = prepare_examples(config, base, train_samples, "train")
     valid_examples, valid_report = (prepare_examples(config, base, valid_samples, "valid")
@@ -487,6 +682,7 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
     adapters = _init_adapters(jax.random.key(config.seed), base.config, lora)
     assert count_parameters(adapters) == expected_parameter_count(base.config, lora)
     adapters = placement.replicate(adapters)
+    fns = step_functions(base.config, config, placement.replicated)
 
     identity = identity_record(base.identity(), dataclasses.asdict(lora) | {
         "targets": list(lora.targets), "agents": list(lora.agents)}, config.to_dict(),
@@ -495,63 +691,65 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
                     if out_dir is not None else None)
 
     progress = Progress()
-    resume_step = None
+    resumed = None  # (step, state, progress) of the checkpoint resumed from
     if run.resume:
         if checkpointer is None:
             raise ValueError("--resume needs an output folder")
-        resume_step = checkpointer.latest_step()
-        if resume_step is None:
+        template = {"adapters": adapters,
+                    "opt_state": placement.replicate(fns.optimizer.init(adapters))}
+        resumed = checkpointer.restore_latest(template, identity, _say)
+        if resumed is None:
             _say(f"no checkpoint in {checkpointer.directory}; starting from scratch")
-        else:
-            check_compatible(checkpointer.read_record(resume_step)["identity"], identity,
-                             checkpointer.directory / str(resume_step))
+    resume_step = resumed[0] if resumed is not None else None
     metrics = MetricsLog(out_dir / "metrics.jsonl" if out_dir is not None and is_main else None,
                          resume_step)
     if resume_step is None:
         metrics.write({"event": "start", "step": 0, "train": config.to_dict(),
                        "base_model": base.identity(), "adapter_parameters":
                        count_parameters(adapters), "devices": jax.device_count(),
-                       "mesh": dict(placement.mesh.shape),
+                       "mesh": dict(placement.mesh.shape), "command": run.metadata.get("command"),
                        "data": {"train": data_lib.describe(train_examples, config.agents),
                                 "valid": data_lib.describe(valid_examples, config.agents),
                                 "truncation": {"train": train_report.to_dict(),
                                                "valid": valid_report.to_dict()
                                                if valid_report else None}}})
     _say(f"training {config.variant} adapters (rank {config.rank}, targets "
-         f"{','.join(lora.targets)}) on {len(train_examples)} samples "
+         f"{','.join(lora.targets)}, {config.view} view) on {len(train_examples)} samples "
          f"({len(valid_examples)} valid) of {base.config.name}; "
          f"{count_parameters(adapters):,} adapter parameters; {jax.device_count()} device(s)")
 
-    valid_batches = [(idx, placement.batch(b)) for idx, b in data_lib.evaluation_batches(
-        valid_examples, batch_size=eval_rows, buckets=buckets, window=window)]
     bar = ProgressBar(run.progress)
     history: list[dict] = [r for r in metrics.records if r.get("event") == "step"]
     validation: list[dict] = [r for r in metrics.records if r.get("event") == "validation"]
+    state = _RunState(checkpointer, metrics, history, bar, identity,
+                      last_checkpoint=resume_step)
     interrupted = False
+    speed = _Speed()
 
-    saved_phase = (checkpointer.read_record(resume_step)["progress"]["phase"]
-                   if resume_step is not None else None)
     for phase_index, phase in enumerate(phases):
-        if saved_phase is not None and phase_index < saved_phase:
+        if resumed is not None and phase_index < resumed[2].phase:
             continue
         examples = [e for e in train_examples if e.agent in phase.agents]
         batches_per_epoch = math.ceil(len(examples) / config.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
         if config.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, config.max_steps)
-        fns = step_functions(base.config, config, placement.replicated)
         schedule = lr_schedule(config, steps_per_epoch * config.epochs)
         mask = placement.replicate(update_mask(lora, phase))
-        opt_state = placement.replicate(fns.optimizer.init(adapters))
-        if saved_phase is not None and phase_index == saved_phase:
-            state, progress = checkpointer.restore(resume_step, {"adapters": adapters,
-                                                                 "opt_state": opt_state})
-            adapters, opt_state = state["adapters"], state["opt_state"]
+        if resumed is not None and phase_index == resumed[2].phase:
+            adapters, opt_state = resumed[1]["adapters"], resumed[1]["opt_state"]
+            progress = resumed[2]
             _say(f"resumed from step {progress.global_step} (phase {phase.name}, epoch "
                  f"{min(progress.epoch + 1, config.epochs)}, step {progress.step_in_epoch} of "
                  "the epoch)")
         else:
+            opt_state = placement.replicate(fns.optimizer.init(adapters))
             progress = dataclasses.replace(progress, phase=phase_index, epoch=0, step_in_epoch=0)
+        valid_cap = run.valid_samples
+        if valid_cap is None and valid_examples:
+            trained = min(len(examples), steps_per_epoch * config.batch_size * config.grad_accum)
+            valid_cap = max(eval_rows, math.ceil(trained / 2))
+        valid_indices = validation_subset(valid_examples, valid_cap)
 
         while progress.epoch < config.epochs and not interrupted:
             order = data_lib.epoch_order(examples, batch_size=config.batch_size, buckets=buckets,
@@ -560,9 +758,10 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
                      for i in range(0, len(order), config.grad_accum)][:steps_per_epoch]
             label = (f"{phase.name} ({phase_index + 1}/{len(phases)}) epoch "
                      f"{progress.epoch + 1}/{config.epochs}")
-            pending = None  # the previous step's stats, fetched once the next step is queued
-            clock = [time.perf_counter()]
+            last_of_run = (phase_index == len(phases) - 1 and progress.epoch + 1 == config.epochs)
             for step_index in range(progress.step_in_epoch, len(steps)):
+                if stop.requested:
+                    break
                 acc = None
                 loss_sum = count = 0.0
                 tokens = padded = 0
@@ -579,42 +778,45 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
                                                                     device_batch)
                     loss_sum, count = loss_sum + part_loss, count + part_count
                 lr = float(schedule(progress.epoch * steps_per_epoch + step_index))
-                adapters, opt_state, grad_norm = fns.apply(adapters, opt_state, acc, count,
-                                                           np.float32(lr), mask)
+                adapters, opt_state, grad_norm, finite = fns.apply(adapters, opt_state, acc, count,
+                                                                   np.float32(lr), mask)
                 progress = dataclasses.replace(progress, global_step=progress.global_step + 1,
                                                step_in_epoch=step_index + 1)
-                if pending is not None:
-                    _log_step(pending, clock, metrics, history, bar, label, len(steps))
-                pending = {"event": "step", "step": progress.global_step, "phase": phase.name,
-                           "epoch": progress.epoch + 1, "lr": lr, "tokens": tokens,
-                           "padded_tokens": padded, "_done": step_index + 1,
-                           "_stats": (loss_sum, count, grad_norm)}
+                failpoint("train.step")
+                state.flush(speed)  # the previous step's record, now that this one is queued
+                state.pending = {"event": "step", "step": progress.global_step,
+                                 "phase": phase.name, "epoch": progress.epoch + 1, "lr": lr,
+                                 "tokens": tokens, "padded_tokens": padded,
+                                 "_done": step_index + 1, "_total": len(steps), "_label": label,
+                                 "_stats": (loss_sum, count, grad_norm, finite)}
                 epoch_done = step_index + 1 == len(steps)
-                if epoch_done:
-                    _log_step(pending, clock, metrics, history, bar, label, len(steps))
-                    pending = None
-                    bar.close()
-                    result = _validate(fns, adapters, params, valid_batches, valid_examples,
-                                       config, progress, phase)
-                    if result is not None:
-                        metrics.write(result)
-                        validation.append(result)
-                        _say(_validation_line(result))
-                    progress = dataclasses.replace(
-                        progress, epoch=progress.epoch + 1, step_in_epoch=0,
-                        finished=(progress.epoch + 1 == config.epochs
-                                  and phase_index == len(phases) - 1))
-                if checkpointer is not None and (epoch_done
-                                                 or progress.global_step % run.save_every == 0):
-                    checkpointer.save(progress.global_step, {"adapters": adapters,
-                                                             "opt_state": opt_state},
-                                      progress, identity)
+                if epoch_done or progress.global_step % run.save_every == 0 or stop.requested:
+                    state.save(progress, adapters, opt_state, speed)
                 if (run.stop_after is not None and progress.global_step >= run.stop_after
-                        and not progress.finished):
+                        and not (epoch_done and last_of_run)):
                     interrupted = True
                     break
-            if pending is not None:
-                _log_step(pending, clock, metrics, history, bar, label, len(steps))
+            state.flush(speed)
+            if stop.requested and not interrupted:
+                if state.last_checkpoint != progress.global_step and progress.global_step > 0:
+                    state.save(progress, adapters, opt_state, speed)
+                interrupted = True
+            if interrupted:
+                break
+            bar.close()
+            # every step of the epoch is done (and checkpointed): validate
+            result = _validate(fns, adapters, params, placement, valid_examples, valid_indices,
+                               eval_rows, buckets, window, config, progress, phase, run, stop,
+                               speed)
+            if stop.requested:
+                interrupted = True
+                break
+            if result is not None:
+                metrics.write(result)
+                validation.append(result)
+                _say(_validation_line(result))
+            progress = dataclasses.replace(progress, epoch=progress.epoch + 1, step_in_epoch=0,
+                                           finished=last_of_run)
         if interrupted:
             break
     bar.close()
@@ -624,11 +826,10 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
     adapters = jax.device_get(adapters)
     export_dir = None
     if not interrupted:
-        metrics.write({"event": "end", "step": progress.global_step,
-                       "final_validation": validation[-1] if validation else None})
         if is_main and (run.export_dir is not None or out_dir is not None):
             export_dir = Path(run.export_dir) if run.export_dir is not None else out_dir / "adapters"
             save_adapters(export_dir, adapters, lora, base.config, dtype=run.export_dtype,
+                          base_params=base.params,
                           metadata={"variant": config.variant, "train": config.to_dict(),
                                     "steps": progress.global_step, **dict(run.metadata),
                                     "validation": validation[-1] if validation else None})
@@ -636,24 +837,85 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
         if is_main and out_dir is not None and run.plot:
             plot_losses(history, validation, out_dir / "loss.png", title=
                         f"{base.config.name}: {config.variant} adapters (rank {config.rank})")
-    return TrainResult(adapters, lora, progress, history, validation, interrupted, export_dir)
+        metrics.write({"event": "end", "step": progress.global_step,
+                       "final_validation": validation[-1] if validation else None})
+    return TrainResult(adapters, lora, progress, history, validation, interrupted, export_dir,
+                       stop.requested if interrupted else None, state.last_checkpoint)
 
 
-def _log_step(record: dict, clock: list, metrics: MetricsLog, history: list, bar,
-              label: str, total: int) -> None:
-    """Fetch a step's stats (by now the device has moved on to the next step) and log them."""
-    loss_sum, count, grad_norm = jax.device_get(record.pop("_stats"))
-    done = record.pop("_done")
-    now = time.perf_counter()
-    elapsed = max(now - clock[0], 1e-9)
-    clock[0] = now
-    record.update(loss=float(loss_sum) / max(float(count), 1.0), targets=int(count),
-                  grad_norm=float(grad_norm), step_seconds=elapsed,
-                  tokens_per_s=record["tokens"] / elapsed)
-    history.append(record)
-    metrics.write(record)
-    bar.update(f"{label} loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s", done,
-               total, force=done == total)
+class _Speed:
+    """Training tokens per second in this process (for the validation estimate)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 and self.tokens else None
+
+
+class _RunState:
+    """The step record waiting for its stats, and checkpoints that always follow their records."""
+
+    def __init__(self, checkpointer, metrics, history, bar, identity, last_checkpoint):
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.history = history
+        self.bar = bar
+        self.identity = identity
+        self.last_checkpoint = last_checkpoint
+        self.pending: dict | None = None
+        self.clock = time.perf_counter()
+        self.first = True
+
+    def flush(self, speed: _Speed) -> None:
+        """Fetch the pending step's stats (the device has moved on by now), check them, log."""
+        record, self.pending = self.pending, None
+        if record is None:
+            return
+        loss_sum, count, grad_norm, finite = jax.device_get(record.pop("_stats"))
+        done, total, label = record.pop("_done"), record.pop("_total"), record.pop("_label")
+        now = time.perf_counter()
+        elapsed = max(now - self.clock, 1e-9)
+        self.clock = now
+        loss = float(loss_sum) / max(float(count), 1.0)
+        record.update(loss=loss, targets=int(count), grad_norm=float(grad_norm),
+                      step_seconds=elapsed, tokens_per_s=record["tokens"] / elapsed)
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm)) and bool(finite)):
+            where = (f"the newest checkpoint (step {self.last_checkpoint}) holds finite adapters"
+                     if self.last_checkpoint is not None else "no checkpoint was written")
+            message = (f"step {record['step']} ({label}): loss {loss}, gradient norm "
+                       f"{float(grad_norm)}, adapters {'finite' if finite else 'NOT finite'}; "
+                       f"training stopped before saving or exporting this step ({where}). Try a "
+                       "lower --lr or --clip-norm, --dtype float32 or bfloat16 instead of "
+                       "float16, and check the base weights and data")
+            self.metrics.write({"event": "error", "step": record["step"], "message": message})
+            raise NonFiniteTraining(message)
+        if not self.first:  # the first step's time is mostly compilation
+            speed.add(record["padded_tokens"], elapsed)
+        self.first = False
+        self.history.append(record)
+        self.metrics.write(record)
+        failpoint("train.record")
+        self.bar.update(f"{label} loss {loss:.4f} {record['tokens_per_s']:,.0f} tok/s", done,
+                        total, force=done == total)
+
+    def save(self, progress: Progress, adapters, opt_state, speed: _Speed) -> None:
+        """Checkpoint the state after ``progress`` (its step's record first), if there is a
+        checkpoint folder."""
+        self.flush(speed)
+        if self.checkpointer is None:
+            return
+        self.metrics.sync()
+        self.checkpointer.save(progress.global_step, {"adapters": adapters,
+                                                      "opt_state": opt_state},
+                               progress, self.identity)
+        self.last_checkpoint = progress.global_step
 
 
 def per_role_totals(results, examples, num_agents: int):
@@ -674,16 +936,51 @@ def per_role_totals(results, examples, num_agents: int):
     return nll, targets, correct, samples
 
 
-def _validate(fns: StepFunctions, adapters, params, valid_batches, valid_examples,
-              config: TrainConfig, progress: Progress, phase: Phase) -> dict | None:
+class _Stopped(Exception):
+    pass
+
+
+def _validate(fns: StepFunctions, adapters, params, placement: Placement, valid_examples,
+              valid_indices, eval_rows, buckets, window, config: TrainConfig,
+              progress: Progress, phase: Phase, run: RunOptions, stop: StopSignals,
+              speed: _Speed) -> dict | None:
     """Validation loss and greedy exact match per role (teacher-forced: every output token and
-    EOS is the argmax given the gold prefix, which is what greedy decoding reproduces)."""
-    if not valid_batches:
+    EOS is the argmax given the gold prefix, which is what greedy decoding reproduces), over
+    ``valid_indices``; says beforehand how long it should take, and shows progress."""
+    if not valid_indices:
         return None
+    subset = [valid_examples[i] for i in valid_indices]
+    batches = data_lib.evaluation_batches(subset, batch_size=eval_rows, buckets=buckets,
+                                          window=window)
+    tokens = sum(b.tokens.size for _, b in batches)
+    capped = ""
+    if len(subset) < len(valid_examples):
+        capped = f" of {len(valid_examples)} (" + (
+            "at most half as many as the epoch trains on; --valid-samples N to choose)"
+            if run.valid_samples is None else f"--valid-samples {run.valid_samples})")
+    # a forward pass is about a third of a training step's work (forward + backward)
+    estimate = (f"; about {_duration(tokens / (3 * speed.tokens_per_s))} at this run's speed"
+                if speed.tokens_per_s else "")
+    _say(f"validating {len(subset)} samples{capped}: {len(batches)} batches, {tokens:,} "
+         f"padded tokens{estimate}")
+    bar = ProgressBar(run.progress)
+
+    def results():
+        for done, (indices, batch) in enumerate(batches, start=1):
+            if stop.requested:
+                raise _Stopped
+            failpoint("validation.batch")
+            out = jax.device_get(fns.evaluate(adapters, params, placement.batch(batch)))
+            bar.update("validation", done, len(batches), force=done == len(batches))
+            yield indices, out
+
     agents = config.agents
-    nll, targets, correct, samples = per_role_totals(
-        ((indices, fns.evaluate(adapters, params, batch)) for indices, batch in valid_batches),
-        valid_examples, len(agents))
+    try:
+        nll, targets, correct, samples = per_role_totals(results(), subset, len(agents))
+    except _Stopped:
+        bar.close()
+        return None
+    bar.close()
     have = samples > 0
     return {"event": "validation", "step": progress.global_step, "phase": phase.name,
             "epoch": progress.epoch + 1,
@@ -692,7 +989,8 @@ def _validate(fns: StepFunctions, adapters, params, valid_batches, valid_example
                               if have[i]},
             "exact_match_per_role": {a: float(correct[i] / samples[i])
                                      for i, a in enumerate(agents) if have[i]},
-            "samples_per_role": {a: int(samples[i]) for i, a in enumerate(agents)}}
+            "samples_per_role": {a: int(samples[i]) for i, a in enumerate(agents)},
+            "samples_available": len(valid_examples)}
 
 
 def _validation_line(result: dict) -> str:

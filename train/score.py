@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 
@@ -31,28 +32,39 @@ def _evaluate(adapters, params, batch, *, config):
     return loss_terms(adapters, params, batch, config=config, remat="none")
 
 
-def teacher_forced(base, adapters, examples, agents, *, batch_size: int, max_len: int) -> dict:
+def teacher_forced(base, adapters, examples, agents, *, batch_size: int, max_len: int,
+                   progress: bool = True) -> dict:
     buckets = data_lib.bucket_lengths(max_len)
     window = data_lib.target_window(examples, max_len)
-    from train.loop import per_role_totals
+    from train.loop import ProgressBar, per_role_totals
 
     batches = data_lib.evaluation_batches(examples, batch_size=batch_size, buckets=buckets,
                                           window=window)
-    nll, targets, correct, samples = per_role_totals(
-        ((indices, _evaluate(adapters, base.params,
-                             {k: jax.numpy.asarray(v) for k, v in batch.arrays().items()},
-                             config=base.config)) for indices, batch in batches),
-        examples, len(agents))
+    print(f"scoring {len(examples)} samples teacher-forced: {len(batches)} batches, "
+          f"{sum(b.tokens.size for _, b in batches):,} padded tokens; the time left shows after "
+          "the first batch", file=sys.stderr)
+    bar = ProgressBar(progress)
+
+    def results():
+        for done, (indices, batch) in enumerate(batches, start=1):
+            out = jax.device_get(_evaluate(adapters, base.params, {
+                k: jax.numpy.asarray(v) for k, v in batch.arrays().items()}, config=base.config))
+            bar.update("teacher-forced", done, len(batches), force=done == len(batches))
+            yield indices, out
+
+    nll, targets, correct, samples = per_role_totals(results(), examples, len(agents))
+    bar.close()
     return {a: {"samples": int(samples[i]), "loss": float(nll[i] / max(targets[i], 1)),
                 "exact_match": float(correct[i] / max(samples[i], 1))}
             for i, a in enumerate(agents) if samples[i]}
 
 
 def generated(base, adapters, lora, examples, per_role: int, *, batch_size: int,
-              max_new_tokens: int = 64) -> dict:
+              max_new_tokens: int = 64, progress: bool = True) -> dict:
     """Greedy decoding through the inference session (non-shared cache: each row its own)."""
     from lragent_jax.generate import bucket
     from lragent_jax.session import GenerationSettings, Session, Turn
+    from train.loop import ProgressBar
 
     chosen = []
     for agent in range(lora.num_agents):
@@ -61,6 +73,11 @@ def generated(base, adapters, lora, examples, per_role: int, *, batch_size: int,
     hits = np.zeros(lora.num_agents)
     counts = np.zeros(lora.num_agents)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    groups = math.ceil(len(chosen) / batch_size)
+    print(f"generating for {len(chosen)} samples in {groups} batches of up to {batch_size} "
+          f"(up to {max_new_tokens} new tokens each, {sum(e.prompt_len for e in chosen):,} prompt "
+          "tokens); the time left shows after the first batch", file=sys.stderr)
+    bar = ProgressBar(progress)
     for start in range(0, len(chosen), batch_size):
         group = chosen[start:start + batch_size]
         capacity = bucket(max(e.prompt_len for e in group) + max_new_tokens, 64)
@@ -76,27 +93,34 @@ def generated(base, adapters, lora, examples, per_role: int, *, batch_size: int,
             gold = base.tokenizer.decode(e.tokens[e.prompt_len:-1])
             hits[e.agent] += results[row].text == gold and results[row].stop_reason == "eos"
             counts[e.agent] += 1
+        bar.update("generation", start // batch_size + 1, groups)
+    bar.close()
     return {a: {"samples": int(counts[i]), "exact_match": float(hits[i] / max(counts[i], 1))}
             for i, a in enumerate(lora.agents) if counts[i]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.cli import EMBEDDED, load_base, resolve_model
+    from train.cli import EMBEDDED, float_in, int_in, load_base, resolve_model
 
     parser = argparse.ArgumentParser(prog="python -m train.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", required=True, help="an exported adapter folder")
-    parser.add_argument("--model", default=EMBEDDED, help="base model (see python -m train)")
+    parser.add_argument("--model", default=EMBEDDED,
+                        help="base model (see python -m train; 'tiny' for the tiny random one)")
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help="use adapters trained on other weights of the same architecture")
     parser.add_argument("--data", default="kb", help="'kb' or a directory of role files")
-    parser.add_argument("--kb-seed", type=int, default=0)
-    parser.add_argument("--kb-valid", type=int, default=200)
-    parser.add_argument("--valid-fraction", type=float, default=0.05)
-    parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--kb-seed", type=int_in(0), default=0)
+    parser.add_argument("--kb-valid", type=int_in(1), default=200)
+    parser.add_argument("--valid-fraction", type=float_in(0, 1, low_open=True, high_open=True),
+                        default=0.05)
+    parser.add_argument("--max-len", type=int_in(8), default=1024)
+    parser.add_argument("--batch-size", type=int_in(1), default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--generate", type=int, default=0, metavar="N",
+    parser.add_argument("--generate", type=int_in(0), default=0, metavar="N",
                         help="also decode N samples per role greedily and compare the text")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--limit", type=int_in(1), default=None, metavar="N",
                         help="score only the first N valid samples of each role (quick checks)")
     parser.add_argument("--json", default=None, help="write the scores here")
     args = parser.parse_args(argv)
@@ -105,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
         kind, what = resolve_model(args.model, False)
         base = load_base(kind, what, args.dtype)
-        adapters, lora = load_adapters(args.adapters, config=base.config)
+        adapters, lora = load_adapters(args.adapters, config=base.config, params=base.params,
+                                       allow_other_weights=args.allow_other_weights)
         spec = data_lib.DataSpec(source=args.data, valid_fraction=args.valid_fraction,
                                  kb_seed=args.kb_seed, kb_train=0, kb_valid=args.kb_valid)
         _, valid = data_lib.load_role_samples(spec, lora.agents)
@@ -124,10 +149,12 @@ def main(argv: list[str] | None = None) -> int:
               "variant": adapter_files_metadata(args.adapters).get("variant"),
               "shared_a": lora.shared_a, "data": args.data,
               "teacher_forced": teacher_forced(base, adapters, examples, lora.agents,
-                                               batch_size=args.batch_size, max_len=args.max_len)}
+                                               batch_size=args.batch_size, max_len=args.max_len,
+                                               progress=not args.no_progress)}
     if args.generate:
         scores["generated"] = generated(base, adapters, lora, examples, args.generate,
-                                        batch_size=args.batch_size)
+                                        batch_size=args.batch_size,
+                                        progress=not args.no_progress)
     scores["seconds"] = time.perf_counter() - start
     text = json.dumps(scores, indent=2)
     print(text)

@@ -8,7 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from lragent_jax.loading.embedded import EmbeddedModelMissing, embedded_model_path
+from lragent_jax.loading.embedded import (EmbeddedModelMissing, embedded_model_path,
+                                          verify_embedded_model)
 from lragent_jax.loading.gguf import (load_gguf, load_gguf_config, permute_qk_rows, save_gguf,
                                       unpermute_qk_rows)
 from lragent_jax.loading.hf import (CheckpointError, load_hf_checkpoint, load_hf_config,
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointError", "EmbeddedModelMissing", "embedded_model_path", "load_gguf",
     "load_gguf_config", "load_hf_checkpoint", "load_hf_config", "load_pretrained",
     "param_shapes", "permute_qk_rows", "save_gguf", "save_hf_checkpoint", "unpermute_qk_rows",
+    "verify_embedded_model",
 ]
 
 
@@ -30,7 +32,12 @@ def load_pretrained(source: str | os.PathLike | None = None, dtype: Any = jnp.fl
     if path.is_dir():
         config, params = load_hf_checkpoint(path, dtype)
         tokenizer = Tokenizer.from_hf_folder(path)
-    elif path.suffix.lower() == ".gguf" or path.is_file():
+    elif path.is_file() and path.suffix.lower() == ".safetensors":
+        raise FileNotFoundError(f"{path} is a single safetensors file; pass the HF checkpoint "
+                                "folder that holds it together with its config.json (and "
+                                "tokenizer files)")
+    elif path.is_file():
+        verify_embedded_model(path)
         config, params, metadata = load_gguf(path, dtype)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
     else:

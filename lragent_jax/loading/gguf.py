@@ -12,6 +12,8 @@ NeoX RoPE, whose layout is HF's already, so nothing is reordered there.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -24,8 +26,15 @@ import ml_dtypes
 import numpy as np
 
 from lragent_jax.config import ModelConfig, RopeScaling
-from lragent_jax.loading.hf import (CheckpointError, assemble_params, check_params,
-                                    normalize_dtype, to_hf_tensors)
+from lragent_jax.loading.hf import (CheckpointError, assemble_params, check_params, check_tensor,
+                                    config_checksum, normalize_dtype, to_hf_tensors)
+from lragent_jax.loading.integrity import (STAGING_MARK, clean_stale_staging, crc32_of,
+                                           normal_mode)
+
+# Metadata key of the checksums ``save_gguf`` writes (a JSON string): {"config": sha256 of the
+# model config, "tokenizer": sha256 of the tokenizer.* fields, "tensors": {name: crc32 of the
+# stored bytes}}; verified at load when present. Files from elsewhere carry none.
+CHECKSUMS_KEY = "lragent.checksums"
 
 # architecture -> whether its q/k rows are stored in llama.cpp's interleaved RoPE order
 ARCHITECTURES = {"llama": True, "qwen2": False}
@@ -157,6 +166,12 @@ def _open_reader(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(str(path), [
+            f"not a GGUF file: it starts with {magic!r}, not b'GGUF' (a model is a .gguf file "
+            "or an HF checkpoint folder with config.json and safetensors weights)"])
     try:
         return gguf.GGUFReader(path)
     except Exception as err:
@@ -201,6 +216,12 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
         raise ValueError(f"partial RoPE ({arch}.rope.dimension_count={rope_dims} < head_dim "
                          f"{head_dim}) is not supported")
     rope_theta = _float32_value(get("rope.freq_base", 10000.0))
+    if get("attention.sliding_window"):
+        raise ValueError(f"{arch}.attention.sliding_window={get('attention.sliding_window')} "
+                         "(sliding-window attention) is not implemented")
+    if get("expert_count"):
+        raise ValueError(f"{arch}.expert_count={get('expert_count')} (mixture-of-experts layers)"
+                         " is not implemented")
 
     scaling = None
     scaling_type = get("rope.scaling.type")
@@ -251,13 +272,56 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
     )
 
 
+def _canonical(value: Any) -> Any:
+    """A metadata value as both the writer's input and the reader's ``contents()`` spell it."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return float(np.float32(value))
+    return value
+
+
+def tokenizer_checksum(fields: Mapping[str, Any]) -> str:
+    """sha256 of the ``tokenizer.*`` fields of a GGUF file's metadata."""
+    canon = {k: _canonical(v) for k, v in fields.items() if k.startswith("tokenizer.")}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True).encode()).hexdigest()
+
+
+def _saved_checksums(metadata: Mapping[str, Any], config: ModelConfig, path: Path,
+                     problems: list[str]) -> dict[str, str] | None:
+    """The per-tensor checksums of a file written by ``save_gguf`` (None for other files), after
+    checking its config and tokenizer fields against theirs."""
+    text = metadata.get(CHECKSUMS_KEY)
+    if text is None:
+        return None
+    try:
+        saved = json.loads(text)
+        tensors = {str(k): str(v) for k, v in saved["tensors"].items()}
+        sums = (str(saved["config"]), str(saved["tokenizer"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        problems.append(f"unreadable {CHECKSUMS_KEY} metadata ({err}); the file is corrupt")
+        return None
+    if sums[0] != config_checksum(config):
+        problems.append("the model metadata (architecture, sizes, RoPE, special ids) differs from "
+                        "what the file was written with: the file is corrupt")
+    if sums[1] != tokenizer_checksum(metadata):
+        problems.append("the tokenizer metadata differs from what the file was written with: the "
+                        "file is corrupt")
+    return tensors
+
+
 class _GGUFSource:
     def __init__(self, path: Path, tensors: Mapping[str, Any], config: ModelConfig,
-                 permute_qk: bool):
+                 permute_qk: bool, checksums: Mapping[str, str] | None = None):
         self._path = path
         self._tensors = tensors  # HF key -> gguf ReaderTensor
         self._config = config
         self._permute_qk = permute_qk
+        self._checksums = checksums or {}  # GGUF name -> crc32
 
     def keys(self) -> Iterable[str]:
         return self._tensors.keys()
@@ -269,6 +333,10 @@ class _GGUFSource:
         from gguf.quants import dequantize
 
         tensor = self._tensors[key]
+        expected = self._checksums.get(tensor.name)
+        if expected is not None and crc32_of(tensor.data) != expected:
+            raise ValueError(f"checksum mismatch (crc32 {crc32_of(tensor.data)}, saved "
+                             f"{expected}): the file changed or is corrupt since it was written")
         array = dequantize(tensor.data, tensor.tensor_type).reshape(self.shape(key))
         if self._permute_qk:
             if ".q_proj." in key:
@@ -324,7 +392,14 @@ def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32,
             problems.append(f"unexpected GGUF tensor {name} in {path.name}")
         else:
             tensors[hf_name] = tensor
-    source = _GGUFSource(path, tensors, config, ARCHITECTURES[metadata["general.architecture"]])
+    checksums = _saved_checksums(metadata, config, path, problems)
+    if checksums is not None:
+        unlisted = sorted(set(by_name) - set(checksums) - {ROPE_FREQS})
+        if unlisted:
+            problems.append(f"tensor(s) {unlisted[:3]} have no saved checksum (the tensor table "
+                            "is corrupt)")
+    source = _GGUFSource(path, tensors, config, ARCHITECTURES[metadata["general.architecture"]],
+                         checksums)
     params = assemble_params(config, source, dtype, str(path), problems)
     return config, params, metadata
 
@@ -355,13 +430,15 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
     check_params(params, config)
     out_dtype = None if dtype is None else normalize_dtype(dtype)
     arch = "qwen2" if config.qkv_bias else "llama"
+    crcs: dict[str, str] = {}
     permute_qk = ARCHITECTURES[arch]
     if len(config.eos_token_ids) > 3:
         raise ValueError("GGUF holds at most 3 end ids (eos, eom, eot); got "
                          f"{config.eos_token_ids}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    clean_stale_staging(path)
+    tmp = path.with_name(f".{path.name}{STAGING_MARK}{os.getpid()}-{os.urandom(4).hex()}")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         writer.add_name(config.name)
@@ -401,9 +478,13 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
                 writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
 
         if scaling is not None and scaling.kind == "llama3":
-            writer.add_tensor(ROPE_FREQS, llama3_rope_factors(config.head_dim, config.rope_theta,
-                                                              scaling))
+            factors = llama3_rope_factors(config.head_dim, config.rope_theta, scaling)
+            crcs[ROPE_FREQS] = crc32_of(factors)
+            writer.add_tensor(ROPE_FREQS, factors)
         for key, array in to_hf_tensors(params, config):
+            problem = check_tensor(key, array, "in the params to save")
+            if problem is not None:
+                raise ValueError(f"refusing to save {path}: {problem}")
             if permute_qk and (".q_proj." in key or ".k_proj." in key):
                 heads = config.num_heads if ".q_proj." in key else config.num_kv_heads
                 array = permute_qk_rows(array, heads)
@@ -414,15 +495,21 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
             elif array.dtype not in _TENSOR_DTYPES:
                 array = array.astype(np.float32)
             array = np.ascontiguousarray(array)
+            crcs[hf_to_gguf_name(key)] = crc32_of(array)
             if array.dtype == ml_dtypes.bfloat16:  # gguf infers F32/F16 only; say BF16 explicitly
                 writer.add_tensor(hf_to_gguf_name(key), array.view(np.uint16),
                                   raw_shape=array.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
                 writer.add_tensor(hf_to_gguf_name(key), array)
+        written = {k: v.value for k, v in writer.kv_data[0].items()}
+        writer.add_string(CHECKSUMS_KEY, json.dumps({
+            "config": config_checksum(config), "tokenizer": tokenizer_checksum(written),
+            "tensors": crcs}))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, normal_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -10,14 +10,19 @@ Our pytree (weights [in, out], every per-layer leaf stacked on a leading L axis)
     layers: attn_norm, mlp_norm [L, D]; q [L, D, N*H]; k, v [L, D, K*H]; o [L, N*H, D];
             q_bias [L, N*H], k_bias, v_bias [L, K*H] (qkv_bias only);
             gate, up [L, D, F]; down [L, F, D]
+
+Every tensor is checked as it is read: floating point (integer or bool tensors are refused, not
+cast), finite (NaN/Inf are counted and named), and, in files this library wrote, equal to the
+crc32 recorded in the file's header (with a checksum of the config the weights were saved with).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import tempfile
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,10 +34,15 @@ import ml_dtypes
 import numpy as np
 
 from lragent_jax.config import ModelConfig
+from lragent_jax.loading.integrity import (atomic_write, atomic_write_text, count_nonfinite,
+                                           crc32_of, is_float_dtype, staging_dir, swap_into_place)
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# safetensors metadata key of the checksums this library writes: {"config": sha256 of the model
+# config, "tensors": {stored name: crc32 of its bytes}}; verified at load when present.
+CHECKSUMS_KEY = "lragent.checksums"
 
 # Loadable parameter dtypes; the checkpoint may hold any of these too.
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
@@ -114,6 +124,30 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
     return shapes
 
 
+def config_checksum(config: ModelConfig) -> str:
+    """sha256 of everything in a config that changes the model's output (``to_hf_dict``)."""
+    text = json.dumps(config.to_hf_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_tensor(key: str, array: np.ndarray, where: str, stored: np.ndarray | None = None
+                 ) -> str | None:
+    """The problem with a weight tensor about to be used, if any: not floating point, or holding
+    NaN/Inf (counted). ``stored``: the array as read, before a cast (to tell overflow apart)."""
+    raw = array if stored is None else stored
+    if not is_float_dtype(raw.dtype):
+        return (f"{key} ({where}) is stored as {raw.dtype}, not floating point; weights must be "
+                "float32, bfloat16 or float16")
+    bad = count_nonfinite(array)
+    if not bad:
+        return None
+    if stored is not None and not count_nonfinite(stored):
+        return (f"{key} ({where}): {bad} of {array.size} values overflow {array.dtype} (finite "
+                f"in the file as {stored.dtype}); load in a wider dtype")
+    return (f"{key} ({where}) holds {bad} non-finite value(s) (NaN or Inf) of {array.size}: "
+            "the file is corrupt or the weights diverged")
+
+
 def _stored_shape(shape: tuple[int, ...], transform: Callable) -> tuple[int, ...]:
     return tuple(reversed(shape)) if transform is _transpose else tuple(shape)
 
@@ -188,10 +222,19 @@ def assemble_params(config: ModelConfig, source: TensorSource, dtype: Any, sourc
     stacks = {leaf: np.empty(shape, target_dtype) for leaf, shape in expected["layers"].items()}
     for key, leaf, layer, transform in plan:
         try:
-            array = transform(np.asarray(source.read(key))).astype(target_dtype, copy=False)
+            stored = np.asarray(source.read(key))
         except Exception as err:  # a corrupt payload: report it with the rest
             problems.append(f"cannot read {key} ({source.where(key)}): {err}")
             continue
+        problem = None if is_float_dtype(stored.dtype) else check_tensor(
+            key, stored, source.where(key))
+        if problem is None:
+            converted = stored.astype(target_dtype, copy=False)
+            problem = check_tensor(key, converted, source.where(key), stored)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        array = transform(converted)
         if layer is None:
             top_level[leaf] = array
         else:
@@ -228,9 +271,11 @@ def check_params(params: Mapping[str, Any], config: ModelConfig) -> None:
 
 
 class _SafetensorsSource:
-    def __init__(self, handles: Mapping[str, Any], locations: Mapping[str, tuple[str, str]]):
+    def __init__(self, handles: Mapping[str, Any], locations: Mapping[str, tuple[str, str]],
+                 checksums: Mapping[str, Mapping[str, str]] | None = None):
         self._handles = handles  # file name -> open safe_open handle
         self._locations = locations  # our key -> (file name, stored tensor name)
+        self._checksums = checksums or {}  # file name -> stored tensor name -> crc32
 
     def keys(self) -> Iterable[str]:
         return self._locations.keys()
@@ -241,10 +286,36 @@ class _SafetensorsSource:
 
     def read(self, key: str) -> np.ndarray:
         file, stored = self._locations[key]
-        return self._handles[file].get_tensor(stored)
+        array = self._handles[file].get_tensor(stored)
+        expected = self._checksums.get(file, {}).get(stored)
+        if expected is not None and crc32_of(array) != expected:
+            raise ValueError(f"checksum mismatch (crc32 {crc32_of(array)}, saved {expected}): "
+                             "the file changed or is corrupt since it was written")
+        return array
 
     def where(self, key: str) -> str:
         return f"in {self._locations[key][0]}"
+
+
+def _saved_checksums(handle, path: Path, config: ModelConfig, problems: list[str]
+                     ) -> dict[str, str] | None:
+    """The per-tensor checksums a safetensors file written by ``save_hf_checkpoint`` carries (None
+    for other files); checks the config they were saved with against ``config``."""
+    text = (handle.metadata() or {}).get(CHECKSUMS_KEY)
+    if text is None:
+        return None
+    try:
+        saved = json.loads(text)
+        tensors = {str(k): str(v) for k, v in saved["tensors"].items()}
+        config_sum = str(saved["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        problems.append(f"{path.name}: unreadable checksum record in its header ({err}); the file "
+                        "is corrupt")
+        return None
+    if config_sum != config_checksum(config):
+        problems.append(f"{path.name} was saved with another model config than {CONFIG_FILE} "
+                        f"now describes ({CONFIG_FILE} changed or is corrupt)")
+    return tensors
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -295,6 +366,7 @@ def load_hf_checkpoint(folder: str | os.PathLike,
         raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
 
     problems: list[str] = []
+    checksums: dict[str, dict[str, str]] = {}
     with ExitStack() as stack:
         handles: dict[str, Any] = {}
         files = sorted(set(stored_to_file.values())) if stored_to_file else [SINGLE_FILE]
@@ -308,6 +380,10 @@ def load_hf_checkpoint(folder: str | os.PathLike,
             except Exception as err:
                 problems.append(f"unreadable safetensors file {path} (truncated or corrupt?): "
                                 f"{err}")
+                continue
+            sums = _saved_checksums(handles[name], path, config, problems)
+            if sums is not None:
+                checksums[name] = sums
         in_file = {name: set(handle.keys()) for name, handle in handles.items()}
         if stored_to_file is None:
             stored_to_file = {key: SINGLE_FILE for key in in_file.get(SINGLE_FILE, ())}
@@ -324,25 +400,13 @@ def load_hf_checkpoint(folder: str | os.PathLike,
                 absent.add(ours)
             else:
                 locations[ours] = (file, stored)
-        source = _SafetensorsSource(handles, locations)
+        source = _SafetensorsSource(handles, locations, checksums)
         params = assemble_params(config, source, dtype, str(folder), problems, absent)
     return config, params
 
 
 # ---------------------------------------------------------------------------------------------
 # saving
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def to_hf_tensors(params: Mapping[str, Any], config: ModelConfig,
@@ -376,20 +440,29 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
     One ``model.safetensors`` unless ``max_shard_bytes`` splits the tensors, then
     ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``.
     ``dtype`` casts on the way out (default: keep each leaf's dtype). Returns the folder.
+
+    The new folder replaces the old one in one atomic step (other files in it are kept); each
+    weights file records a crc32 per tensor and a checksum of the config, which
+    ``load_hf_checkpoint`` verifies. Non-finite weights are refused.
     """
     from safetensors.numpy import save_file
 
-    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int)
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool)
+                                        or not isinstance(max_shard_bytes, int)
                                         or max_shard_bytes < 1):
         raise ValueError("max_shard_bytes must be a positive int or None; got "
                          f"{max_shard_bytes!r}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
 
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0
     total = 0
     for key, array in to_hf_tensors(params, config, dtype):
+        problem = check_tensor(key, array, "in the params to save")
+        if problem is not None:
+            raise ValueError(f"refusing to save {folder}: {problem}")
         if (max_shard_bytes is not None and shards[-1]
                 and shard_bytes + array.nbytes > max_shard_bytes):
             shards.append({})
@@ -401,23 +474,52 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
     stored_dtype = next(iter(shards[0].values())).dtype
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = stored_dtype.name
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(
-        json.dumps(hf_config, indent=2) + "\n", encoding="utf-8"))
+    config_sum = config_checksum(config)
 
-    metadata = {"format": "pt"}  # what transformers expects of a safetensors weights file
-    stale = [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]
-    for path in stale:  # a previous export with another sharding must not linger
-        if path.exists():
-            path.unlink()
-    if len(shards) == 1:
-        _atomic_write(folder / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata))
-        return folder
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
-        weight_map.update({key: name for key in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _atomic_write(folder / INDEX_FILE, lambda tmp: Path(tmp).write_text(
-        json.dumps(index, indent=2) + "\n", encoding="utf-8"))
+    def metadata(shard: dict[str, np.ndarray]) -> dict[str, str]:
+        # "format": what transformers expects of a safetensors weights file
+        sums = {key: crc32_of(array) for key, array in shard.items()}
+        return {"format": "pt", CHECKSUMS_KEY: json.dumps({"config": config_sum,
+                                                           "tensors": sums})}
+
+    # Everything is written into a staging folder that then replaces ``folder`` in one atomic
+    # step: a reader (or a crash) never sees new weights with an old config, or no weights.
+    # Other files of the folder (tokenizer, README) are carried over (hard links, no copy).
+    staging = staging_dir(folder)
+    try:
+        weight_files = {CONFIG_FILE, SINGLE_FILE, INDEX_FILE}
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.name in weight_files or re.fullmatch(r"model-\d+-of-\d+\.safetensors",
+                                                             path.name):
+                    continue  # replaced; a previous export with another sharding must not linger
+                target = staging / path.name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.copytree(path, target, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(path, target)
+        atomic_write_text(staging / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
+        if len(shards) == 1:
+            atomic_write(staging / SINGLE_FILE,
+                         lambda tmp: save_file(shards[0], tmp, metadata(shards[0])))
+        else:
+            weight_map = {}
+            for number, shard in enumerate(shards, start=1):
+                name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                atomic_write(staging / name,
+                             lambda tmp, shard=shard: save_file(shard, tmp, metadata(shard)))
+                weight_map.update({key: name for key in shard})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            atomic_write_text(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        swap_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
