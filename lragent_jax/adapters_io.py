@@ -70,10 +70,18 @@ _FINGERPRINT_SAMPLES = 64
 _FLUSH_BELOW = 2.0 ** -14  # float16's smallest normal: values below it are compared as zero
 
 
-def _stacked_leaves(params: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], Any]]:
+def _stacked_leaves(params: Mapping[str, Any], config: ModelConfig | None = None
+                    ) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Logical weight tensors by name ("embed", "layers/q", ...): (shape, take) where
     ``take(index)`` gathers the values at an index tuple of the stacked [L, ...] tensor. Works on
-    per-layer leaves stacked on a leading axis and on a list of per-layer dicts alike."""
+    per-layer leaves stacked on a leading axis, on a list of per-layer dicts of the same leaves,
+    and (with ``config``) on the fused inference layout (``lragent_jax.inference``)."""
+    from lragent_jax.inference import is_inference_layout, training_layout_views
+
+    if is_inference_layout(params) and "qkv" in params["layers"][0]:
+        if config is None:
+            raise ValueError("the fingerprint of inference-layout params needs their ModelConfig")
+        return training_layout_views(dict(params), config)
     out = {}
     for name, value in params.items():
         if name != "layers":
@@ -105,13 +113,14 @@ def _gather(x, index) -> np.ndarray:
     return np.asarray(np.asarray(x)[index], np.float32)
 
 
-def weights_fingerprint(params: Mapping[str, Any]) -> dict[str, Any]:
+def weights_fingerprint(params: Mapping[str, Any], config: ModelConfig | None = None
+                        ) -> dict[str, Any]:
     """64 values at fixed positions of every weight tensor, rounded to bfloat16 (hex): cheap for
     any model size, independent of the parameter layout, equal for float32 and bfloat16 loads of
     one checkpoint and different for another checkpoint of the same shape."""
     tensors = {}
     dtypes = set()
-    for name, (shape, take) in sorted(_stacked_leaves(params).items()):
+    for name, (shape, take) in sorted(_stacked_leaves(params, config).items()):
         size = int(np.prod(shape))
         flat = np.unique(np.linspace(0, size - 1, _FINGERPRINT_SAMPLES).astype(np.int64))
         values = take(np.unravel_index(flat, shape))
@@ -148,7 +157,8 @@ def _differing_tensors(saved: dict, now: dict) -> list[str]:
 
 
 def check_base_weights(manifest: dict, params: Mapping[str, Any], folder: str | os.PathLike,
-                       *, allow_other_weights: bool = False) -> None:
+                       *, allow_other_weights: bool = False,
+                       config: ModelConfig | None = None) -> None:
     """Refuse adapters whose manifest fingerprints other base weights than ``params``; warn when
     an older manifest carries no fingerprint."""
     saved = manifest["base_model"].get("weights")
@@ -158,7 +168,7 @@ def check_base_weights(manifest: dict, params: Mapping[str, Any], folder: str | 
                       "older export), so it cannot be checked that these adapters were trained "
                       "on the loaded weights", stacklevel=3)
         return
-    now = weights_fingerprint(params)
+    now = weights_fingerprint(params, config)
     differ = _differing_tensors(saved, now)
     if not differ:
         return
@@ -366,7 +376,8 @@ def load_adapters(folder: str | os.PathLike, *, config: ModelConfig, dtype=jnp.f
     lora = lora_from_manifest(manifest, folder / MANIFEST)
     check_base_model(manifest, config, folder)
     if params is not None:
-        check_base_weights(manifest, params, folder, allow_other_weights=allow_other_weights)
+        check_base_weights(manifest, params, folder, allow_other_weights=allow_other_weights,
+                           config=config)
     if "files" not in manifest:
         warnings.warn(f"{folder}: the manifest records no file checksums (an older export); the "
                       "files are loaded unverified", stacklevel=2)

@@ -507,3 +507,49 @@ def forward_layers(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
 def inference_param_bytes(params: dict) -> int:
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
                    for x in jax.tree.leaves(params)))
+
+
+def training_layout_views(params: dict, config: ModelConfig) -> dict:
+    """The stacked (training-layout) tensors of inference-layout params as lazy views, without
+    copying the weights: name ("layers/q", ...) -> (stacked shape, take), where ``take(index)``
+    returns the float32 values at an index tuple of that stacked shape (numpy integer arrays).
+    For cheap layout-independent reads such as a weights fingerprint."""
+    N, K, H, F, D = (config.num_heads, config.num_kv_heads, config.head_dim,
+                     config.intermediate_size, config.hidden_size)
+    layers = params["layers"]
+    L, m = len(layers), _shards(layers[0])
+    nq, nk, half = N * H // m, K * H // m, F // m
+
+    def gather(name, coords):
+        def take(index):
+            values = np.empty(len(index[0]), np.float32)
+            for layer in np.unique(index[0]):
+                rows = np.flatnonzero(index[0] == layer)
+                at = coords(*(i[rows] for i in index[1:]))
+                x = layers[layer][name]
+                values[rows] = np.asarray(jax.device_get(x[at]), np.float32)
+            return values
+        return take
+
+    def fused(name, offset, width):
+        if name == "qkv_bias":  # [m, C]
+            return gather(name, lambda c: (c // width, offset + c % width))
+        return gather(name, lambda d, c: (d, c // width, offset + c % width))  # [D, m, C]
+
+    out = {k: (tuple(v.shape), lambda index, x=v: np.asarray(jax.device_get(x[index]),
+                                                          np.float32))
+           for k, v in params.items() if k != "layers"}
+    out["layers/attn_norm"] = ((L, D), gather("attn_norm", lambda c: (c,)))
+    out["layers/mlp_norm"] = ((L, D), gather("mlp_norm", lambda c: (c,)))
+    out["layers/q"] = ((L, D, N * H), fused("qkv", 0, nq))
+    out["layers/k"] = ((L, D, K * H), fused("qkv", nq, nk))
+    out["layers/v"] = ((L, D, K * H), fused("qkv", nq + nk, nk))
+    if "qkv_bias" in layers[0]:
+        out["layers/q_bias"] = ((L, N * H), fused("qkv_bias", 0, nq))
+        out["layers/k_bias"] = ((L, K * H), fused("qkv_bias", nq, nk))
+        out["layers/v_bias"] = ((L, K * H), fused("qkv_bias", nq + nk, nk))
+    out["layers/o"] = ((L, N * H, D), gather("o", lambda r, c: (r, c)))
+    out["layers/gate"] = ((L, D, F), fused("gate_up", 0, half))
+    out["layers/up"] = ((L, D, F), fused("gate_up", half, half))
+    out["layers/down"] = ((L, F, D), gather("down", lambda r, c: (r, c)))
+    return out

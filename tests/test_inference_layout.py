@@ -273,3 +273,20 @@ def test_fused_adapter_columns_give_the_same_logits(shared_a):
     with pytest.raises(ValueError, match="other adapters"):
         Session(cfg, fused, TOK, adapters=init_adapters(jax.random.key(8), cfg, refused),
                 lora=refused, mode="base_shared")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_the_weights_fingerprint_reads_the_inference_layout_as_the_stacked_one(shards):
+    from lragent_jax.adapters_io import weights_fingerprint
+
+    cfg = _tiny(qkv_bias=True)
+    stacked = init_params(jax.random.key(9), cfg)
+    lora = LoraConfig(rank=4, targets=("q", "v", "o", "gate", "up", "down"))
+    adapters = init_adapters(jax.random.key(10), cfg, lora, b_scale=0.1)
+    converted = inference.to_inference_params(stacked, cfg, shards=shards)
+    fused = inference.fuse_adapters(converted, cfg, adapters, lora)
+    want = weights_fingerprint(stacked)
+    assert weights_fingerprint(converted, cfg) == want
+    assert weights_fingerprint(fused, cfg) == want
+    with pytest.raises(ValueError, match="needs their ModelConfig"):
+        weights_fingerprint(converted)
