@@ -371,7 +371,7 @@ def _print_tf(tf: dict) -> None:
 
 def _run_scienceqa(args, modes) -> dict:
     from eval.teacher_forced import compare_modes, segment_published_sample
-    from lragent_jax.tasks.kb import load_role_files
+    from lragent_jax.tasks.scienceqa import load_role_files
     from train.data import split_validation
 
     folder = args.scienceqa_dir or _default_scienceqa_dir()

@@ -136,8 +136,8 @@ def test_published_samples_are_segmented_by_writer():
     segments = segment_published_sample(sample, "action")
     assert "".join(s.text for s in segments[:-1]) == sample["input"]
     writers = [(s.writer, s.text) for s in segments if s.writer != "env"]
-    assert writers == [("plan", "I should search 0."), ("action", "metals 0"),
-                       ("plan", "Iron is a metal."), ("action", "A")]
+    assert writers == [("plan", "I should search 0."), ("plan", "BingSearch"), ("action", "metals 0"),
+                       ("plan", "Iron is a metal."), ("plan", "Finish"), ("action", "A")]
     reflect = {"input": head + "x\nAciton: Finish[\n### Response:\nA]\nObversation: Please reflect "
                                "your answer.\nThought: \n### Response:\n", "output": "Fine."}
     assert segment_published_sample(reflect, "reflect")[-1].writer == "reflect"

@@ -202,7 +202,7 @@ def check_token_range(examples: Sequence[Example], vocab_size: int) -> None:
 def load_published_dir(directory: str | os.PathLike, roles: Sequence[str]) -> dict[str, list]:
     """``{role: [sample]}`` from a directory of ``<role>.json`` files (published format). Raises
     DataError naming the file, and the record where one is at fault."""
-    from lragent_jax.tasks.kb import load_role_files
+    from lragent_jax.tasks.scienceqa import load_role_files
 
     directory = Path(directory)
     if not directory.exists():
