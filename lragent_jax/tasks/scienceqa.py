@@ -168,6 +168,7 @@ _ARGUMENT_OPEN = re.compile(r"\nAciton: (\w+)\[\n### Response:\n")
 _INLINE_ACTION = re.compile(r"\nAction: (?=[^\n])")
 _ACTION_TYPE = re.compile(r"\s*(\w+)")
 _FULL_ACTION = re.compile(r"(\s*\w+)\[(.*)\](.*)", re.DOTALL)
+_BARE_ACTION = re.compile(r"\n(?=\w+\[[^\n]*\nObversation: )")
 
 # how a prompt ends: what the sample's output is
 ENDINGS = ("thought", "action", "argument", "reflect_action")
@@ -182,9 +183,12 @@ class ParsedStep:
     """One step of a published scratchpad.
 
     ``form``: "marked" (``Action: \\n### Response:\\n{action}``, plan prompts), "argument"
-    (``Aciton: {type}[\\n### Response:\\n{argument}]``) or "inline" (``Action: {action}``).
-    ``action`` is the whole action line ("marked", "inline") or the argument ("argument");
-    ``observation`` is None for the unfinished last step.
+    (``Aciton: {type}[\\n### Response:\\n{argument}]``), "inline" (``Action: {action}``), or the
+    two forms of this project's own append-only trajectories (``ScienceQAWorkflow``): "typed"
+    (``Action: \\n### Response:\\n{type}\\nAciton: {type}[\\n### Response:\\n{argument}]``) and
+    "bare" (reflect's ``\\n{action}`` right after its thought). ``action`` is the whole action line
+    ("marked", "inline", "bare") or the argument ("argument", "typed"); ``observation`` is None for
+    the unfinished last step.
     """
 
     thought: str | None
@@ -200,7 +204,7 @@ class ParsedStep:
     @property
     def argument(self) -> str | None:
         """The action's argument (the text in its brackets), None when it has none."""
-        if self.form == "argument" or self.action is None:
+        if self.form in ("argument", "typed") or self.action is None:
             return self.action
         match = _FULL_ACTION.fullmatch(self.action)
         return match.group(2) if match else None
@@ -243,6 +247,14 @@ def parse_prompt(text: str) -> ParsedPrompt:
             if pos == n:
                 steps.append(ParsedStep(thought, None, None, None, None))
                 return ParsedPrompt(instruction, question, tuple(steps), "action")
+            line_end = text.find("\n", pos)
+            typed = _ARGUMENT_OPEN.match(text, line_end) if line_end >= 0 else None
+            if typed is not None and text[pos:line_end] == typed.group(1):
+                # this project's own (append-only) trajectories: the type, then the argument marker
+                form, argument, pos = "typed", typed, typed.end()
+                if pos == n:
+                    steps.append(ParsedStep(thought, form, typed.group(1), None, None))
+                    return ParsedPrompt(instruction, question, tuple(steps), "argument")
         elif argument is not None:
             form, pos = "argument", argument.end()
             if pos == n:
@@ -253,6 +265,8 @@ def parse_prompt(text: str) -> ParsedPrompt:
         elif pos == n - 1:  # "{thought}\n": reflect writes its Reflect[...] right after its thought
             steps.append(ParsedStep(thought, None, None, None, None))
             return ParsedPrompt(instruction, question, tuple(steps), "reflect_action")
+        elif _BARE_ACTION.match(text, pos):  # reflect's Reflect[...] once the step has gone on
+            form, pos = "bare", pos + 1
         else:
             raise PublishedFormatError(f"after the thought at character {pos} expected an action "
                                        f"marker; got {text[pos:pos + 40]!r}")
@@ -262,7 +276,7 @@ def parse_prompt(text: str) -> ParsedPrompt:
             raise PublishedFormatError(f"the action at character {pos} is not one line followed by "
                                        f"{OBSERVATION_MARK!r}: {text[pos:pos + 60]!r}")
         line = text[pos:end]
-        if form == "argument":
+        if form in ("argument", "typed"):
             if not line.endswith("]"):
                 raise PublishedFormatError(f"the argument at character {pos} does not end with ']'")
             action_type, action = argument.group(1), line[:-1]
@@ -325,8 +339,13 @@ def segment_prompt(text: str, role: str, *, plan: str = "plan", action: str = "a
             pieces += [(ENV, "\nAciton: "), (writer, step.action_type), (ENV, "[" + RESPONSE)]
             if step.action is not None:
                 pieces += [(arguer, step.action), (ENV, "]")]
-        elif step.form == "inline":
-            pieces.append((ENV, "\nAction: "))
+        elif step.form == "typed":
+            pieces += [(ENV, ACTION_MARK), (writer, step.action_type),
+                       (ENV, "\nAciton: " + step.action_type + "[" + RESPONSE)]
+            if step.action is not None:
+                pieces += [(arguer, step.action), (ENV, "]")]
+        elif step.form in ("inline", "bare"):
+            pieces.append((ENV, "\nAction: " if step.form == "inline" else "\n"))
             pieces += _split_action(step.action, writer, arguer, step.is_reflect)
         elif parsed.ending == "action":
             pieces.append((ENV, ACTION_MARK))
