@@ -306,3 +306,108 @@ def test_scoring_of_handmade_episodes(tmp_path):
 def test_wrong_task_type_is_refused():
     with pytest.raises(ValueError, match="must be a ScienceQuestion"):
         run_episodes(sqa.ScienceQAWorkflow(), ["plain text"], ScriptedPolicy(lambda r, t: "x"))
+
+
+# -- on a tiny random model
+
+
+def tiny_model(shared_a: bool = True, b_scale: float = 0.05):
+    import jax
+
+    from eval.cli import tiny_config
+    from lragent_jax.config import LoraConfig
+    from lragent_jax.lora import init_adapters
+    from lragent_jax.model import init_params
+    from lragent_jax.pretrained import Model
+
+    cfg = tiny_config()
+    lora = LoraConfig(rank=4, targets=("q", "v", "o"), shared_a=shared_a)
+    model = Model(cfg, init_params(jax.random.key(0), cfg), ByteTokenizer())
+    return model.with_adapters(init_adapters(jax.random.key(1), cfg, lora, b_scale=b_scale), lora)
+
+
+@pytest.mark.slow
+def test_workflow_on_a_tiny_model_is_deterministic(tmp_path):
+    from eval.scienceqa_agents import rollout
+
+    model = tiny_model()
+    questions = sqa.load_eval_questions(write_eval_files(tmp_path / "e"))[:2]
+    workflow = sqa.ScienceQAWorkflow(corpus(), max_steps=1)
+
+    def episodes(seed):  # the shapes of the part's test below: compiled once for both
+        session = model.session("non_shared", batch=4, capacity=2560, seed=seed,
+                                min_chunk_bucket=512, min_new_bucket=64)
+        return rollout(workflow, questions * 2, session, temperature=1.0, top_p=1.0)
+
+    first, again, other = episodes(0), episodes(0), episodes(1)
+    assert [r.to_dict() for r in first] == [r.to_dict() for r in again]
+    assert [r.text for r in first] != [r.text for r in other]
+    for record in first:
+        assert record.text.startswith(workflow.instruction + "\nQuestion:" + record.task.question)
+        assert sqa.score_question(record).status in ("correct", "wrong", "unfinished")
+        assert record.turns[0].agent == "plan" and len(record.turns[0].output) <= 64 * 4
+
+
+@pytest.mark.slow
+def test_scienceqa_agents_part_on_a_tiny_model(tmp_path):
+    from eval import cli
+    from eval.traces import load_traces
+
+    data = tmp_path / "scienceqa"
+    data.mkdir()
+    for role, items in handmade_samples().items():
+        (data / f"{role}.json").write_text(json.dumps(items))
+    write_eval_files(tmp_path / "scienceqa-eval")
+    out = tmp_path / "out"
+    assert cli.main(["--model", "tiny", "--parts", "scienceqa_agents", "--scienceqa-dir", str(data),
+                     "--scienceqa-adapters", "random", "--sqa-questions", "2", "--sqa-runs", "2",
+                     "--sqa-max-steps", "1", "--sqa-batch", "4", "--min-bucket", "512",
+                     "--sqa-capacity", "2560",
+                     "--modes", "non_shared", "--no-plots",
+                     "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())["scienceqa_agents"]
+    assert set(result["modes"]) == {"non_shared", "no_adapter"}
+    assert result["questions"] == 2 and result["runs"] == 2 and result["chance"] == 0.5
+    for summary in result["modes"].values():
+        assert summary["n"] == 4 and len(summary["outcomes"]) == 4
+        assert set(summary["per_band"]) == {"grade1-4", "grade5-8"}
+        assert sum(s["n"] for s in summary["per_band"].values()) == 4
+        assert 0 <= summary["unfinished_share"] <= 1
+    assert result["modes"]["non_shared"]["vs_non_shared"]["difference"] == 0
+    assert len(load_traces(result["traces_file"])) == 4
+    lines = (out / "scienceqa_episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and {json.loads(x)["run"] for x in lines} == {0, 1}
+    assert json.loads((out / "scienceqa_agents.json").read_text())["modes"].keys() == \
+        result["modes"].keys()
+
+
+def test_scienceqa_agents_part_skips_what_cannot_run(tmp_path, monkeypatch):
+    import argparse
+
+    from eval import cli
+    from eval.scienceqa_agents import paired_difference, run_scienceqa_agents
+
+    write_eval_files(tmp_path / "scienceqa-eval")
+    data = tmp_path / "scienceqa"
+    data.mkdir()
+    for role, items in handmade_samples().items():
+        (data / f"{role}.json").write_text(json.dumps(items))
+    args = cli.build_parser().parse_args(["--scienceqa-dir", str(data), "--no-sqa-baseline",
+                                          "--scienceqa-adapters", "x", "--sqa-questions", "2"])
+    # independent A cannot share the low-rank cache: that mode is skipped with the reason
+    result = run_scienceqa_agents(args, ["base_lowrank_shared"],
+                                  lambda a: tiny_model(shared_a=False), tmp_path, log=lambda m: None)
+    assert "shared-A" in result["skipped_modes"]["base_lowrank_shared"] and not result["modes"]
+    for flag, value, message in (("sqa_runs", 0, "--sqa-runs must be >= 1"),
+                                 ("sqa_temperature", float("nan"), "--sqa-temperature must be"),
+                                 ("sqa_questions", 0, "--sqa-questions must be >= 1")):
+        bad = argparse.Namespace(**{**vars(args), flag: value})
+        with pytest.raises(SystemExit, match=message):
+            run_scienceqa_agents(bad, ["non_shared"], lambda a: None, tmp_path)
+    missing = argparse.Namespace(**{**vars(args), "scienceqa_eval_dir": str(tmp_path / "none")})
+    assert "skipped" in run_scienceqa_agents(missing, ["non_shared"], lambda a: None, tmp_path,
+                                             log=lambda m: None)
+    # the paired difference averages each question's runs first
+    diff = paired_difference(["correct", "wrong", "correct", "correct"],
+                             ["wrong", "wrong", "correct", "wrong"], 2)
+    assert diff["difference"] == pytest.approx(0.5) and diff["questions_changed"] == 2
