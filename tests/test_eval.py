@@ -152,11 +152,14 @@ def test_scienceqa_part_on_published_format_files(tmp_path):
 
     data = tmp_path / "published"
     data.mkdir()
+    ends = {"plan": "", "action": "Iron is a metal.\nAciton: Finish[\n### Response:\n",
+            "reflect": "Iron is a metal.\nAciton: Finish[\n### Response:\nA]\nObversation: Please "
+                       "reflect your answer.\nThought: \n### Response:\nIt is right.\n"}
     for role, output in (("plan", "Iron is a metal."), ("action", "A"), ("reflect", "Reflect[right]")):
         samples = []
         for i in range(40):
             head, history = _published_sample(i % 3)
-            samples.append({"input": head + history, "output": output})
+            samples.append({"input": head + history + ends[role], "output": output})
         (data / f"{role}.json").write_text(json.dumps(samples))
     cfg = cli.tiny_config()
     lora = LoraConfig(rank=4, targets=("q", "v", "o"))
