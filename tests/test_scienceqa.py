@@ -411,3 +411,23 @@ def test_scienceqa_agents_part_skips_what_cannot_run(tmp_path, monkeypatch):
     diff = paired_difference(["correct", "wrong", "correct", "correct"],
                              ["wrong", "wrong", "correct", "wrong"], 2)
     assert diff["difference"] == pytest.approx(0.5) and diff["questions_changed"] == 2
+
+
+def test_built_in_task_files_without_writers_are_left_alone(tmp_path):
+    from lragent_jax.tasks.kb import KBTask
+
+    samples = KBTask(seed=1, num_train=3, num_valid=0, num_test=0).role_samples("train")
+    stripped = {r: [{"input": s["input"], "output": s["output"]} for s in v]
+                for r, v in samples.items()}
+    later = [s for s in stripped["action"] if "\nObservation: " in s["input"]]
+    assert later and not any(sqa.is_published_format(s) for s in later)
+    for name, items in stripped.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(items))
+    loaded = data_lib.load_published_dir(tmp_path, ROLES, log=lambda message: None)
+    # no writers guessed (nor a refusal) once a prompt shows the other template's markers
+    assert all("writers" not in s for s in loaded["action"])
+    first_turns = [s for s in loaded["plan"] if s["input"].count(sqa.RESPONSE) == 1]
+    assert first_turns and all(s["writers"] == [ENV] * 3 for s in first_turns)
+    with pytest.raises(data_lib.DataError, match="--view shared needs to know who wrote"):
+        data_lib.tokenize_samples(loaded, ByteTokenizer(), agents=ROLES, eos_id=2,
+                                  max_len=100_000, view="shared")

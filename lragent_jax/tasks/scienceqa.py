@@ -380,11 +380,16 @@ def segment_published_sample(sample: Mapping[str, Any], role: str, **names: str)
     return segment_prompt(sample["input"], role, **names) + [Segment(role, sample["output"])]
 
 
+_OTHER_TEMPLATE = re.compile(r"\nObservation: |\nAction: \w+\[\n### Response:\n")
+
+
 def is_published_format(sample: Mapping[str, Any]) -> bool:
-    """Whether a sample's prompt looks like the ScienceQA template (a question and a thought
-    marker), so writers can be recovered from it."""
+    """Whether a sample's prompt is in the ScienceQA template, so writers can be recovered from it:
+    a question and a thought marker, and none of the correctly spelled markers of
+    ``ReActTemplates.default()`` (the published files always write "Obversation" and "Aciton")."""
     text = sample.get("input", "")
-    return QUESTION_MARK in text and ("\n" + THOUGHT_MARK) in text
+    return (QUESTION_MARK in text and ("\n" + THOUGHT_MARK) in text
+            and _OTHER_TEMPLATE.search(text) is None)
 
 
 def attach_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], *, source: str = "",
