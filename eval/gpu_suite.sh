@@ -121,9 +121,10 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/eval_*/scienceqa_agents.json")):
           f"{result['chance']:.3f}")
     for mode, v in result["modes"].items():
         d = v.get("vs_non_shared", {})
+        gap, gap_se = (100 * d.get(k, float("nan")) for k in ("difference", "stderr"))
         print(f"  {mode:20s} {100 * v['accuracy']:5.1f} ± {100 * v['stderr']:.1f}  vs non-shared "
-              f"{100 * d.get('difference', float('nan')):+5.1f} ± {100 * d.get('stderr', float('nan')):.1f}"
-              f"  unfinished {v['unfinished_share']:.2f}  malformed {v['malformed_share']:.2f}")
+              f"{gap:+5.1f} ± {gap_se:.1f}  unfinished {v['unfinished_share']:.2f}  malformed "
+              f"{v['malformed_share']:.2f}")
         rows.setdefault(name, {})[mode] = {k: v[k] for k in ("accuracy", "stderr",
                                                              "unfinished_share", "malformed_share")}
 json.dump(rows, open(f"{sys.argv[1]}/scienceqa_agents_summary.json", "w"), indent=1)

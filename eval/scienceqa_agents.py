@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,15 +77,9 @@ def argument_problem(args) -> str | None:
 
 def default_folders(args) -> tuple[Path | None, Path | None]:
     """(role files, evaluation questions): the flags, else the published data beside the project."""
-    folder = Path(args.scienceqa_dir) if args.scienceqa_dir else None
-    if folder is None:
-        candidates = []
-        if os.environ.get("LRAGENT_DATA_DIR"):
-            candidates.append(Path(os.environ["LRAGENT_DATA_DIR"]) / "scienceqa")
-        repo = Path(__file__).resolve().parent.parent
-        candidates += [repo.parent / "shared" / "data" / "lragent-trajectories" / "scienceqa",
-                       Path.cwd().parent / "shared" / "data" / "lragent-trajectories" / "scienceqa"]
-        folder = next((c for c in candidates if (c / "plan.json").is_file()), None)
+    from eval.cli import _default_scienceqa_dir
+
+    folder = Path(args.scienceqa_dir) if args.scienceqa_dir else _default_scienceqa_dir()
     eval_folder = Path(args.scienceqa_eval_dir) if args.scienceqa_eval_dir else (
         folder.parent / "scienceqa-eval" if folder is not None else None)
     return folder, eval_folder

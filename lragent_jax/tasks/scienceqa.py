@@ -477,7 +477,8 @@ def _question_from_record(record: Any, band: str, where: str) -> ScienceQuestion
     for key, kind in (("Question", str), ("choices", list), ("caption", str), ("orc", str),
                       ("Answer", str), ("metadata", dict), ("pid", (str, int))):
         if not isinstance(record.get(key), kind):
-            raise ValueError(f"{where}: {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ValueError(f"{where}: {key!r} is missing or not a {expected}")
     choices = tuple(str(c) for c in record["choices"])
     if not 2 <= len(choices) <= len(LETTERS):
         raise ValueError(f"{where}: {len(choices)} choices; 2..{len(LETTERS)} are supported")
@@ -526,7 +527,8 @@ def load_eval_questions(directory: str | os.PathLike,
     return questions
 
 
-def select_questions(questions: Sequence[ScienceQuestion], count: int | None) -> list[ScienceQuestion]:
+def select_questions(questions: Sequence[ScienceQuestion],
+                     count: int | None) -> list[ScienceQuestion]:
     """The first ``count`` questions taking the bands in turn (all when None), so a subset covers
     every grade band evenly."""
     by_band: dict[str, list[ScienceQuestion]] = {}
