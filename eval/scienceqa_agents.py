@@ -14,10 +14,11 @@ drowned in sampling noise. The non-shared episodes are saved as replayable trace
 (``scienceqa_traces.json``, for ``--trace-file`` / ``eval.efficiency``), all episodes as JSONL.
 
 Standard error: with p_q a question's accuracy, Var(acc) = (Var_q(p_q) + E_q[p_q (1 - p_q)] / R) / Q,
-so more runs shrink only the second term; the paired difference between two modes has no
-between-question term. ``--sqa-runs 4`` at temperature 0.7 puts the paired difference near one
-point for independent runs (about sqrt(2 * 0.15 / (4 * 360)) = 1.4 points at the worst, p_q(1 - p_q)
-= 0.15) and well below with the shared seeds.
+so more runs shrink only the second term (with Var_q = 0.10 and E_q = 0.15, R = 1 / 4 / 20 give
+2.6 / 1.9 / 1.7 points for Q = 360); the paired difference between two modes has no
+between-question term: ``--sqa-runs 4`` (the default) puts it at about sqrt(2 * 0.15 / (4 * 360))
+= 1.4 points if the modes sampled independently, and lower where the shared seeds make them
+sample alike (the reported standard error is the measured one).
 """
 
 from __future__ import annotations
