@@ -6,10 +6,12 @@
 #                                          (EVALS="mixed" skips the shipped adapters' evaluation)
 #   bash eval/gpu_suite.sh scienceqa OUTDIR  adapters on the published ScienceQA role files and the
 #                                          teacher-forced comparison on them
-#   bash eval/gpu_suite.sh scienceqa_agents OUTDIR  ScienceQA end to end: adapters in the agent,
-#                                          shared and mixed views, frozen and independent A in the
-#                                          best view, the agents on the 360 published questions in
-#                                          every mode, the teacher-forced comparison (~13 min)
+#   bash eval/gpu_suite.sh scienceqa_views OUTDIR    ScienceQA agents: adapters in the agent,
+#                                          shared and mixed views, each answering the 360 published
+#                                          questions in every mode (~8 min)
+#   bash eval/gpu_suite.sh scienceqa_recipes OUTDIR  then frozen and independent A in the best
+#                                          view and the teacher-forced comparison (~6 min);
+#                                          scienceqa_agents runs both stages
 # Each step has its own time limit so one slow step cannot take the others down.
 set -u
 OUT=${2:-results/gpu}
@@ -55,42 +57,61 @@ case "${1:-}" in
       --scienceqa-adapters "$OUT/train_scienceqa/adapters" --scienceqa-samples 26 \
       --dtype bfloat16 --no-plots --out "$OUT/eval_scienceqa"
     ;;
-  scienceqa_agents)
+  scienceqa_views|scienceqa_recipes|scienceqa_agents)
+    # ScienceQA agents end to end, in two stages that fit one device call each (scienceqa_agents
+    # runs both). Resumable: a set whose adapters or results are already in OUTDIR is skipped.
+    #   scienceqa_views    adapters in the agent, shared and mixed views (shared A, joint), each
+    #                      answering the 360 published questions in every mode (+ the no-adapter
+    #                      baseline once)                                  (~8 min on one H200)
+    #   scienceqa_recipes  frozen and independent A in the best view (VIEW= overrides; the best is
+    #                      the highest base+LR shared accuracy), the agents on them, and the
+    #                      teacher-forced comparison of the best view's joint set     (~6 min)
+    # Estimated from the H100 ScienceQA run (~10 s per compiled training shape, 7 s of compute per
+    # agent-view epoch, 2.6x that in the shared view) and ~4-5 s per lockstep batch of 240 episodes
+    # at 6 steps: training 85 + 95 + 50 s, agents 140 + 50 + 50 s; then training 60 + 90 s, agents
+    # 35 + 75 s, teacher-forced 60 s. Knobs: EPOCHS (1), RUNS per question (1; each more adds
+    # ~40 s per set), QUESTIONS (360).
     # Needs scienceqa/ and scienceqa-eval/ of the published trajectories under $DATA, or tarballs
-    # of them in .carry/sqa/ (unpacked there; never committed). Estimated on one H200 (from the
-    # H100 ScienceQA run: ~10 s per compiled training shape, 7 s of compute per agent-view epoch,
-    # 2.6x that in the shared view; a lockstep batch of 240 episodes ~4-5 s at 6 steps):
-    # training 85 + 95 + 50 + 60 + 90 s, agents 140 + 50 + 50 + 35 + 75 s, teacher-forced 60 s.
-    # Knobs: EPOCHS (1), RUNS per question (1; each more adds ~40 s per set), QUESTIONS (360).
+    # of them in .carry/sqa/ (unpacked there; never committed).
     DATA=${DATA:-/tmp/lragent-data}
     mkdir -p "$DATA"
     for t in .carry/sqa/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C "$DATA"; done
     if [ ! -f "$DATA/scienceqa/plan.json" ] || [ ! -f "$DATA/scienceqa-eval/grade1-4.json" ]; then
       echo "=== no scienceqa/ and scienceqa-eval/ under $DATA" >&2; exit 2
     fi
-    export JAX_COMPILATION_CACHE_DIR="$OUT/jax_cache"  # the sets share shapes: compile once
+    # the sets share shapes: compile once (kept on the machine, not in OUTDIR)
+    export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/lragent-jax-cache}
     EPOCHS=${EPOCHS:-1}; RUNS=${RUNS:-1}; QUESTIONS=${QUESTIONS:-360}
+    sqa_train() {  # NAME VIEW VARIANT LIMIT
+      [ -f "$OUT/train_$1/adapters/lragent_adapters.json" ] && {
+        echo "=== $1: adapters already trained"; return; }
+      step "$4" python3 -m train --data "$DATA/scienceqa" --view "$2" --variant "$3" \
+        --epochs "$EPOCHS" --max-len 2048 --bucket-multiple 512 --bucket-ratio 2 --batch-size 16 \
+        --eval-batch-size 64 --lr 1e-3 --remat full --save-every 100000 --keep 1 \
+        --export-dtype bfloat16 --seed 0 --no-progress --no-plot --resume --out "$OUT/train_$1"
+    }
     sqa_set() {  # NAME VIEW VARIANT TRAIN_LIMIT EVAL_LIMIT [eval flags]
-      local name=$1 view=$2 variant=$3 train_limit=$4 eval_limit=$5; shift 5
-      step "$train_limit" python3 -m train --data "$DATA/scienceqa" --view "$view" \
-        --variant "$variant" --epochs "$EPOCHS" --max-len 2048 --bucket-multiple 512 \
-        --bucket-ratio 2 --batch-size 16 --eval-batch-size 64 --lr 1e-3 --remat full \
-        --save-every 100000 --export-dtype bfloat16 --seed 0 --no-progress --no-plot \
-        --out "$OUT/train_$name"
+      local name=$1 eval_limit=$5
+      sqa_train "$1" "$2" "$3" "$4"; shift 5
       [ -d "$OUT/train_$name/adapters" ] || { echo "=== no adapters for $name"; return; }
-      step "$eval_limit" python3 -m eval --parts scienceqa_agents --scienceqa-dir "$DATA/scienceqa" \
-        --scienceqa-eval-dir "$DATA/scienceqa-eval" --scienceqa-adapters "$OUT/train_$name/adapters" \
-        --sqa-questions "$QUESTIONS" --sqa-runs "$RUNS" --sqa-temperature 0.7 --sqa-max-steps 6 \
-        --sqa-batch 240 --sqa-capacity 4096 --min-bucket 128 --dtype bfloat16 --no-plots \
+      grep -qs traces_file "$OUT/eval_$name/scienceqa_agents.json" && {
+        echo "=== $name: agents already evaluated"; return; }
+      step "$eval_limit" python3 -m eval --parts scienceqa_agents \
+        --scienceqa-dir "$DATA/scienceqa" --scienceqa-eval-dir "$DATA/scienceqa-eval" \
+        --scienceqa-adapters "$OUT/train_$name/adapters" --sqa-questions "$QUESTIONS" \
+        --sqa-runs "$RUNS" --sqa-temperature 0.7 --sqa-max-steps 6 --sqa-batch 240 \
+        --sqa-capacity 4096 --min-bucket 128 --dtype bfloat16 --no-plots \
         --out "$OUT/eval_$name" "$@"
     }
-    sqa_set agent agent joint 170 280
-    sqa_set shared shared joint 190 150 --no-sqa-baseline
-    sqa_set mixed mixed joint 120 150 --no-sqa-baseline
-    # the view whose base+LR shared accuracy is highest (closest to non-shared on ties)
-    best=$(python3 - "$OUT" <<'PY'
+    if [ "$1" != scienceqa_recipes ]; then
+      sqa_set agent agent joint 170 280
+      sqa_set shared shared joint 190 150 --no-sqa-baseline
+      sqa_set mixed mixed joint 120 150 --no-sqa-baseline
+    fi
+    if [ "$1" != scienceqa_views ]; then
+      best=${VIEW:-$(python3 - "$OUT" <<'PY'
 import json, sys
-best = ("mixed", -1.0, 0.0)
+best = ("mixed", -1.0, 0.0)  # mixed when no view has results
 for view in ("agent", "shared", "mixed"):
     try:
         modes = json.load(open(f"{sys.argv[1]}/eval_{view}/scienceqa_agents.json"))["modes"]
@@ -102,15 +123,17 @@ for view in ("agent", "shared", "mixed"):
         best = (view, *key)
 print(best[0])
 PY
-)
-    echo "=== best view for base+LR sharing: $best"
-    sqa_set "frozen_$best" "$best" frozen 130 100 --no-sqa-baseline \
-      --modes non_shared,base_lowrank_shared
-    sqa_set "independent_$best" "$best" independent 170 150 --no-sqa-baseline \
-      --modes non_shared,base_shared
-    step 150 python3 -m eval --parts scienceqa --scienceqa-dir "$DATA/scienceqa" \
-      --scienceqa-adapters "$OUT/train_$best/adapters" --scienceqa-samples 26 --dtype bfloat16 \
-      --no-plots --out "$OUT/tf_$best"
+)}
+      echo "=== best view for base+LR sharing: $best"
+      sqa_set "frozen_$best" "$best" frozen 130 100 --no-sqa-baseline \
+        --modes non_shared,base_lowrank_shared
+      sqa_set "independent_$best" "$best" independent 170 150 --no-sqa-baseline \
+        --modes non_shared,base_shared
+      sqa_train "$best" "$best" joint 190
+      [ -f "$OUT/tf_$best/results.json" ] || step 150 python3 -m eval --parts scienceqa \
+        --scienceqa-dir "$DATA/scienceqa" --scienceqa-adapters "$OUT/train_$best/adapters" \
+        --scienceqa-samples 26 --dtype bfloat16 --no-plots --out "$OUT/tf_$best"
+    fi
     python3 - "$OUT" <<'PY'
 import glob, json, os, sys
 rows = {}
@@ -130,6 +153,6 @@ for path in sorted(glob.glob(f"{sys.argv[1]}/eval_*/scienceqa_agents.json")):
 json.dump(rows, open(f"{sys.argv[1]}/scienceqa_agents_summary.json", "w"), indent=1)
 PY
     ;;
-  *) echo "usage: bash eval/gpu_suite.sh bench|quality|scienceqa|scienceqa_agents OUTDIR" >&2
-     exit 2 ;;
+  *) echo "usage: bash eval/gpu_suite.sh bench|quality|scienceqa|scienceqa_views|scienceqa_recipes|"\
+"scienceqa_agents OUTDIR" >&2; exit 2 ;;
 esac
