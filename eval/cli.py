@@ -31,8 +31,8 @@ from lragent_jax.tasks.kb import KBTask
 from lragent_jax.tokenizer import ByteTokenizer
 from lragent_jax.workflow import ReActWorkflow
 
-PARTS = ("rollout", "accuracy", "teacher_forced", "scienceqa", "efficiency", "memory",
-         "throughput")
+PARTS = ("rollout", "accuracy", "teacher_forced", "scienceqa", "scienceqa_agents", "efficiency",
+         "memory", "throughput")
 DEFAULT_PARTS = ("rollout", "accuracy", "memory")
 SHIPPED_ADAPTERS = "smollm2-135m-kb"
 
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eff-rank", type=int, default=8)
     g.add_argument("--eff-attn", type=_csv(str), default=None,
                    help="attention implementations to compare in efficiency (default: --attn)")
+    from eval.scienceqa_agents import add_arguments as scienceqa_agents_arguments
+
+    scienceqa_agents_arguments(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="results/eval", help="output folder (JSON + PNG plots)")
     g.add_argument("--no-plots", action="store_true")
@@ -160,7 +163,7 @@ def _apply_quick(args) -> None:
     args.model = args.model or "tiny"
     if args.adapters is None:
         args.adapters = "random"
-    args.parts = [p for p in PARTS if p not in ("scienceqa", "throughput")]
+    args.parts = [p for p in PARTS if p not in ("scienceqa", "scienceqa_agents", "throughput")]
     args.questions, args.batch, args.tf_episodes = 2, 2, 1
     args.seeds, args.temperature = 1, 0.0
     args.capacity, args.max_steps = 1024, 2
@@ -317,6 +320,11 @@ def main(argv=None) -> int:
     if "scienceqa" in args.parts:
         results["scienceqa"] = _run_scienceqa(args, modes)
 
+    if "scienceqa_agents" in args.parts:
+        from eval.scienceqa_agents import run_scienceqa_agents
+
+        results["scienceqa_agents"] = run_scienceqa_agents(args, modes, _load_model, out_dir)
+
     if "efficiency" in args.parts:
         from eval.efficiency import benchmark, summarize
         from eval.traces import generate_trace, load_traces
@@ -377,7 +385,7 @@ def _print_tf(tf: dict) -> None:
 
 def _run_scienceqa(args, modes) -> dict:
     from eval.teacher_forced import compare_modes, segment_published_sample
-    from lragent_jax.tasks.kb import load_role_files
+    from lragent_jax.tasks.scienceqa import load_role_files
     from train.data import split_validation
 
     folder = args.scienceqa_dir or _default_scienceqa_dir()

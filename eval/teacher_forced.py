@@ -12,7 +12,6 @@ Published-format samples (``{"input", "output"}``, e.g. the ScienceQA role files
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -118,44 +117,11 @@ def compare_modes(make_session, episodes: Sequence[Sequence[Segment]], *, modes=
 # --------------------------------------------------------------------------------------------------
 # published-format samples
 
-_MARKER = "\n### Response:\n"
-_ARG_PROMPT = re.compile(r"(?:Action|Aciton): *([A-Za-z0-9_]+)\[$")
-
 
 def segment_published_sample(sample: dict, role: str) -> list[Segment]:
     """Segments (with writers) of a published ``{"input", "output"}`` sample, ending with the
-    sample's own output as ``role``'s segment.
+    sample's own output as ``role``'s segment (``lragent_jax.tasks.scienceqa``: who wrote what is
+    recovered from the ReAct markers; a prompt that does not follow them is refused)."""
+    from lragent_jax.tasks.scienceqa import segment_published_sample as segment
 
-    Role text follows each ``### Response:`` marker up to the end of its line (a thought or an
-    action type: plan, or reflect after "Please reflect your answer.") or up to ``]`` (an action
-    argument: action). Everything else, including the instruction and observations, is env.
-    """
-    text = sample["input"]
-    segments: list[Segment] = []
-    pos = 0
-    reflecting = False
-    while True:
-        i = text.find(_MARKER, pos)
-        if i < 0:
-            break
-        head_end = i + len(_MARKER)
-        env = text[pos:head_end]
-        if "Please reflect your answer" in env:
-            reflecting = True
-        elif "Obversation:" in env or "Observation:" in env:
-            reflecting = False
-        last_line = text[pos:i].rsplit("\n", 1)[-1]
-        is_argument = _ARG_PROMPT.search(last_line) is not None
-        end_chars = "]" if is_argument else "\n"
-        j = text.find(end_chars, head_end)
-        if j < 0:
-            j = len(text)
-        writer = "action" if is_argument else ("reflect" if reflecting else "plan")
-        segments.append(Segment(ENV, env))
-        if j > head_end:
-            segments.append(Segment(writer, text[head_end:j]))
-        pos = j
-    if pos < len(text):
-        segments.append(Segment(ENV, text[pos:]))
-    segments.append(Segment(role, sample["output"]))
-    return segments
+    return segment(sample, role)

@@ -279,8 +279,8 @@ class ReActTemplates:
 
     @classmethod
     def scienceqa(cls, instruction: str | None = None) -> ReActTemplates:
-        """Markers of the published ScienceQA data. For prompts identical to that data pass its
-        instruction (``lragent_jax.tasks.kb.published_instruction`` extracts it from the samples)."""
+        """Markers of the published ScienceQA data. For prompts identical to that data use
+        ``lragent_jax.tasks.scienceqa.scienceqa_templates()`` (the published instruction)."""
         return cls(
             instruction=instruction if instruction is not None else (
                 "Answer the multiple-choice science question with interleaving Thought, Action, "

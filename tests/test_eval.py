@@ -136,8 +136,8 @@ def test_published_samples_are_segmented_by_writer():
     segments = segment_published_sample(sample, "action")
     assert "".join(s.text for s in segments[:-1]) == sample["input"]
     writers = [(s.writer, s.text) for s in segments if s.writer != "env"]
-    assert writers == [("plan", "I should search 0."), ("action", "metals 0"),
-                       ("plan", "Iron is a metal."), ("action", "A")]
+    assert writers == [("plan", "I should search 0."), ("plan", "BingSearch"), ("action", "metals 0"),
+                       ("plan", "Iron is a metal."), ("plan", "Finish"), ("action", "A")]
     reflect = {"input": head + "x\nAciton: Finish[\n### Response:\nA]\nObversation: Please reflect "
                                "your answer.\nThought: \n### Response:\n", "output": "Fine."}
     assert segment_published_sample(reflect, "reflect")[-1].writer == "reflect"
@@ -152,11 +152,14 @@ def test_scienceqa_part_on_published_format_files(tmp_path):
 
     data = tmp_path / "published"
     data.mkdir()
+    ends = {"plan": "", "action": "Iron is a metal.\nAciton: Finish[\n### Response:\n",
+            "reflect": "Iron is a metal.\nAciton: Finish[\n### Response:\nA]\nObversation: Please "
+                       "reflect your answer.\nThought: \n### Response:\nIt is right.\n"}
     for role, output in (("plan", "Iron is a metal."), ("action", "A"), ("reflect", "Reflect[right]")):
         samples = []
         for i in range(40):
             head, history = _published_sample(i % 3)
-            samples.append({"input": head + history, "output": output})
+            samples.append({"input": head + history + ends[role], "output": output})
         (data / f"{role}.json").write_text(json.dumps(samples))
     cfg = cli.tiny_config()
     lora = LoraConfig(rank=4, targets=("q", "v", "o"))

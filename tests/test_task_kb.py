@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lragent_jax.tasks.kb import (KBTask, calculate, load_role_files, published_instruction)
+from lragent_jax.tasks.kb import KBTask, calculate
+from lragent_jax.tasks.scienceqa import load_role_files, published_instruction
 from lragent_jax.tasks.scoring import aggregate, exact_match, score_episodes
 from lragent_jax.workflow import (ENV, ReActTemplates, ReActWorkflow, ScriptedPolicy,
                                   per_role_samples, run_episodes)

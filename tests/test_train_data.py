@@ -160,3 +160,44 @@ def test_published_scienceqa_loads():
         {r: v[:20] for r, v in samples.items()}, ByteTokenizer(), agents=ROLES,
         eos_id=2, max_len=100_000)
     assert len(examples) == 60 and report.total == 0
+
+
+def test_a_role_without_samples_is_refused_not_exported_untrained(tmp_path):
+    samples = toy_samples(4)
+    samples["reflect"] = []
+    write_role_dir(tmp_path, samples)
+    spec = data_lib.DataSpec(source=str(tmp_path), valid_fraction=0.0)
+    with pytest.raises(data_lib.DataError, match=r"no training samples for reflect \(plan 4, "
+                                                 r"action 4, reflect 0\): an untrained adapter"):
+        data_lib.load_role_samples(spec, ROLES)
+    # a role all of whose samples are dropped for length is reported, per role, with counts
+    long = {"plan": toy_samples(2)["plan"], "action": [{"input": "x" * 90, "output": "y"}] * 3}
+    examples, report = _examples(long, max_len=40)
+    assert {e.role for e in examples} == {"plan"}
+    assert "no example left for action (all 3 dropped); its adapter is not trained" in \
+        report.summary("train")
+
+
+def test_empty_outputs_are_reported_and_all_empty_refused():
+    samples = {"plan": [{"input": "a?", "output": "b"}, {"input": "c?", "output": " "}],
+               "action": [{"input": "d?", "output": "e"}]}
+    examples, report = _examples(samples)
+    assert len(examples) == 3 and report.empty_outputs == {"plan": 1}
+    assert "empty output, trained on EOS alone: plan 1 of 2" in report.summary("train")
+    samples["action"] = [{"input": "d?", "output": ""}, {"input": "f?", "output": ""}]
+    with pytest.raises(data_lib.DataError, match=r"every output is empty for action \(2 samples\)"):
+        _examples(samples)
+
+
+def test_shared_view_without_writers_is_refused():
+    segmented = toy_samples(3)  # segments, but no writers
+    with pytest.raises(data_lib.DataError, match=r"--view shared needs to know who wrote .* plan: "
+                                                 r"3 of 3 \(first: sample 0: it records no writers"):
+        data_lib.tokenize_samples(segmented, CharTokenizer(), agents=ROLES, eos_id=2, max_len=64,
+                                  view="shared")
+    for items in segmented.values():
+        for s in items:
+            s["writers"] = ["env", "critic"]
+    with pytest.raises(data_lib.DataError, match=r"its writers \['critic'\] are not agents"):
+        data_lib.tokenize_samples(segmented, CharTokenizer(), agents=ROLES, eos_id=2, max_len=64,
+                                  view="mixed")

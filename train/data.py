@@ -1,10 +1,15 @@
 """Role samples -> token ids with a loss mask -> length-bucketed, deterministically ordered batches.
 
 A sample is ``{"input", "output"}`` (the published format) optionally with ``"segments"`` (the
-trajectory pieces, joining to ``input``). The prompt is tokenized exactly as at inference: each
-segment on its own and concatenated (a role boundary never merges BPE tokens), or ``input`` whole
-when there are no segments. The output is tokenized on its own (it is what the agent generates) and
-followed by EOS. The loss covers the output tokens and EOS only.
+trajectory pieces, joining to ``input``) and ``"writers"`` (who wrote each piece: "env" or a role).
+The prompt is tokenized exactly as at inference: each segment on its own and concatenated (a role
+boundary never merges BPE tokens), or ``input`` whole when there are no segments. The output is
+tokenized on its own (it is what the agent generates) and followed by EOS. The loss covers the
+output tokens and EOS only.
+
+Published files carry no writers; for prompts in the ScienceQA ReAct template
+``load_published_dir`` recovers them from the markers (``lragent_jax.tasks.scienceqa``), so the
+shared view works on them. The shared and mixed views refuse samples without writers.
 
 Batches: rows of one batch have similar lengths and are right-padded to one of a few bucket
 lengths (so padding stays small and the number of compiled shapes stays small). The order of an
@@ -18,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,30 +63,47 @@ def loss_mask(example: Example) -> np.ndarray:
 
 @dataclasses.dataclass
 class TruncationReport:
-    """What happened to samples longer than ``max_len`` (never silent)."""
+    """What happened to the samples (never silent): those longer than ``max_len`` (``total``
+    counts them), outputs that are empty (the loss then covers EOS alone), and roles left with no
+    examples (their adapter would not be trained)."""
 
     max_len: int
     policy: str
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
     truncated: dict[str, int] = dataclasses.field(default_factory=dict)
     longest: int = 0
+    samples: dict[str, int] = dataclasses.field(default_factory=dict)  # per role, given
+    examples: dict[str, int] = dataclasses.field(default_factory=dict)  # per role, kept
+    empty_outputs: dict[str, int] = dataclasses.field(default_factory=dict)  # per role, kept
 
     @property
     def total(self) -> int:
         return sum(self.dropped.values()) + sum(self.truncated.values())
 
     def summary(self, split: str) -> str | None:
-        if not self.total:
-            return None
-        what = self.dropped if self.policy == "drop" else self.truncated
-        verb = "dropped" if self.policy == "drop" else "left-truncated"
-        per_role = ", ".join(f"{role} {n}" for role, n in what.items() if n)
-        return (f"{split}: {self.total} sample(s) longer than --max-len {self.max_len} were "
-                f"{verb} ({per_role}; longest {self.longest} tokens)")
+        messages = []
+        if self.total:
+            what = self.dropped if self.policy == "drop" else self.truncated
+            verb = "dropped" if self.policy == "drop" else "left-truncated"
+            per_role = ", ".join(f"{role} {n}" for role, n in what.items() if n)
+            messages.append(f"{split}: {self.total} sample(s) longer than --max-len {self.max_len} "
+                            f"were {verb} ({per_role}; longest {self.longest} tokens)")
+        empty = {r: n for r, n in self.empty_outputs.items() if n}
+        if empty:
+            messages.append(f"{split}: sample(s) with an empty output, trained on EOS alone: "
+                            + ", ".join(f"{r} {n} of {self.examples.get(r, 0)}"
+                                        for r, n in empty.items()))
+        lost = [r for r, n in self.samples.items() if n and not self.examples.get(r)]
+        if lost:
+            messages.append(f"{split}: no example left for " + ", ".join(
+                f"{r} (all {self.samples[r]} dropped)" for r in lost)
+                + ("; its adapter is not trained (B stays 0)" if split == "train" else ""))
+        return "; ".join(messages) if messages else None
 
     def to_dict(self) -> dict:
         return {"max_len": self.max_len, "policy": self.policy, "dropped": self.dropped,
-                "truncated": self.truncated, "longest": self.longest}
+                "truncated": self.truncated, "longest": self.longest, "samples": self.samples,
+                "examples": self.examples, "empty_outputs": self.empty_outputs}
 
 
 class SegmentEncoder:
@@ -120,10 +143,11 @@ def processing_agents(encode, sample: Mapping[str, Any], role: str,
     """The agent that prefills each prompt token when the trajectory is run with a shared cache:
     a role's own segment is processed by that role; env text by the role whose turn appended it
     (the next role segment's writer, or this sample's role for the text right before its output).
-    None when the sample records no writers (the published format)."""
-    segments, writers = sample.get("segments"), sample.get("writers")
-    if segments is None or writers is None or len(segments) != len(writers):
+    None when the sample records no writers (or a writer that is not an agent; ``writer_problem``
+    says which)."""
+    if writer_problem(sample, agents) is not None:
         return None
+    segments, writers = sample["segments"], sample["writers"]
     per_segment, next_role = [], role
     for writer in reversed(writers):
         if writer != "env":
@@ -132,10 +156,37 @@ def processing_agents(encode, sample: Mapping[str, Any], role: str,
     per_segment.reverse()
     out = []
     for text, processor in zip(segments, per_segment):
-        if processor not in agents:
-            return None
         out += [list(agents).index(processor)] * len(encode(text))
     return out
+
+
+def writer_problem(sample: Mapping[str, Any], agents: Sequence[str]) -> str | None:
+    """Why the shared view cannot be built for a sample, or None when it can."""
+    segments, writers = sample.get("segments"), sample.get("writers")
+    if segments is None or writers is None:
+        return "it records no writers ('segments' and 'writers')"
+    if len(segments) != len(writers):
+        return f"it has {len(segments)} segments but {len(writers)} writers"
+    unknown = sorted({w for w in writers if w != "env" and w not in agents})
+    if unknown:
+        return f"its writers {unknown} are not agents {list(agents)}"
+    return None
+
+
+def _check_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], agents: Sequence[str],
+                   view: str) -> None:
+    problems = {}
+    for role, items in samples.items():
+        bad = [(i, p) for i, s in enumerate(items) if (p := writer_problem(s, agents)) is not None]
+        if bad:
+            problems[role] = bad
+    if problems:
+        detail = "; ".join(f"{role}: {len(bad)} of {len(samples[role])} (first: sample {bad[0][0]}: "
+                           f"{bad[0][1]})" for role, bad in problems.items())
+        raise DataError(f"--view {view} needs to know who wrote each part of every prompt, and "
+                        f"some samples do not say: {detail}. The built-in task records writers; "
+                        "published ScienceQA-format files get them from their markers; other data "
+                        "can only be trained with --view agent")
 
 
 def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer, *,
@@ -160,11 +211,14 @@ def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokeniz
     if unknown:
         raise DataError(f"data has roles {unknown} that are not agents {list(agents)}; pass "
                         "--agents with every role of the data")
+    if view != "agent":
+        _check_writers(samples, agents, view)
     encode = SegmentEncoder(tokenizer)
     report = TruncationReport(max_len=max_len, policy=overlong)
     examples = []
     for role, role_samples in samples.items():
         agent = list(agents).index(role)
+        report.samples[role] = len(role_samples)
         for sample in role_samples:
             prompt, target = encode_sample(encode, sample, eos_id)
             processors = None
@@ -186,6 +240,14 @@ def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokeniz
             token_agents = (None if processors is None else
                             np.asarray(processors + [agent] * len(target), np.int32))
             examples.append(Example(tokens, len(prompt), agent, role, token_agents))
+            report.examples[role] = report.examples.get(role, 0) + 1
+            if not sample["output"].strip():
+                report.empty_outputs[role] = report.empty_outputs.get(role, 0) + 1
+    hollow = [r for r, n in report.empty_outputs.items() if n == report.examples.get(r)]
+    if hollow:
+        raise DataError("every output is empty for " + ", ".join(
+            f"{r} ({report.examples[r]} samples)" for r in hollow)
+            + ": training would teach that role to end at once (EOS alone); check the data")
     return examples, report
 
 
@@ -199,18 +261,35 @@ def check_token_range(examples: Sequence[Example], vocab_size: int) -> None:
 # ------------------------------------------------------------------------------------ sources
 
 
-def load_published_dir(directory: str | os.PathLike, roles: Sequence[str]) -> dict[str, list]:
-    """``{role: [sample]}`` from a directory of ``<role>.json`` files (published format). Raises
-    DataError naming the file, and the record where one is at fault."""
-    from lragent_jax.tasks.kb import load_role_files
+def load_published_dir(directory: str | os.PathLike, roles: Sequence[str],
+                       log=None) -> dict[str, list]:
+    """``{role: [sample]}`` from a directory of ``<role>.json`` files (published format). Samples in
+    the ScienceQA ReAct template get their writers from its markers (``segments``/``writers``, see
+    ``lragent_jax.tasks.scienceqa``); the counts are logged (``log``: default stderr). Raises
+    DataError naming the file, and the record where one is at fault (also for a published-format
+    prompt whose markers do not parse)."""
+    from lragent_jax.tasks.scienceqa import ROLES, attach_writers, load_role_files
 
     directory = Path(directory)
     if not directory.exists():
         raise DataError(f"data directory not found: {directory}")
     try:
-        return load_role_files(directory, roles)
+        samples = load_role_files(directory, roles)
+        # the template knows the roles plan, action and reflect; others keep no writers
+        known, counts = attach_writers({r: v for r, v in samples.items() if r in ROLES},
+                                       source=str(directory))
     except ValueError as err:
         raise DataError(str(err)) from None
+    samples = {r: known.get(r, v) for r, v in samples.items()}
+    if any(counts.values()):
+        (log or _stderr)(f"{directory}: writers recovered from the ReAct markers for "
+                         + ", ".join(f"{r} {n} of {len(samples[r])}" for r, n in counts.items())
+                         + " samples")
+    return samples
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def split_validation(samples: Mapping[str, list], fraction: float,
@@ -262,6 +341,12 @@ def load_role_samples(spec: DataSpec, roles: Sequence[str]) -> tuple[dict[str, l
             train, valid = split_validation(train, spec.valid_fraction, spec.kb_seed)
     if spec.valid_source:
         valid = load_published_dir(spec.valid_source, roles)
+    empty = [role for role in roles if not train.get(role)]
+    if empty:
+        counts = ", ".join(f"{role} {len(train.get(role, []))}" for role in roles)
+        raise DataError(f"no training samples for {', '.join(empty)} ({counts}): an untrained "
+                        "adapter (B = 0) would be exported as if trained; add samples or leave "
+                        "the role out of --agents")
     return train, valid
 
 

@@ -11,8 +11,8 @@ states was in the observation just appended, so each gold episode is a valid too
 A share ``wrong_answer_rate`` of episodes first finishes with a wrong answer (stopping one hop early
 or misreading the last observation), which reflect rejects before the plan retries.
 
-Everything is deterministic by seed. ``load_role_files`` reads and validates published-format role
-files (``plan.json`` / ``action.json`` / ``reflect.json``).
+Everything is deterministic by seed. ``KBTask.write_role_files`` writes the role samples in the
+published format (read back with ``lragent_jax.tasks.scienceqa.load_role_files``).
 """
 
 from __future__ import annotations
@@ -567,63 +567,3 @@ class KBTask:
             os.replace(temporary, path)
             paths[role] = path
         return paths
-
-
-# --------------------------------------------------------------------------------------------------
-# Published-format role files
-
-
-def load_role_files(directory: str | os.PathLike,
-                    roles: Sequence[str] = ROLES) -> dict[str, list[dict[str, Any]]]:
-    """Reads ``<role>.json`` for each role: a JSON list of ``{"input": str, "output": str}`` records
-    (optional ``"segments"``/``"writers"``: lists of strings, segments joining to ``input``).
-    Raises ValueError naming the file (and record index) on any problem."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory of role files")
-    result = {}
-    for role in roles:
-        path = directory / f"{role}.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: role file is missing")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: malformed JSON: {error}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records; got {type(data).__name__}")
-        for index, record in enumerate(data):
-            problem = _record_problem(record)
-            if problem:
-                raise ValueError(f"{path}: record {index}: {problem}")
-        result[role] = data
-    return result
-
-
-def _record_problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return f"expected an object; got {type(record).__name__}"
-    for key in ("input", "output"):
-        if key not in record:
-            return f"missing {key!r}"
-        if not isinstance(record[key], str):
-            return f"{key!r} must be a string; got {type(record[key]).__name__}"
-    for key in ("segments", "writers"):
-        if key in record and (not isinstance(record[key], list)
-                              or not all(isinstance(s, str) for s in record[key])):
-            return f"{key!r} must be a list of strings"
-    if "segments" in record and "".join(record["segments"]) != record["input"]:
-        return "'segments' do not join to 'input'"
-    if "writers" in record and len(record["writers"]) != len(record.get("segments", ())):
-        return "'writers' and 'segments' differ in length"
-    return None
-
-
-def published_instruction(samples: Sequence[dict[str, Any]], marker: str = "\nQuestion:") -> str:
-    """The instruction shared by published samples: the text before ``marker`` in their inputs
-    (checked to be identical across them), for ``ReActTemplates.scienceqa(instruction=...)``."""
-    prefixes = {s["input"].split(marker, 1)[0] for s in samples if marker in s["input"]}
-    if len(prefixes) != 1:
-        raise ValueError(f"samples share no single instruction before {marker!r}; found "
-                         f"{len(prefixes)} different ones")
-    return prefixes.pop()
