@@ -33,7 +33,6 @@ def measure_read_bandwidth(nbytes: int = 4 << 30, repeats: int = 5) -> float:
         return jax.lax.fori_loop(0, PASSES, lambda i, acc: acc + jnp.sum(a * (i + 1.0)), 0.0)
 
     t = time_call(lambda: passes(x), warmup=2, repeats=repeats)["median_s"]
-    del x
     return PASSES * n * 4 / t
 
 
@@ -48,7 +47,6 @@ def measure_copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 5) -> float:
         return jax.lax.fori_loop(0, PASSES, lambda i, b: b + 1.0, a)
 
     t = time_call(lambda: passes(x), warmup=2, repeats=repeats)["median_s"]
-    del x
     return PASSES * 2 * n * 4 / t
 
 

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, UInt
 
-from lragent_jax.cache import (CacheSpec, ChunkPlan, KVCache, advance_lengths, cache_rows,
+from lragent_jax.cache import (CacheSpec, KVCache, advance_lengths, cache_rows,
                                plan_chunk)
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.inference import forward_layers
+from lragent_jax.lora import cache_view
 from lragent_jax.model import logits_from_hidden
 
 SAMPLING_KINDS = ("greedy", "sample", "sample_filtered")
@@ -174,7 +175,7 @@ def _step_keys(row_keys, step):
 def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnShape):
     spec, config = shape.spec, shape.config
     B, C = spec.batch, shape.prefill_chunk
-    view = jnp.maximum(inputs.agent, 0)
+    view = cache_view(inputs.agent)
     kv_row, lowrank_row = cache_rows(spec, view)
     active = inputs.chunk_len > 0
     forward = functools.partial(

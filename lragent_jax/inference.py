@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, Int
 
 from lragent_jax.cache import CacheArrays, ChunkPlan, write_layer
 from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.lora import cache_view
 from lragent_jax.model import F32, apply_rope, rms_norm, rope_inv_freq
 from pallas_kernels.flash_lora_attention import flash_lora_attention
 
@@ -335,25 +336,25 @@ def agent_onehot(adapter_index: Int[Array, "B"] | Int[Array, "B T"], num_agents:
     return jax.nn.one_hot(index, num_agents, dtype=dtype)
 
 
-def _masked_lowrank(lr: Float[Array, "B T Rm"], onehot: Float[Array, "B Tq A"], lora: LoraConfig):
+def _masked_lowrank(xa: Float[Array, "B T Rm"], onehot: Float[Array, "B Tq A"], lora: LoraConfig):
     """[B, T, A·R]: the row's agent block holds its x·A, every other block zeros."""
-    B, T = lr.shape[:2]
+    B, T = xa.shape[:2]
     A, R = lora.num_agents, lora.rank
     if lora.shared_a:
-        per_agent = lr[:, :, None, :] * onehot[..., None]
+        per_agent = xa[:, :, None, :] * onehot[..., None]
     else:
-        per_agent = lr.reshape(B, T, A, R) * onehot[..., None]
+        per_agent = xa.reshape(B, T, A, R) * onehot[..., None]
     return per_agent.reshape(B, T, A * R)
 
 
-def _group_adapter(h, lr, entry, lora: LoraConfig, group: str, factored_v: bool, onehot, config):
+def _group_adapter(h, xa, entry, lora: LoraConfig, group: str, factored_v: bool, onehot, config):
     """(x·A of each module in the group [B, T, Rm], delta of each module with a B [B, T, Dout]).
-    ``lr``: the group's x·A from the fused base matmul, or None to compute it from ``entry``."""
+    ``xa``: the group's x·A from the fused base matmul, or None to compute it from ``entry``."""
     with_a, with_b = _group_modules(lora, group, factored_v)
-    if lr is None:
-        lr = jnp.einsum("btd,dr->btr", h, entry["a"].astype(h.dtype))
+    if xa is None:
+        xa = jnp.einsum("btd,dr->btr", h, entry["a"].astype(h.dtype))
     per = lora.rank if lora.shared_a else lora.rank * lora.num_agents
-    pieces = {m: lr[..., i * per:(i + 1) * per] for i, m in enumerate(with_a)}
+    pieces = {m: xa[..., i * per:(i + 1) * per] for i, m in enumerate(with_a)}
     deltas = {}
     if with_b:
         masked = jnp.concatenate([_masked_lowrank(pieces[m], onehot, lora) for m in with_b],
@@ -368,13 +369,13 @@ def _group_adapter(h, lr, entry, lora: LoraConfig, group: str, factored_v: bool,
     return pieces, deltas
 
 
-def _select_lowrank(lr_v, onehot_clipped, lora: LoraConfig):
+def _select_lowrank(xa_v, onehot_clipped, lora: LoraConfig):
     """The row's own x·A_v [B, T, R] from a module's low-rank piece (all agents' with one A per
     agent)."""
     if lora.shared_a:
-        return lr_v
-    B, T = lr_v.shape[:2]
-    return jnp.einsum("btar,bta->btr", lr_v.reshape(B, T, lora.num_agents, lora.rank),
+        return xa_v
+    B, T = xa_v.shape[:2]
+    return jnp.einsum("btar,bta->btr", xa_v.reshape(B, T, lora.num_agents, lora.rank),
                       jnp.broadcast_to(onehot_clipped, (B, T, lora.num_agents)))
 
 
@@ -399,12 +400,12 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
     def split(out, group):
         """(base output, x·A columns or None) of a group's matmul output."""
         if out.shape[-1] > widths[group]:
-            lr = out[..., widths[group]:]
-            return out[..., :widths[group]], (lr[:, :, 0] if lr.ndim == 4 else lr)
+            xa = out[..., widths[group]:]
+            return out[..., :widths[group]], (xa[:, :, 0] if xa.ndim == 4 else xa)
         return out, None
 
     h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    qkv, lr = split(jnp.einsum("btd,dmc->btmc", h, lp["qkv"]), "qkv")
+    qkv, xa = split(jnp.einsum("btd,dmc->btmc", h, lp["qkv"]), "qkv")
     if "qkv_bias" in lp:
         qkv = qkv + lp["qkv_bias"].astype(qkv.dtype)
     q = qkv[..., :nq].reshape(B, T, N * H)
@@ -412,7 +413,7 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
     v = qkv[..., nq + nk:].reshape(B, T, K * H)
     lowrank = lora_b = None
     if adapted and "qkv" in la:
-        pieces, deltas = _group_adapter(h, lr, la["qkv"], lora, "qkv", factored_v, onehot, config)
+        pieces, deltas = _group_adapter(h, xa, la["qkv"], lora, "qkv", factored_v, onehot, config)
         q, k, v = _add(q, deltas, "q"), _add(k, deltas, "k"), _add(v, deltas, "v")
         if factored_v and "v" in pieces:
             lowrank = _select_lowrank(pieces["v"], onehot_clipped, lora)
@@ -436,24 +437,24 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
                                     implementation=attn_impl)
 
     attn = attn.reshape(B, T, N * H)
-    o, lr = split(jnp.einsum("btc,cd->btd", attn, lp["o"]), "o")
+    o, xa = split(jnp.einsum("btc,cd->btd", attn, lp["o"]), "o")
     if adapted and "o" in la:
-        _, deltas = _group_adapter(attn, lr, la["o"], lora, "o", factored_v, onehot, config)
+        _, deltas = _group_adapter(attn, xa, la["o"], lora, "o", factored_v, onehot, config)
         o = _add(o, deltas, "o")
     x = x + o
     h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gu, lr = split(jnp.einsum("btd,dmc->btmc", h, lp["gate_up"]), "gate_up")
+    gu, xa = split(jnp.einsum("btd,dmc->btmc", h, lp["gate_up"]), "gate_up")
     half = config.intermediate_size // m
     gate = gu[..., :half].reshape(B, T, config.intermediate_size)
     up = gu[..., half:].reshape(B, T, config.intermediate_size)
     if adapted and "gate_up" in la:
-        _, deltas = _group_adapter(h, lr, la["gate_up"], lora, "gate_up", factored_v, onehot,
+        _, deltas = _group_adapter(h, xa, la["gate_up"], lora, "gate_up", factored_v, onehot,
                                    config)
         gate, up = _add(gate, deltas, "gate"), _add(up, deltas, "up")
     act = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(h.dtype)
-    down, lr = split(jnp.einsum("btf,fd->btd", act, lp["down"]), "down")
+    down, xa = split(jnp.einsum("btf,fd->btd", act, lp["down"]), "down")
     if adapted and "down" in la:
-        _, deltas = _group_adapter(act, lr, la["down"], lora, "down", factored_v, onehot, config)
+        _, deltas = _group_adapter(act, xa, la["down"], lora, "down", factored_v, onehot, config)
         down = _add(down, deltas, "down")
     return x + down, cache
 
@@ -488,7 +489,7 @@ def forward_layers(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
     onehot = onehot_clipped = None
     if adapters is not None:
         onehot = agent_onehot(adapter_index, lora.num_agents, x.dtype)
-        onehot_clipped = agent_onehot(jnp.maximum(adapter_index, 0), lora.num_agents, x.dtype)
+        onehot_clipped = agent_onehot(cache_view(adapter_index), lora.num_agents, x.dtype)
     inv_freq = rope_inv_freq(config)
     layer_caches = []
     for i, lp in enumerate(params["layers"]):

@@ -22,6 +22,15 @@ from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
 NO_ADAPTER = -1
 
 
+def cache_view(agent):
+    """The agent view a row reads and writes in the cache: the agent's own, and agent 0's for
+    ``NO_ADAPTER`` (the bare model keeps no view of its own; its rows add no adapter term).
+    The one place that maps -1 to a view; works on ints and on jax arrays."""
+    if isinstance(agent, (int, np.integer)):
+        return max(int(agent), 0)
+    return jnp.maximum(agent, 0)
+
+
 def adapter_shapes(config: ModelConfig, lora: LoraConfig) -> dict:
     """Shapes of every adapter leaf, as the pytree ``init_adapters`` returns."""
     shapes = {}
@@ -104,16 +113,6 @@ def shares_a(adapters: dict, lora: LoraConfig, *, atol: float = 0.0) -> bool:
         if np.max(np.abs(a - a[:, :1])) > atol:
             return False
     return True
-
-
-def to_shared_a(adapters: dict, lora: LoraConfig) -> tuple[dict, LoraConfig]:
-    """Convert per-agent-A adapters whose A are all equal into the shared-A layout."""
-    if lora.shared_a:
-        return adapters, lora
-    if not shares_a(adapters, lora):
-        raise ValueError("cannot convert to shared-A: the agents' A matrices differ")
-    shared = {m: {"a": leaves["a"][:, 0], "b": leaves["b"]} for m, leaves in adapters.items()}
-    return shared, lora.replace(shared_a=True)
 
 
 def _agent_rows(x, adapter_index):

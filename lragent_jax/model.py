@@ -20,7 +20,6 @@ Head layout and RoPE follow Hugging Face (head n = columns n*H .. n*H+H-1, rotat
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 

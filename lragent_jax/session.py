@@ -27,7 +27,8 @@ from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.generate import TurnInputs, TurnShape, bucket, run_turn
 from lragent_jax.inference import (check_fused_adapters, fuse_adapters, fused_groups,
                                    prepare_adapters, to_inference_params)
-from lragent_jax.lora import NO_ADAPTER, validate_adapters
+from lragent_jax.lora import NO_ADAPTER, cache_view, validate_adapters
+from lragent_jax.stops import stop_index
 from pallas_kernels.flash_lora_attention.api import IMPLEMENTATIONS
 
 
@@ -400,7 +401,7 @@ class Session:
         if bad:
             raise ValueError(f"trajectory {row}: token ids {bad[:5]} out of range for vocab size "
                              f"{self.config.vocab_size}")
-        view = max(agent, 0)
+        view = cache_view(agent)
         need = length - 1  # the last context token must run to predict what follows
         start = self.processed[row, view] if self.mode.per_agent_view else self.filled[row]
         return _RowPlan(agent=agent, view=view, add=add, scored=scored, length=length,
@@ -415,7 +416,7 @@ class Session:
             return {}
         if self._replay_pending:
             self._replay()
-        B, V = self.batch, self.config.vocab_size
+        B = self.batch
         plans = {}
         for row, turn in turns.items():
             row = self._check_row(row)
@@ -533,7 +534,7 @@ class Session:
             self.cache = cache
             for row in chunks:
                 first, end, agent = history[row][i]
-                view = max(agent, 0)
+                view = cache_view(agent)
                 self.processed[row, view] = end
                 self.filled[row] = max(self.filled[row], end)
         self._replay_pending = False
@@ -551,8 +552,8 @@ class Session:
             elif gen and self._stop_mask(settings)[gen[-1]]:
                 reason = "stop"
             text = self.tokenizer.decode(gen)
-            cut = min((i for i in (text.find(s) for s in settings.stop) if i >= 0), default=-1)
-            if cut >= 0:
+            cut = stop_index(text, settings.stop)
+            if cut is not None:
                 text = text[:cut]
                 keep = 0
                 while keep < len(gen) and text.startswith(self.tokenizer.decode(gen[:keep + 1])):

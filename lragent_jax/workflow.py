@@ -26,6 +26,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from lragent_jax.stops import cut_at_stop
+
 ENV = "env"
 STOP_REASONS = ("eos", "stop", "length")
 
@@ -126,12 +128,7 @@ def clean_output(text: str, stop: Sequence[str] = ()) -> str:
 
     Gold and inference text go through this same function, so whitespace is handled identically.
     """
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut].strip()
+    return cut_at_stop(text, stop).strip()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import glob
 import math
-import os
 import shlex
 import sys
 import time

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import sys
@@ -494,6 +493,3 @@ def describe(examples: Sequence[Example], agents: Sequence[str]) -> dict[str, An
     return {"samples": counts, "target_tokens": targets, "tokens": int(lengths.sum()),
             "length_p50": int(np.percentile(lengths, 50)), "length_max": int(lengths.max())}
 
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Int
 
 from pallas_kernels.flash_lora_attention.reference import flash_lora_attention_reference
 
@@ -182,24 +183,24 @@ def default_implementation() -> str:
 
 
 def flash_lora_attention(
-    q,
-    k,
-    v,
-    lowrank=None,
-    lora_b=None,
-    adapter_index=None,
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B S K H"] | Float[Array, "L Rows S K H"],
+    v: Float[Array, "B S K H"] | Float[Array, "L Rows S K H"],
+    lowrank: Float[Array, "B S R"] | Float[Array, "L Rows S R"] | None = None,
+    lora_b: Float[Array, "A K R H"] | None = None,
+    adapter_index: Int[Array, "B"] | Int[Array, "B T"] | None = None,
     *,
-    kv_lengths=None,
-    q_offset=None,
+    kv_lengths: Int[Array, "B"] | None = None,
+    q_offset: Int[Array, "B"] | None = None,
     causal: bool = True,
     sm_scale: float | None = None,
     implementation: str | None = None,
     block_sizes: Any = None,
     interpret: bool = False,
-    layer=None,
-    kv_index=None,
-    lowrank_index=None,
-):
+    layer: Int[Array, ""] | int | None = None,
+    kv_index: Int[Array, "B"] | None = None,
+    lowrank_index: Int[Array, "B"] | None = None,
+) -> Float[Array, "B T N H"]:
     """Attention over a base KV cache plus each row's low-rank value adapter.
 
     Args:
