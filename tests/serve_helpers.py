@@ -32,6 +32,17 @@ def tiny_model() -> Model:
                  adapters=init_adapters(jax.random.key(1), cfg, lora, b_scale=0.3), lora=lora)
 
 
+_marks = iter(range(0x183, 0x203))
+
+
+def fresh(prompt: str) -> str:
+    """``prompt`` behind a first character no other prompt of the tests has (one token of
+    ``IdTokenizer``): nothing in the cache matches it, so the server prefills all of it as a new
+    session would. (Tokens another agent prefilled are reused in the shared modes: the mode's
+    approximation, checked against in-process sessions doing the same turns.)"""
+    return chr(next(_marks)) + prompt
+
+
 @contextlib.contextmanager
 def running(model: Model, **options):
     """A started server (engine + uvicorn thread) for ``model``; yields (server, base url)."""

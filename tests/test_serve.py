@@ -10,20 +10,12 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from tests.serve_helpers import (ROLES, SESSION, client, get, metric, post, reference, running,  # noqa: E402
-                                 tiny_model)
+from tests.serve_helpers import (ROLES, SESSION, client, fresh, get, metric, post, reference,  # noqa: E402
+                                 running, tiny_model)
 
 BLOCK = 8  # tokens per engine call: a 20-token answer takes three calls
 PROMPTS = ["Hello there, plan the next step:", "Question: where is it?\nThought:",
            "The quick brown fox", "x"]
-_fresh = iter(range(0x180, 0x1000))
-
-
-def fresh(prompt: str) -> str:
-    """``prompt`` behind a first character no other prompt has: nothing in the cache matches it,
-    so the server prefills all of it as a new session would (tokens another agent prefilled are
-    reused in the shared modes: the mode's approximation, checked in test_serve_prefix)."""
-    return chr(next(_fresh)) + prompt
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,7 @@ class Engine:
         self._pending: dict[int, _Job] = {}  # row -> job with a turn in the batcher
         self._next_id = 0
         self._closing = False
+        self._freed = False  # a row became idle since waiting requests were last placed
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="lragent-engine", daemon=True)
 
@@ -213,7 +214,8 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._inbox and not self._closing and not self.batcher.has_pending():
+                    while not (self._inbox or self._closing or self.batcher.has_pending()
+                               or self._freed):
                         self._cond.wait(timeout=1.0)
                     if self._closing:
                         break
@@ -262,6 +264,7 @@ class Engine:
             future.set_result(self.table.forget(pin))
 
     def _place_waiting(self) -> None:
+        self._freed = False
         if not self._waiting:
             return
         waiting, self._waiting = self._waiting, []
@@ -414,6 +417,7 @@ class Engine:
         self._jobs.pop(job.id, None)
         if job.row is not None and self.table.busy(job.row):
             self.table.release(job.row)
+            self._freed = True  # a waiting request may take it
 
     def _finish(self, job: _Job, text: str, reason: str) -> None:
         request = job.request
