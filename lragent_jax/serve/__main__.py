@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per prefill step (a power of two; default 512)")
     g.add_argument("--min-chunk-bucket", type=_positive, default=16,
                    help="smallest padded prefill length (fewer compilations when larger)")
+    g.add_argument("--min-new-bucket", type=_positive, default=None,
+                   help="smallest output buffer of a call (default: --block-tokens, at least 8; "
+                        "64 with --block-tokens 0)")
+    g.add_argument("--batch-wait-ms", type=float, default=None,
+                   help="how long a call may wait for the clients the last call answered (their "
+                        "next turns join it); default: a tenth of the last call, at most 20 ms; "
+                        "0: never wait")
     g.add_argument("--max-waiting", type=_positive, default=4096,
                    help="requests queued for a row at most; more get 429 (default 4096)")
     g.add_argument("--completion-max-tokens", type=_positive, default=16,
@@ -103,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.batch_wait_ms is not None and not args.batch_wait_ms >= 0:
+        parser.error(f"--batch-wait-ms must be >= 0; got {args.batch_wait_ms}")
     if args.block_tokens < 0:
         parser.error(f"--block-tokens must be >= 0 (0: no limit); got {args.block_tokens}")
     if args.random_weights is not None and (args.model != "default"
@@ -154,7 +163,9 @@ def main(argv=None) -> int:
             block_tokens=args.block_tokens, stream_first_token=args.stream_first_token,
             served_name=args.served_model_name, completion_max_tokens=args.completion_max_tokens,
             chat_max_tokens=args.chat_max_tokens, prefill_chunk=args.prefill_chunk,
-            min_chunk_bucket=args.min_chunk_bucket, seed=args.seed, max_waiting=args.max_waiting)
+            min_chunk_bucket=args.min_chunk_bucket, min_new_bucket=args.min_new_bucket,
+            seed=args.seed, max_waiting=args.max_waiting,
+            batch_wait=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000)
     except ValueError as e:
         parser.error(str(e))
     names = ", ".join(server.context.models)

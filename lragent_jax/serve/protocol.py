@@ -401,6 +401,8 @@ def response(request: GenerationRequest, rid: str, created: int, text: str, fini
 
 def chunk(request: GenerationRequest, rid: str, created: int, text: str | None,
           finish: str | None = None, *, first: bool = False, token_ids=None) -> dict:
+    """One streamed chunk. With ``return_token_ids`` the first chunk carries the prompt's ids and
+    the last (``token_ids``) the completion's."""
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
     if request.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -411,8 +413,9 @@ def chunk(request: GenerationRequest, rid: str, created: int, text: str | None,
         choice["delta"] = delta
     else:
         choice["text"] = text or ""
-    if token_ids is not None:
+    if request.return_token_ids and first:
         choice["prompt_token_ids"] = list(request.prompt_ids)
+    if token_ids is not None:
         choice["token_ids"] = list(token_ids)
     return {"id": rid, "object": "chat.completion.chunk" if request.kind == "chat" else
             "text_completion", "created": created, "model": request.model,

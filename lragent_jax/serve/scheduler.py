@@ -121,12 +121,19 @@ class Engine:
 
     def __init__(self, session: Session, *, block_tokens: int = 32,
                  stream_first_token: bool = True, schedule: Schedule | None = None,
-                 max_waiting: int = 4096):
+                 max_waiting: int = 4096, batch_wait: float | None = None):
         if not isinstance(block_tokens, int) or block_tokens < 0:
             raise ValueError(f"block_tokens must be an int >= 0 (0: no limit); got "
                              f"{block_tokens!r}")
         if not isinstance(max_waiting, int) or max_waiting < 1:
             raise ValueError(f"max_waiting must be an int >= 1; got {max_waiting!r}")
+        if batch_wait is not None and not batch_wait >= 0:
+            raise ValueError(f"batch_wait must be None (automatic) or seconds >= 0; got "
+                             f"{batch_wait!r}")
+        self.batch_wait = batch_wait
+        self._last_call = (0.0, 0.0)  # (end, seconds) of the last call
+        self._answered = 0  # generations the last call finished: their clients may come back
+        self._arrived = 0  # requests received since the last call began
         self.session = session
         self.block_tokens, self.stream_first_token = block_tokens, stream_first_token
         self.max_waiting = max_waiting
@@ -225,6 +232,7 @@ class Engine:
                     self._apply(kind, payload)
                 self._place_waiting()
                 if self.batcher.has_pending():
+                    self._gather()
                     self._step()
         except BaseException as e:  # a bug: say so on every request instead of hanging them
             self.error = e
@@ -242,8 +250,30 @@ class Engine:
             for job in leftover + list(self._jobs.values()):
                 self._fail(job, APIError(503, reason, type="server_error", code="engine_stopped"))
 
+    def _gather(self) -> None:
+        """Hold the next call a moment for the clients the last call answered: an agent sends its
+        next turn right after its answer, and a call that starts before it arrives runs without
+        it (and it waits a whole call). At most ``batch_wait`` seconds after the last call ended
+        (None: a tenth of that call, at most 20 ms), and only while a row is idle for them."""
+        end, seconds = self._last_call
+        wait = min(0.1 * seconds, 0.02) if self.batch_wait is None else self.batch_wait
+        deadline = end + wait
+        while (self._arrived < self._answered and self.table.busy_rows < self.table.rows
+               and time.perf_counter() < deadline):
+            with self._cond:
+                if not self._inbox and not self._closing:
+                    self._cond.wait(max(deadline - time.perf_counter(), 0.0))
+                if self._closing:
+                    return
+                commands = list(self._inbox)
+                self._inbox.clear()
+            for kind, payload in commands:
+                self._apply(kind, payload)
+            self._place_waiting()
+
     def _apply(self, kind: str, payload) -> None:
         if kind == "submit":
+            self._arrived += 1
             job = payload
             self._jobs[job.id] = job
             if job.request.agent is not None:
@@ -335,6 +365,7 @@ class Engine:
         if isinstance(stop_masks, dict) and len(stop_masks) > MAX_STOP_MASKS:
             stop_masks.clear()
         start = time.perf_counter()
+        self._arrived = 0
         try:
             done = self.batcher.step()
         except Exception as e:  # the call failed (e.g. device memory): the session kept its logs
@@ -345,9 +376,12 @@ class Engine:
                                          type="server_error", code="engine_error"))
             self._pending.clear()
             return
+        end = time.perf_counter()
+        self._last_call = (end, end - start)
         with self.metrics:
             self.metrics.engine_calls.inc()
-            self.metrics.engine_seconds.inc(time.perf_counter() - start)
+            self.metrics.engine_seconds.inc(end - start)
+        answered = len(self._jobs)
         for d in done:
             job = d.tag
             self._pending.pop(d.row, None)
@@ -355,6 +389,7 @@ class Engine:
                 self._fail(job, APIError(400, str(d.error)))
             else:
                 self._advance(job, d.result, d.call_end)
+        self._answered = max(answered - len(self._jobs), 0)
 
     def _text(self, job: _Job) -> str:
         return self.session.tokenizer.decode(job.tokens) if job.tokens else ""
