@@ -58,8 +58,12 @@ class HTTPPolicy:
         return outputs
 
 
-def test_react_episode_over_http_equals_the_in_process_workflow():
-    model = lragent_jax.load_pretrained(adapters=shipped_adapters())
+@pytest.fixture(scope="module")
+def model():
+    return lragent_jax.load_pretrained(adapters=shipped_adapters())
+
+
+def test_react_episode_over_http_equals_the_in_process_workflow(model):
     task = KBTask(seed=0, num_train=0, num_valid=1, num_test=2)
     workflow = task.workflow("test")
     question = task.split("test")[0]
@@ -90,3 +94,34 @@ def test_react_episode_over_http_equals_the_in_process_workflow():
         prefilled[agent] = prefilled.get(agent, 0) + u.prompt_tokens - \
             u.prompt_tokens_details.cached_tokens
     assert prefilled == session.prefill_counts()  # what the in-process session prefilled
+
+
+def test_chat_through_the_model_chat_template(model):
+    """The base model answers a chat as a session turn on the rendered template, ending at the
+    end-of-turn token."""
+    from lragent_jax.session import GenerationSettings, Turn
+
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one "
+                                            "sentence."}]
+    server = build_server(model, rows=1, block_tokens=32, prefill_chunk=512, **SESSION)
+    try:
+        with ServerThread(server.app) as thread:
+            api = client(thread.url)
+            name = server.context.base_name
+            r = api.chat.completions.create(model=name, messages=messages, max_tokens=32,
+                                            temperature=0)
+            chunks = list(api.chat.completions.create(model=name, messages=messages,
+                                                      max_tokens=32, temperature=0, stream=True))
+        stops, stop_ids = server.context.chat_stops()
+    finally:
+        server.close()
+    prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    session = model.session("base_lowrank_shared", batch=1, **SESSION)
+    expect = session.turn({0: Turn(None, append_ids=tuple(model.tokenizer.encode(prompt)),
+                                   settings=GenerationSettings(max_new_tokens=32, stop=stops,
+                                                               stop_token_ids=stop_ids))})[0]
+    answer = r.choices[0].message.content
+    assert answer == expect.text and "Paris" in answer
+    assert "<|im_end|>" not in answer and r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == len(model.tokenizer.encode(prompt))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
