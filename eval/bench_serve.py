@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -234,6 +235,11 @@ def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str]:
         if time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"the server did not start within {opts.start_timeout} s")
+    def drain():  # keep reading: a full pipe would stop the server at its next print
+        for line in process.stdout:
+            log("  | " + line.rstrip())
+
+    threading.Thread(target=drain, daemon=True).start()
     import urllib.request
 
     while True:  # the socket is bound before uvicorn accepts: wait for /health

@@ -57,18 +57,21 @@ def test_32_concurrent_clients_each_get_their_own_result(model):
 
         with concurrent.futures.ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(episode, range(clients)))
+        reused = 0
         for i, prompt, first, n1, out, second, n2, suffix, r2 in results:
             assert out == reference(model, model.tokenizer.encode(prompt), first, n1).text, i
             cached = r2.usage.prompt_tokens_details.cached_tokens
             held = len(model.tokenizer.encode(prompt + out))
-            # with 4 clients per row, most rows are given up to waiting clients between turns
+            # 4 clients per row: a row may be given up to a waiting client between two turns
             if cached == 0:  # its row was taken by another client meanwhile: all prefilled anew
                 expect = reference(model, model.tokenizer.encode(prompt + out + suffix), second,
                                    n2)
             else:  # its own row, written by the first agent: reused whatever the agent
                 assert cached == held - 1 or (cached == held and len(out) < n1), (i, cached)
                 expect = _replayed(model, prompt, first, out, second, suffix, n1, n2)
+                reused += 1
             assert r2.choices[0].text == expect.text, i
+        print(f"{reused} of {clients} second turns reused their first turn's row")
         status, after = get(url, "/metrics")
         calls = metric(after, "lragent_engine_calls_total") - metric(
             before, "lragent_engine_calls_total")

@@ -67,6 +67,23 @@ def test_least_recently_used_row_is_evicted_when_none_is_free():
     assert table.place([1, 2, 3], logs, [2, 3, 4]) is None  # every row busy: wait
 
 
+def test_a_row_just_answered_is_not_evicted_during_its_grace():
+    table = RowTable(1, grace=0.05)
+    table.acquire(Placement(0, 0, 0, 0))
+    table.release(0, now=10.0)
+    logs = [[5, 6]]
+    assert table.place([1, 2], logs, [2], now=10.01) is None  # another trajectory waits ...
+    assert table.grace_ends(now=10.01) == pytest.approx(10.05)
+    assert table.place([5, 6, 7], logs, [2], now=10.01).row == 0  # ... its own next turn not
+    p = table.place([1, 2], logs, [2], now=10.06)
+    assert p.evicted and p.row == 0
+    assert table.grace_ends(now=10.06) is None
+    table.acquire(Placement(0, 0, 0, 0), "t")
+    table.release(0, now=20.0)
+    table.forget("t")  # a released trajectory has no grace
+    assert table.place([1, 2], logs, [2], now=20.0).row == 0
+
+
 def test_pins_own_rows_until_evicted_or_forgotten():
     table = RowTable(2)
     logs = [[], []]

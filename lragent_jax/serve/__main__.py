@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a call may wait for the clients the last call answered (their "
                         "next turns join it); default: a tenth of the last call, at most 20 ms; "
                         "0: never wait")
+    g.add_argument("--row-grace-ms", type=float, default=50.0,
+                   help="a trajectory just answered is not evicted for another one for this long "
+                        "(its agent's next turn usually follows at once; default 50)")
     g.add_argument("--max-waiting", type=_positive, default=4096,
                    help="requests queued for a row at most; more get 429 (default 4096)")
     g.add_argument("--completion-max-tokens", type=_positive, default=16,
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_wait_ms is not None and not args.batch_wait_ms >= 0:
         parser.error(f"--batch-wait-ms must be >= 0; got {args.batch_wait_ms}")
+    if not args.row_grace_ms >= 0:
+        parser.error(f"--row-grace-ms must be >= 0; got {args.row_grace_ms}")
     if args.block_tokens < 0:
         parser.error(f"--block-tokens must be >= 0 (0: no limit); got {args.block_tokens}")
     if args.random_weights is not None and (args.model != "default"
@@ -165,7 +170,8 @@ def main(argv=None) -> int:
             chat_max_tokens=args.chat_max_tokens, prefill_chunk=args.prefill_chunk,
             min_chunk_bucket=args.min_chunk_bucket, min_new_bucket=args.min_new_bucket,
             seed=args.seed, max_waiting=args.max_waiting,
-            batch_wait=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000)
+            batch_wait=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
+            row_grace=args.row_grace_ms / 1000)
     except ValueError as e:
         parser.error(str(e))
     names = ", ".join(server.context.models)

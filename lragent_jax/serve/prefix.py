@@ -19,13 +19,17 @@ Choosing the row (``RowTable.place``), for an idle row with common prefix ``c``,
    ``gain - loss`` when that is positive (an extension loses nothing; a retry of the same prompt
    cuts only the old completion; ties: the row that loses less, then the most recently used).
 3. Else an empty row.
-4. Else the least recently used idle row is evicted (any trajectory; a pin on it is dropped).
-5. Else (every row busy) the request waits.
+4. Else the least recently used idle row is evicted (any trajectory; a pin on it is dropped),
+   but not one answered less than ``grace`` seconds ago: an agent sends its next turn right
+   after an answer, and evicting its trajectory then would make it prefill everything again
+   (with more clients than rows every trajectory would be lost between its turns).
+5. Else (every row busy, or in its grace) the request waits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,16 +70,21 @@ class _Row:
     owner: str | None = None  # the trajectory pinned to this row
     busy: bool = False
     last_used: int = 0  # logical clock of the last release
+    released_at: float = -float("inf")  # time.perf_counter() of the last release
     released: bool = False  # its owner said it is done: the first to be reused, not an eviction
 
 
 class RowTable:
     """Row ownership, busy flags and recency for ``rows`` rows (host bookkeeping only; the
-    caller holds the token logs). Not thread-safe: used by the engine loop alone."""
+    caller holds the token logs). ``grace``: seconds after its release during which a row is not
+    evicted. Not thread-safe: used by the engine loop alone."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, grace: float = 0.0):
         if rows < 1:
             raise ValueError(f"rows must be >= 1; got {rows}")
+        if not grace >= 0:
+            raise ValueError(f"grace must be seconds >= 0; got {grace!r}")
+        self.grace = grace
         self._rows = [_Row() for _ in range(rows)]
         self._pins: dict[str, int] = {}
         self._clock = 0
@@ -98,10 +107,11 @@ class RowTable:
         return self._pins.get(pin)
 
     def place(self, prompt: Sequence[int], logs: Sequence[Sequence[int]],
-              valid: Sequence[int], pin: str | None = None) -> Placement | None:
+              valid: Sequence[int], pin: str | None = None,
+              now: float | None = None) -> Placement | None:
         """The placement of a request with ``prompt`` tokens (non-empty), or None when it must
         wait for a row. ``logs[r]``: row r's token log; ``valid[r]``: how many of its first tokens
-        have cache entries this request's agent may reuse."""
+        have cache entries this request's agent may reuse; ``now``: time.perf_counter()."""
         if not prompt:
             raise ValueError("a request needs at least one prompt token")
         need = len(prompt) - 1  # the last prompt token always runs (it predicts the first output)
@@ -129,7 +139,9 @@ class RowTable:
         for row, state in enumerate(self._rows):
             if not state.busy and state.owner is None and not logs[row]:
                 return Placement(row, 0, 0, 0)
-        idle = [row for row, state in enumerate(self._rows) if not state.busy]
+        now = time.perf_counter() if now is None else now
+        idle = [row for row, state in enumerate(self._rows) if not state.busy and (
+            state.released or now - state.released_at >= self.grace)]
         if not idle:
             return None
         row = min(idle, key=lambda r: (not self._rows[r].released, self._rows[r].last_used, r))
@@ -152,11 +164,19 @@ class RowTable:
             state.owner = pin
         state.busy, state.released = True, False
 
-    def release(self, row: int) -> None:
+    def release(self, row: int, now: float | None = None) -> None:
         """The request on ``row`` is over: the row is idle, most recently used."""
         self._clock += 1
         state = self._rows[row]
         state.busy, state.last_used = False, self._clock
+        state.released_at = time.perf_counter() if now is None else now
+
+    def grace_ends(self, now: float | None = None) -> float | None:
+        """When the first idle row still in its grace may be evicted (None: no such row)."""
+        now = time.perf_counter() if now is None else now
+        ends = [state.released_at + self.grace for state in self._rows
+                if not state.busy and not state.released and state.released_at + self.grace > now]
+        return min(ends) if ends else None
 
     def forget(self, pin: str) -> bool:
         """The trajectory ``pin`` is done: its row stays as it is (its prefix may still be reused)

@@ -115,13 +115,15 @@ class Engine:
     ``block_tokens``: tokens per turn of a generation (0: a whole generation in one turn);
     ``stream_first_token``: a streaming generation's first turn makes one token (its time to first
     token), the others make ``block_tokens``; ``max_waiting``: requests queued for a row at most
-    (more are refused with 429). Thread-safe: ``submit``, ``cancel`` and ``forget`` may be called
+    (more are refused with 429); ``batch_wait``: see ``_gather``; ``row_grace``: seconds after an
+    answer during which its row is not evicted for another trajectory (``prefix.RowTable``). Thread-safe: ``submit``, ``cancel`` and ``forget`` may be called
     from any thread; everything else runs in the engine thread.
     """
 
     def __init__(self, session: Session, *, block_tokens: int = 32,
                  stream_first_token: bool = True, schedule: Schedule | None = None,
-                 max_waiting: int = 4096, batch_wait: float | None = None):
+                 max_waiting: int = 4096, batch_wait: float | None = None,
+                 row_grace: float = 0.05):
         if not isinstance(block_tokens, int) or block_tokens < 0:
             raise ValueError(f"block_tokens must be an int >= 0 (0: no limit); got "
                              f"{block_tokens!r}")
@@ -140,7 +142,7 @@ class Engine:
         self.batcher = TurnBatcher(session, schedule)
         for _ in range(session.batch):  # the engine keeps every row; the table hands them out
             self.batcher.acquire()
-        self.table = RowTable(session.batch)
+        self.table = RowTable(session.batch, grace=row_grace)
         self.per_agent_view = session.mode.per_agent_view
         # per-agent-view modes: who wrote view 0, which the bare base model shares with the first
         # role (Session's rule); reuse across the two would mix adapters, so it is never done
@@ -156,6 +158,7 @@ class Engine:
         self._next_id = 0
         self._closing = False
         self._freed = False  # a row became idle since waiting requests were last placed
+        self._retry_at: float | None = None  # when a row's grace ends for a waiting request
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="lragent-engine", daemon=True)
 
@@ -223,7 +226,12 @@ class Engine:
                 with self._cond:
                     while not (self._inbox or self._closing or self.batcher.has_pending()
                                or self._freed):
-                        self._cond.wait(timeout=1.0)
+                        # a waiting request may take a row once its grace is over
+                        retry = self._retry_at
+                        wait = 1.0 if retry is None else retry - time.perf_counter()
+                        if wait <= 0:
+                            break
+                        self._cond.wait(timeout=min(wait, 1.0))
                     if self._closing:
                         break
                     commands = list(self._inbox)
@@ -294,7 +302,7 @@ class Engine:
             future.set_result(self.table.forget(pin))
 
     def _place_waiting(self) -> None:
-        self._freed = False
+        self._freed, self._retry_at = False, None
         if not self._waiting:
             return
         waiting, self._waiting = self._waiting, []
@@ -304,6 +312,8 @@ class Engine:
             if (self.table.busy_rows == self.table.rows and job.request.pin is None) \
                     or not self._place(job):
                 self._waiting.append(job)
+        if self._waiting:
+            self._retry_at = self.table.grace_ends()
 
     def _valid(self, view: int, agent_index: int) -> list[int]:
         s = self.session

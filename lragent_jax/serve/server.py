@@ -122,7 +122,8 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
                  chat_max_tokens: int = 1024, prefill_chunk: int = 512,
                  min_chunk_bucket: int = 16, min_new_bucket: int | None = None, seed: int = 0,
                  schedule: Schedule | None = None, max_waiting: int = 4096,
-                 batch_wait: float | None = None, cache_dtype=None) -> Server:
+                 batch_wait: float | None = None, row_grace: float = 0.05,
+                 cache_dtype=None) -> Server:
     """The engine (started) and app over a new session of ``model`` with ``rows`` trajectories of
     ``capacity`` tokens. Served model names: the role adapters and ``served_name`` (default the
     model config's name) for the bare base model."""
@@ -142,7 +143,8 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
                              capacity=capacity, completion_max_tokens=completion_max_tokens,
                              chat_max_tokens=chat_max_tokens)
     engine = Engine(session, block_tokens=block_tokens, stream_first_token=stream_first_token,
-                    schedule=schedule, max_waiting=max_waiting, batch_wait=batch_wait).start()
+                    schedule=schedule, max_waiting=max_waiting, batch_wait=batch_wait,
+                    row_grace=row_grace).start()
     return Server(model=model, engine=engine, context=context, app=create_app(engine, context))
 
 
