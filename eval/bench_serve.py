@@ -18,8 +18,10 @@ exactly ``generate`` greedy tokens, on random weights of a preset shape with ran
   session of the same rows and shapes (each turn's first token in a call of its own, as the
   server's streamed requests), measured as ``eval.throughput`` measures it.
 
-Both first run ``--warmup`` untimed episodes (compilation; the two processes share a persistent
-compilation cache, ``--compile-cache``). Reported per mode and side: requests (turns)/s, episodes/s,
+Both first run ``--warmup`` untimed episodes: the first timed episodes' traces with other random
+tokens, so that their call shapes are compiled (``--warmup`` = ``--episodes`` compiles every shape
+before the timing; the two processes share a persistent compilation cache, ``--compile-cache``;
+the compile seconds that still fall in the timed window are reported). Reported per mode and side: requests (turns)/s, episodes/s,
 generated tokens/s, time to first token p50 / p99, turn latency p50, tokens prefilled, and the
 HTTP side over the in-process side. JSON with device, versions, date and command.
 
@@ -47,6 +49,9 @@ from eval.traces import generate_trace
 
 MODES = ("non_shared", "fully_shared", "base_shared", "base_lowrank_shared")
 LOWEST_TOKEN = 3  # as TraceEpisode draws its random tokens
+# warm-up episodes: the timed episodes' traces (their call shapes, compiled then) with other
+# random tokens (nothing of them is reused by the timed episodes)
+WARMUP_TOKENS = 1_000_003
 
 
 # ----------------------------------------------------------------------------- HTTP client
@@ -147,7 +152,9 @@ def _episode_tokens(trace, seed: int, vocab: int):
 
 
 async def _run_clients(url: str, seeds: list[int], length: int, clients: int, vocab: int,
-                       tokenizer) -> dict:
+                       tokenizer, token_offset: int = 0) -> dict:
+    """Episodes of ``generate_trace(length, seed)`` for each seed, their random tokens drawn from
+    ``seed + token_offset``, by ``clients`` concurrent clients."""
     host, port = url.removeprefix("http://").split(":")
     queue = list(reversed(seeds))
     ttft, turn_s, episode_s, generated = [], [], [], {}
@@ -159,8 +166,8 @@ async def _run_clients(url: str, seeds: list[int], length: int, clients: int, vo
             while queue:
                 seed = queue.pop()
                 trace = generate_trace(length, seed)
-                history, appends = _episode_tokens(trace, seed, vocab)
-                name = f"bench-{seed}"
+                history, appends = _episode_tokens(trace, seed + token_offset, vocab)
+                name = f"bench-{seed + token_offset}"
                 t0 = time.perf_counter()
                 ids = []
                 for turn, append in zip(trace.turns, appends):
@@ -267,9 +274,9 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
     try:
         vocab = tokenizer.vocab_size
         if opts.warmup:
-            warm = asyncio.run(_run_clients(url, [opts.seed + 10_000 + i for i in
-                                                  range(opts.warmup)], opts.length,
-                                            min(opts.clients, opts.warmup), vocab, tokenizer))
+            warm = asyncio.run(_run_clients(url, [opts.seed + i for i in range(opts.warmup)],
+                                            opts.length, min(opts.clients, opts.warmup), vocab,
+                                            tokenizer, token_offset=WARMUP_TOKENS))
             if warm["errors"]:
                 raise RuntimeError(f"warm-up failed: {warm['errors'][:3]}")
         before = _metrics(url)
@@ -298,6 +305,8 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
         - _sum(before, "lragent_engine_call_seconds_total"),
         "evictions": _sum(after, "lragent_evictions_total") - _sum(before,
                                                                    "lragent_evictions_total"),
+        "compile_s_in_timed": _sum(after, "lragent_compile_seconds")
+        - _sum(before, "lragent_compile_seconds"),
         "_generated": run["generated"],
     }
 
@@ -324,8 +333,9 @@ def run_engine(opts, mode: str, weights, log) -> dict:
             kept[self.seed] = out["generated_ids"]
             return out
 
-    def make(start, count):
-        return (Kept(generate_trace(opts.length, opts.seed + start + i), seed=opts.seed + start + i)
+    def make(start, count):  # measure() warms up with start=10_000: the same traces' shapes
+        return (Kept(generate_trace(opts.length, opts.seed + start % 10_000 + i),
+                     seed=opts.seed + i + (WARMUP_TOKENS if start else 0))
                 for i in range(count))
 
     row = measure(session, make, episodes=opts.episodes, warmup=opts.warmup, schedule=Schedule(),
@@ -479,7 +489,7 @@ def main(argv=None) -> int:
     summary = compare(rows)
     print_table(rows, ["side", "mode", "rows", "clients", "episodes", "requests_s", "episodes_s",
                        "gen_tok_s", "ttft_p50_s", "ttft_p99_s", "turn_p50_s", "prefilled_total",
-                       "calls", "failed"],
+                       "calls", "compile_s_in_timed", "failed"],
                 title=f"serving {opts.random_weights} at {opts.length} tokens on {env['device']} "
                       f"(jax {env['jax']}, {env['date']})")
     if summary:

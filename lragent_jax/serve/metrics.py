@@ -15,6 +15,26 @@ PREFIX = "lragent"
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
+COMPILE_EVENT = "/jax/core/compile/"  # JAX's tracing, lowering and compiling durations
+_compiled = {"seconds": 0.0, "listening": False}
+
+
+def _on_duration(name: str, duration: float, **_) -> None:
+    if name.startswith(COMPILE_EVENT):
+        _compiled["seconds"] += duration
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling since the first call (a listener is registered
+    once, on the first call)."""
+    if not _compiled["listening"]:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _compiled["listening"] = True
+    return _compiled["seconds"]
+
+
 def _labels(names: Sequence[str], values: Sequence[str]) -> str:
     if not names:
         return ""
@@ -140,7 +160,10 @@ class ServerMetrics:
             Gauge("rows_in_use", "Rows holding a trajectory.", rows_in_use),
             Gauge("rows_busy", "Rows with a request running on them.", rows_busy),
             Gauge("requests_waiting", "Requests waiting for a row.", waiting),
+            Gauge("compile_seconds", "Seconds spent compiling turns of new shapes (the first "
+                  "requests of each shape wait for it).", compile_seconds),
         ]
+        compile_seconds()  # listen from now on
 
     def __enter__(self):
         self._lock.acquire()
