@@ -21,9 +21,10 @@ exactly ``generate`` greedy tokens, on random weights of a preset shape with ran
 Both first run ``--warmup`` untimed episodes: the first timed episodes' traces with other random
 tokens, so that their call shapes are compiled (``--warmup`` = ``--episodes`` compiles every shape
 before the timing; the two processes share a persistent compilation cache, ``--compile-cache``;
-the compile seconds that still fall in the timed window are reported). Reported per mode and side: requests (turns)/s, episodes/s,
-generated tokens/s, time to first token p50 / p99, turn latency p50, tokens prefilled, and the
-HTTP side over the in-process side. JSON with device, versions, date and command.
+the compile seconds that still fall in the timed window are reported). Reported per mode and side:
+requests (turns)/s, episodes/s, generated tokens/s, time to first token p50 / p99, turn latency
+p50, tokens prefilled, and the HTTP side over the in-process side. JSON with device, versions,
+date and command.
 
 The HTTP runs come first: this process does not touch the accelerator until they are done (the
 server subprocess needs its memory).
@@ -375,12 +376,13 @@ def compare(rows: list[dict]) -> list[dict]:
         if not http or not engine or not engine["requests_s"]:
             continue
         same = sum(a == b for a, b in zip(http["_generated"], engine["_generated"]))
+        both = min(len(http["_generated"]), len(engine["_generated"]))
         out.append({"mode": mode, "http_vs_engine_requests_s": http["requests_s"]
                     / engine["requests_s"],
                     "http_cost": 1 - http["requests_s"] / engine["requests_s"],
                     "ttft_p50_http_minus_engine_s": (http["ttft_p50_s"] or 0)
                     - (engine["ttft_p50_s"] or 0),
-                    "same_tokens_episodes": f"{same}/{min(len(http['_generated']), len(engine['_generated']))}"})
+                    "same_tokens_episodes": f"{same}/{both}"})
     return out
 
 

@@ -28,7 +28,8 @@ def tiny_model() -> Model:
     the text it got back resends the same tokens."""
     cfg = tiny_config()
     lora = LoraConfig(rank=4, targets=("q", "v", "o", "down"), agents=ROLES)
-    return Model(config=cfg, params=init_params(jax.random.key(0), cfg), tokenizer=IdTokenizer(cfg.vocab_size),
+    return Model(config=cfg, params=init_params(jax.random.key(0), cfg),
+                 tokenizer=IdTokenizer(cfg.vocab_size),
                  adapters=init_adapters(jax.random.key(1), cfg, lora, b_scale=0.3), lora=lora)
 
 

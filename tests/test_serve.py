@@ -10,8 +10,8 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from tests.serve_helpers import (ROLES, SESSION, client, fresh, get, metric, post, reference,  # noqa: E402
-                                 running, tiny_model)
+from tests.serve_helpers import (ROLES, SESSION, client, fresh, get, metric,  # noqa: E402
+                                 post, reference, running, tiny_model)
 
 BLOCK = 8  # tokens per engine call: a 20-token answer takes three calls
 PROMPTS = ["Hello there, plan the next step:", "Question: where is it?\nThought:",

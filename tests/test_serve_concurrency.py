@@ -15,8 +15,8 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
-from tests.serve_helpers import (ROLES, SESSION, client, fresh, get, metric, reference,  # noqa: E402
-                                 running, tiny_model)
+from tests.serve_helpers import (ROLES, SESSION, client, fresh, get, metric,  # noqa: E402
+                                 reference, running, tiny_model)
 
 
 @pytest.fixture(scope="module")

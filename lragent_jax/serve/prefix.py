@@ -40,13 +40,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     if n == 0 or a[0] != b[0]:
         return 0
-    if n < 64:
-        for i in range(n):
-            if a[i] != b[i]:
-                return i
+    a, b = a[:n], b[:n]
+    if a == b or list(a) == list(b):  # the usual case (a prompt extends a row): compared in C
         return n
-    diff = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
-    return int(diff[0]) if diff.size else n
+    diff = np.flatnonzero(np.asarray(a, np.int64) != np.asarray(b, np.int64))
+    return int(diff[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +112,7 @@ class RowTable:
         have cache entries this request's agent may reuse; ``now``: time.perf_counter()."""
         if not prompt:
             raise ValueError("a request needs at least one prompt token")
+        prompt = prompt if isinstance(prompt, list) else list(prompt)  # compared with list logs
         need = len(prompt) - 1  # the last prompt token always runs (it predicts the first output)
 
         def measure(row: int) -> tuple[int, int, int]:

@@ -116,8 +116,9 @@ class Engine:
     ``stream_first_token``: a streaming generation's first turn makes one token (its time to first
     token), the others make ``block_tokens``; ``max_waiting``: requests queued for a row at most
     (more are refused with 429); ``batch_wait``: see ``_gather``; ``row_grace``: seconds after an
-    answer during which its row is not evicted for another trajectory (``prefix.RowTable``). Thread-safe: ``submit``, ``cancel`` and ``forget`` may be called
-    from any thread; everything else runs in the engine thread.
+    answer during which its row is not evicted for another trajectory (``prefix.RowTable``).
+    Thread-safe: ``submit``, ``cancel`` and ``forget`` may be called from any thread; everything
+    else runs in the engine thread.
     """
 
     def __init__(self, session: Session, *, block_tokens: int = 32,

@@ -41,7 +41,8 @@ class IdTokenizer:
 
     def __init__(self, vocab_size: int):
         if vocab_size < 259:
-            raise ValueError(f"IdTokenizer needs a vocabulary of at least 259 ids; got {vocab_size}")
+            raise ValueError(f"IdTokenizer needs a vocabulary of at least 259 ids; got "
+                             f"{vocab_size}")
         self.vocab_size = vocab_size
 
     @staticmethod
