@@ -145,12 +145,14 @@ def test_stop_strings_end_the_output_within_and_across_blocks(model, server):
 def test_a_seed_gives_the_same_sample_for_the_same_request(server):
     srv, url, api = server
 
-    def sample(seed):
+    def sample(seed, **extra):
         return api.completions.create(model="plan", prompt=PROMPTS[1], max_tokens=20,
-                                      temperature=1.0, top_p=0.9, seed=seed).choices[0].text
+                                      temperature=1.0, top_p=0.9, seed=seed,
+                                      extra_body=extra or None).choices[0].text
 
     first = sample(7)
     assert sample(7) == first
+    assert sample(7, top_k=10 ** 12) == first  # a top_k past the vocabulary keeps every token
     assert any(sample(seed) != first for seed in (8, 9, 10))
 
 
@@ -163,6 +165,7 @@ BAD = [
     ({"model": "plan", "prompt": "x", "n": 2}, 400, "n"),
     ({"model": "plan", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "plan", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "plan", "prompt": "x", "temperature": 1e300}, 400, "temperature"),
     ({"model": "plan", "prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"model": "plan", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ({"model": "plan", "prompt": "x", "top_k": -5}, 400, "top_k"),

@@ -236,8 +236,8 @@ def _common(body: dict, ctx: ServingContext, kind: str, prompt_ids: list[int],
             raise bad(f"stream_options must be {{\"include_usage\": true|false}}; got "
                       f"{json.dumps(options)[:80]}", param="stream_options")
         include_usage = options.get("include_usage", False)
-    temperature = _optional_number(body, "temperature", 1.0, lambda v: v >= 0,
-                                   "a number >= 0 (0: greedy; default 1 as OpenAI)")
+    temperature = _optional_number(body, "temperature", 1.0, lambda v: 0 <= v <= 2,
+                                   "a number in [0, 2] as for OpenAI (0: greedy; default 1)")
     top_p = _optional_number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = body.get("top_k")
     if top_k is None or top_k == -1:
@@ -245,6 +245,8 @@ def _common(body: dict, ctx: ServingContext, kind: str, prompt_ids: list[int],
     elif not _is_int(top_k) or top_k < 0:
         raise bad(f"top_k={json.dumps(top_k)[:40]} is invalid; top_k must be an integer >= 0 "
                   "(0 or -1: off)", param="top_k")
+    elif top_k >= ctx.vocab_size:
+        top_k = 0  # keeps every token: the same as off (and fits the device's int32)
     seed = body.get("seed")
     if seed is not None:
         if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 64:
