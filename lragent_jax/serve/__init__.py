@@ -1,0 +1,38 @@
+"""An OpenAI-compatible HTTP server over the shared cache: ``python -m lragent_jax.serve``.
+
+- ``protocol``: request validation and response shapes (``/v1/completions``,
+  ``/v1/chat/completions``), OpenAI-style errors.
+- ``prefix``: which row (trajectory) a request runs on: the longest token-by-token verified prefix
+  is reused, rows are evicted least recently used.
+- ``scheduler``: ``Engine``, the loop that owns the session and feeds its ``TurnBatcher`` with the
+  requests of every client.
+- ``app``: the ASGI app (Starlette); ``metrics``: ``/metrics`` in Prometheus text format.
+- ``server``: ``build_server`` (model -> engine + app), ``ServerThread`` (uvicorn in a thread),
+  ``load_model`` / ``random_model``.
+
+Names are imported on first use (the HTTP stack loads only when a server is built).
+"""
+
+import importlib
+
+_EXPORTS = {
+    "APIError": "protocol", "GenerationRequest": "protocol", "ServingContext": "protocol",
+    "RowTable": "prefix", "common_prefix": "prefix",
+    "Engine": "scheduler", "create_app": "app", "ServerMetrics": "metrics",
+    "IdTokenizer": "server", "Server": "server", "ServerThread": "server",
+    "build_server": "server", "load_model": "server", "random_model": "server",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"lragent_jax.serve.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lragent_jax.serve' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

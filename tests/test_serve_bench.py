@@ -1,0 +1,33 @@
+"""eval/bench_serve.py end to end at smoke-test size on the CPU: a server subprocess driven by
+concurrent HTTP clients, then the same episodes in process; the HTTP side generates the engine's
+tokens and prefills as much."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+
+def test_bench_serve_runs_and_http_gives_the_engine_tokens(tmp_path):
+    from eval.bench_serve import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--random-weights", "tiny", "--length", "256", "--episodes", "3", "--clients",
+                 "2", "--warmup", "1", "--compile-cache", "", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rows = {r["side"]: r for r in payload["rows"]}
+    http, engine = rows["http"], rows["engine"]
+    assert http["episodes"] == engine["episodes"] == 3
+    assert http["failed"] == engine["failed"] == 0 and not http["errors"]
+    assert http["turns"] == engine["turns"] > 3
+    assert http["prefilled_total"] == engine["prefilled_total"]
+    assert http["requests_s"] > 0 and http["ttft_p50_s"] <= http["ttft_p99_s"]
+    assert http["cached_total"] > 0  # later turns reused the episode's trajectory
+    summary = payload["summary"][0]
+    assert summary["mode"] == "base_lowrank_shared"
+    assert summary["same_tokens_episodes"] == "3/3"  # greedy: the same tokens on both sides
+    assert payload["environment"]["platform"] == "cpu"
