@@ -11,6 +11,7 @@ output, they are rolled back to the tokens kept, and later turns simply overwrit
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -30,6 +31,10 @@ from lragent_jax.inference import (check_fused_adapters, fuse_adapters, fused_gr
 from lragent_jax.lora import NO_ADAPTER, cache_view, validate_adapters
 from lragent_jax.stops import stop_index
 from pallas_kernels.flash_lora_attention.api import IMPLEMENTATIONS
+
+
+# stop-string sets whose vocabulary masks a session keeps (a server sees one per client's stops)
+STOP_MASK_CACHE = 256
 
 
 class CapacityError(ValueError):
@@ -240,7 +245,7 @@ class Session:
         self._history: list[list[tuple[int, int, int]]] = [[] for _ in range(batch)]
         self._replay_pending = False
         self._rng = np.random.default_rng(int(seed))
-        self._stop_masks: dict = {}
+        self._stop_masks: collections.OrderedDict = collections.OrderedDict()
         self._token_strings: list[str] | None = None
         self.last_turn_seconds = 0.0
 
@@ -361,7 +366,11 @@ class Session:
 
     def _stop_mask(self, settings: GenerationSettings) -> np.ndarray:
         key = (settings.stop, settings.stop_token_ids)
-        if key not in self._stop_masks:
+        if key in self._stop_masks:
+            self._stop_masks.move_to_end(key)
+        else:
+            while len(self._stop_masks) >= STOP_MASK_CACHE:  # least recently used first
+                self._stop_masks.popitem(last=False)
             mask = np.zeros((self.config.vocab_size,), bool)
             for t in tuple(self.config.eos_token_ids) + tuple(
                     getattr(self.tokenizer, "eos_token_ids", ())) + settings.stop_token_ids:

@@ -290,3 +290,16 @@ def test_the_weights_fingerprint_reads_the_inference_layout_as_the_stacked_one(s
     assert weights_fingerprint(fused, cfg) == want
     with pytest.raises(ValueError, match="needs their ModelConfig"):
         weights_fingerprint(converted)
+
+
+def test_the_stop_mask_cache_is_bounded(model, monkeypatch):
+    import lragent_jax.session as session_module
+
+    monkeypatch.setattr(session_module, "STOP_MASK_CACHE", 3)
+    s = _session(model)
+    for i in range(6):
+        s._stop_mask(GenerationSettings(stop=(f"stop{i}",)))
+    assert len(s._stop_masks) == 3
+    assert list(s._stop_masks) == [((f"stop{i}",), ()) for i in (3, 4, 5)]
+    mask = s._stop_mask(GenerationSettings(stop=("stop3",)))  # a hit moves to the end
+    assert list(s._stop_masks)[-1] == (("stop3",), ()) and mask.dtype == bool

@@ -37,10 +37,6 @@ from lragent_jax.serve.prefix import RowTable
 from lragent_jax.serve.protocol import APIError, GenerationRequest
 from lragent_jax.session import Session, Turn
 
-# distinct stop-string sets the session keeps a vocabulary mask for; a client sending new stop
-# strings with every request must not grow that cache without bound
-MAX_STOP_MASKS = 256
-
 
 @dataclasses.dataclass(frozen=True)
 class Delta:
@@ -372,9 +368,6 @@ class Engine:
         self._pending[job.row] = job
 
     def _step(self) -> None:
-        stop_masks = getattr(self.session, "_stop_masks", None)
-        if isinstance(stop_masks, dict) and len(stop_masks) > MAX_STOP_MASKS:
-            stop_masks.clear()
         start = time.perf_counter()
         self._arrived = 0
         try:
