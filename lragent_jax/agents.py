@@ -96,13 +96,19 @@ class ModelPolicy:
 def run_model_episodes(workflow: Workflow, tasks: Sequence, session: Session, *,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                        progress=None) -> list:
-    """Run every task as an episode, ``session.batch`` episodes at a time."""
+    """Run every task as an episode, ``session.batch`` episodes at a time.
+
+    ``progress(done, total)`` is called after every workflow step with the episodes finished so far.
+    """
     policy = ModelPolicy(session, temperature=temperature, top_p=top_p, top_k=top_k)
     records = []
     tasks = list(tasks)
     for offset in range(0, len(tasks), session.batch):
         chunk = tasks[offset:offset + session.batch]
-        records.extend(run_episodes(workflow, chunk, policy, first_episode=offset))
+        step_progress = None
         if progress is not None:
-            progress(len(records), len(tasks))
+            def step_progress(done, _, offset=offset):
+                progress(offset + done, len(tasks))
+        records.extend(run_episodes(workflow, chunk, policy, first_episode=offset,
+                                    progress=step_progress))
     return records

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,7 +49,22 @@ class Model:
         return self.params["embed"].dtype
 
     def with_adapters(self, adapters: dict, lora: LoraConfig) -> "Model":
+        """A model that shares this one's base weights and carries ``adapters`` (in memory)."""
         return dataclasses.replace(self, adapters=adapters, lora=lora)
+
+    def load_adapters(self, folder: str | os.PathLike = "default", *, dtype=None) -> "Model":
+        """Attach role adapters from ``folder`` to this model in place (the base weights are not
+        reloaded) and return it. ``folder``: an export of ``python -m train`` or
+        ``adapters_io.save_adapters``, or ``"default"`` for the adapters shipped with the package
+        (made for the embedded SmolLM2-135M-Instruct). ``dtype``: of the adapters (default: the
+        base weights' dtype). Adapters made for another base model are refused."""
+        from lragent_jax.adapters_io import load_adapters
+
+        loaded, lora = load_adapters(resolve_adapters(folder), config=self.config,
+                                     dtype=dtype or self.dtype)
+        validate_adapters(loaded, self.config, lora)
+        self.adapters, self.lora = loaded, lora
+        return self
 
     def _agent_index(self, agent) -> int:
         if agent is None:
@@ -127,19 +144,38 @@ class Model:
         return texts[0] if single else texts
 
 
+SHIPPED_ADAPTERS = "smollm2-135m-kb"
+
+
+def shipped_adapters_path() -> Path | None:
+    """The folder of the role adapters shipped in the package (shared A, trained on the built-in
+    task for the embedded SmolLM2-135M-Instruct), or None when the package has none."""
+    path = Path(str(importlib.resources.files("lragent_jax"))) / "assets" / "adapters" / \
+        SHIPPED_ADAPTERS
+    return path if path.is_dir() else None
+
+
+def resolve_adapters(folder: str | os.PathLike) -> Path:
+    """``"default"`` -> the shipped adapters' folder; any other value is a path."""
+    if str(folder) == "default":
+        path = shipped_adapters_path()
+        if path is None:
+            raise FileNotFoundError("adapters='default': this installation of lragent_jax ships no "
+                                    f"adapters (assets/adapters/{SHIPPED_ADAPTERS} is missing)")
+        return path
+    return Path(folder)
+
+
 def load_pretrained(source: str | os.PathLike | None = None, *, dtype=jnp.float32,
                     adapters: str | os.PathLike | None = None,
                     attn_impl: str | None = None) -> Model:
     """Load a base model: the embedded SmolLM2-135M-Instruct (``source=None``), a ``.gguf`` file, or
     a Hugging Face checkpoint folder (config.json + safetensors). ``adapters``: a folder of exported
-    role adapters to attach."""
+    role adapters to attach, or ``"default"`` for the shipped ones (see ``Model.load_adapters``)."""
     from lragent_jax.loading import load_pretrained as load_files
 
     config, params, tokenizer = load_files(source, dtype)
     model = Model(config=config, params=params, tokenizer=tokenizer, attn_impl=attn_impl)
     if adapters is not None:
-        from lragent_jax.adapters_io import load_adapters
-
-        loaded, lora = load_adapters(adapters, config=config, dtype=dtype)
-        model = model.with_adapters(loaded, lora)
+        model.load_adapters(adapters, dtype=dtype)
     return model
