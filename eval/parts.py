@@ -129,10 +129,10 @@ def _accuracy_options(g):
     g.add_argument("--capacity", type=int, default=1024,
                    help="cache positions per trajectory (default 1024; an episode that fills "
                         "its row is rerun at twice the capacity, and said so)")
-    g.add_argument("--min-bucket", type=int, default=64,
+    g.add_argument("--min-bucket", type=int, default=16,
                    help="smallest padded length of a turn's new tokens, a power of two: each "
                         "distinct padded length compiles once per mode, so larger means fewer "
-                        "compilations and more padding (default 64; --quick uses 256)")
+                        "compilations and more padded prefill work (default 16; --quick uses 256)")
     g.add_argument("--task-seed", type=int, default=0, help="seed of the built-in task")
     g.add_argument("--max-steps", type=int, default=12,
                    help="workflow steps before an episode counts as unfinished (default 12)")
@@ -246,7 +246,7 @@ def rollout(ctx: RunContext) -> dict:
 
 
 def _run_rollout(ctx: RunContext) -> dict:
-    from lragent_jax.agents import run_model_episodes
+    from eval.accuracy import run_episodes_of_mode
 
     args, model = ctx.args, ctx.model
     question = ctx.task.split("test")[0]
@@ -256,12 +256,16 @@ def _run_rollout(ctx: RunContext) -> dict:
     with ctx.progress("modes", len(ctx.modes)) as bar:
         for i, mode in enumerate(ctx.modes):
             bar.update(i, note=mode)
-            session = model.session(mode, batch=1, capacity=args.capacity,
-                                    min_chunk_bucket=args.min_bucket, min_new_bucket=128)
-            record = run_model_episodes(workflow, [question], session)[0]
-            total = session.cache_bytes()["total"]
+            records, counts, overflow, total = run_episodes_of_mode(
+                model, workflow, [question], mode, batch=1, capacity=args.capacity,
+                prefill_chunk=512, seed=0, min_chunk_bucket=args.min_bucket, temperature=0.0,
+                top_p=1.0)
+            if overflow:
+                bar.print(f"  {mode}: the episode filled the {args.capacity}-position cache and "
+                          "stopped there (--capacity)")
+            record = records[0]
             out["modes"][mode] = {"answer": record.answer, "finished": record.finished,
-                                  "steps": record.steps, "prefilled": session.prefill_counts(),
+                                  "steps": record.steps, "prefilled": counts[0],
                                   "cache_bytes": total, "cache_bytes_per_trajectory": total}
             out["trajectory"], out["trajectory_mode"] = record.text, mode
     return out
@@ -398,7 +402,8 @@ def efficiency(ctx: RunContext) -> dict:
 
                 rows += benchmark(cfg, traces, modes=ctx.modes, attn_impl=attn,
                                   rank=args.eff_rank, repeats=args.eff_repeats,
-                                  min_chunk_bucket=args.min_bucket, dtype=dtype, log=bar.print,
+                                  min_chunk_bucket=max(args.min_bucket, 64), dtype=dtype,
+                                  log=bar.print,
                                   on_row=on_row)
     out = {"rows": rows, "summary": summarize(rows), "dtype": jnp.dtype(dtype).name, "batch": 1}
     print_table(rows, ["model", "length", "mode", "attn", "e2e_s", "gen_tok_s", "ttft_mean_s",
