@@ -321,9 +321,12 @@ def takeaway(results: dict, out_dir: Path) -> str:
     eff = results.get("efficiency", {}).get("summary") or []
     if eff:
         row = max(eff, key=lambda r: r["length"])
-        said.append(f"replaying a {row['length']}-token episode on {row['model']} it ran "
-                    f"{row['speed_vs_non_shared']:.2f}x as fast as non-shared and "
-                    f"{row['speed_vs_fully_shared']:.2f}x fully shared")
+        speeds = [f"{row[key]:.2f}x as fast as {name}" for key, name in
+                  (("speed_vs_non_shared", "non-shared"), ("speed_vs_fully_shared", "fully shared"))
+                  if isinstance(row.get(key), (int, float))]
+        if speeds:
+            said.append(f"replaying a {row['length']}-token episode on {row['model']} it ran "
+                        + " and ".join(speeds))
     compiled = results.get("compilation", {})
     where = (f"This run took {format_seconds(results.get('seconds', 0))}, "
              f"{format_seconds(compiled.get('compile_seconds', 0))} of it in XLA compilation of "

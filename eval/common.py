@@ -175,13 +175,15 @@ def load_eval_model(args):
     dtype = jnp.dtype(args.dtype)
     if args.model == "tiny":
         cfg = tiny_config()
-        model = Model(config=cfg, params=init_params(jax.random.key(0), cfg, dtype),
-                      tokenizer=ByteTokenizer(), attn_impl=args.attn)
+        # one compiled program instead of an eager dispatch (and compile) per random op
+        params = jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(0), cfg, dtype)
+        model = Model(config=cfg, params=params, tokenizer=ByteTokenizer(), attn_impl=args.attn)
     else:
         model = load_pretrained(args.model, dtype=dtype, attn_impl=args.attn)
     if args.adapters == "random":
         lora = LoraConfig(rank=8, targets=("q", "v", "o", "gate", "up", "down"))
         b_scale = 0.05 if args.model == "tiny" else 0.0
-        return model.with_adapters(init_adapters(jax.random.key(1), model.config, lora,
-                                                 dtype=dtype, b_scale=b_scale), lora)
+        make = jax.jit(lambda key: init_adapters(key, model.config, lora, dtype=dtype,
+                                                 b_scale=b_scale))
+        return model.with_adapters(make(jax.random.key(1)), lora)
     return model.load_adapters(args.adapters, dtype=dtype)
