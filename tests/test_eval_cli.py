@@ -263,7 +263,9 @@ def test_ctrl_c_inside_a_long_compiled_call_stops_within_seconds(tmp_path):
 
         @jax.jit
         def spin(x):
-            return jax.lax.fori_loop(0, 2_000_000_000, lambda i, v: v * 1.0000001 + 1e-9, x)
+            inner = lambda j, v: jax.lax.fori_loop(0, 1_000_000_000,
+                                                   lambda i, w: w * 1.0000001 + 1e-9, v)
+            return jax.lax.fori_loop(0, 50, inner, x)  # minutes of work in one compiled call
 
         with InterruptGuard(on_timeout=lambda: open({str(marker)!r}, "w").write("x"), grace=1.0):
             print("ready", flush=True)
@@ -281,10 +283,10 @@ def test_ctrl_c_inside_a_long_compiled_call_stops_within_seconds(tmp_path):
         proc.wait(timeout=20)
     finally:
         proc.kill()
-    assert time.monotonic() - t0 < 10
-    assert proc.returncode in (130, 1, -signal.SIGINT), proc.stderr.read()
-    if proc.returncode == 130:  # the watcher stopped it: partial results were saved first
-        assert marker.read_text() == "x"
+    # Python alone would raise KeyboardInterrupt only when the loop returns (minutes later)
+    assert time.monotonic() - t0 < 6
+    assert proc.returncode == 130, proc.stderr.read()
+    assert marker.read_text() == "x"  # what on_timeout saves is written before the exit
 
 
 def test_python_m_lragent_jax_says_what_is_installed_and_what_to_run(capsys):
