@@ -286,38 +286,26 @@ def takeaway(results: dict, out_dir: Path) -> str:
     """One paragraph: what sharing saved, what it cost, where the results and plots went."""
     from lragent_jax.runtime import format_seconds
 
-    said = []
     lr, ns = "base_lowrank_shared", "non_shared"
     acc = results.get("accuracy", {}).get("modes", {})
+    saved, cost = [], []
     if lr in acc and ns in acc:
         a, b = sum(acc[lr]["prefilled"].values()), sum(acc[ns]["prefilled"].values())
         n = results["accuracy"]["questions"] * len(results["accuracy"]["seeds"])
-        said.append(f"Sharing the base and low-rank cache (base_lowrank_shared) prefilled "
-                    f"{a:,} tokens where the non-shared agents prefilled {b:,} over {n} episodes "
-                    f"({_percent(1 - a / max(b, 1))} fewer)")
+        saved.append(f"sharing the base and low-rank cache (base_lowrank_shared) prefilled {a:,} "
+                     f"tokens where the non-shared agents prefilled {b:,} over {n} episodes "
+                     f"({_percent(1 - a / max(b, 1))} fewer)")
     memory = results.get("memory")
     if memory:
-        label, ran = next(iter(memory.items()))
-        ratio = ran["bytes"][lr] / ran["bytes"][ns]
+        ran = next(iter(memory.values()))
+        text = (f"its cache takes {ran['bytes'][lr] / ran['bytes'][ns]:.3f}x the non-shared one "
+                f"({ran['bytes'][lr] / 2**20:.1f} vs {ran['bytes'][ns] / 2**20:.1f} MiB per "
+                f"trajectory, {ran['dtype']}, {ran['capacity']} positions")
         big = next((v for k, v in memory.items() if "16k" in k), None)
-        text = (f"its cache takes {ratio:.3f}x the non-shared one ({ran['bytes'][lr] / 2**20:.1f} "
-                f"vs {ran['bytes'][ns] / 2**20:.1f} MiB per trajectory, {ran['dtype']}, "
-                f"{ran['capacity']} positions")
         if big is not None:
             text += (f"; {big['bytes'][lr] / big['bytes'][ns]:.3f}x for Llama-3.1-8B at 16k: "
                      f"{big['bytes'][lr] / 2**30:.2f} vs {big['bytes'][ns] / 2**30:.2f} GiB")
-        said.append(text + ")")
-    if lr in acc and ns in acc:
-        cost = (f"In accuracy it cost {_percent(acc[ns]['accuracy'] - acc[lr]['accuracy'])} "
-                f"({_percent(acc[lr]['accuracy'])} vs {_percent(acc[ns]['accuracy'])} non-shared")
-        if not results["accuracy"].get("separable", True):
-            cost += (f"; with {results['accuracy']['questions']} questions the modes cannot be "
-                     "told apart")
-        said.append(cost + ")")
-    tf = results.get("teacher_forced", {})
-    if lr in tf and "all" in tf[lr]:
-        said.append(f"teacher-forced, its log-likelihood per output token differs from "
-                    f"non-shared by {tf[lr]['all']['logprob_gap_vs_non_shared']:+.4f} nats")
+        saved.append(text + ")")
     eff = results.get("efficiency", {}).get("summary") or []
     if eff:
         row = max(eff, key=lambda r: r["length"])
@@ -325,8 +313,19 @@ def takeaway(results: dict, out_dir: Path) -> str:
                   (("speed_vs_non_shared", "non-shared"), ("speed_vs_fully_shared", "fully shared"))
                   if isinstance(row.get(key), (int, float))]
         if speeds:
-            said.append(f"replaying a {row['length']}-token episode on {row['model']} it ran "
-                        + " and ".join(speeds))
+            saved.append(f"replaying a {row['length']}-token episode on {row['model']} it ran "
+                         + " and ".join(speeds))
+    if lr in acc and ns in acc:
+        text = (f"in accuracy it cost {_percent(acc[ns]['accuracy'] - acc[lr]['accuracy'])} "
+                f"({_percent(acc[lr]['accuracy'])} vs {_percent(acc[ns]['accuracy'])} non-shared")
+        if not results["accuracy"].get("separable", True):
+            text += (f"; with {results['accuracy']['questions']} questions the modes cannot be "
+                     "told apart")
+        cost.append(text + ")")
+    tf = results.get("teacher_forced", {})
+    if lr in tf and "all" in tf[lr]:
+        cost.append(f"teacher-forced, its log-likelihood per output token differs from "
+                    f"non-shared by {tf[lr]['all']['logprob_gap_vs_non_shared']:+.4f} nats")
     compiled = results.get("compilation", {})
     where = (f"This run took {format_seconds(results.get('seconds', 0))}, "
              f"{format_seconds(compiled.get('compile_seconds', 0))} of it in XLA compilation of "
@@ -334,16 +333,9 @@ def takeaway(results: dict, out_dir: Path) -> str:
              f"the compilation cache). Results: {out_dir / 'results.json'}")
     if results.get("plots"):
         where += "; plots: " + ", ".join(Path(p).name for p in results["plots"])
-    sentences = ". ".join(s[0].upper() + s[1:] for s in _join_clauses(said))
-    return (sentences + ". " if sentences else "") + where + "."
-
-
-def _join_clauses(clauses: list[str]) -> list[str]:
-    """Pairs the saving clauses into sentences: 'X, and Y'."""
-    out = []
-    for i in range(0, len(clauses), 2):
-        out.append(", and ".join(clauses[i:i + 2]) if i + 1 < len(clauses) else clauses[i])
-    return out
+    sentences = [", and ".join(saved[:2]), "; ".join(saved[2:]), ", and ".join(cost)]
+    text = " ".join(s[0].upper() + s[1:] + "." for s in sentences if s)
+    return (text + " " if text else "") + where + "."
 
 
 def _plots(results: dict, out_dir: Path) -> list[str]:

@@ -139,7 +139,7 @@ def _accuracy_options(g):
 
 
 @part("accuracy", default=True, options=_accuracy_options,
-      quick={"questions": 2, "batch": 2, "capacity": 1024, "max_steps": 2, "min_bucket": 256},
+      quick={"questions": 2, "batch": 2, "capacity": 2048, "max_steps": 2, "min_bucket": 256},
       help="the ReAct workflow on the built-in task's test questions in every mode: exact match "
            "with standard error, per level, unfinished share, tokens prefilled, cache bytes")
 def accuracy(ctx: RunContext) -> dict:

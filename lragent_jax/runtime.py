@@ -102,7 +102,6 @@ class CompileStats:
 
 _STATS = CompileStats()
 _LISTENING = False
-_on_compile_start: list[Callable[[str], None]] = []
 
 
 def compile_stats() -> CompileStats:
@@ -129,8 +128,6 @@ def compile_stats() -> CompileStats:
             # the start of a backend compile is recorded as a scalar (its start time)
             if event == _BACKEND_COMPILE:
                 _STATS.compiling = str(kwargs.get("fun_name") or "program")
-                for callback in list(_on_compile_start):
-                    callback(_STATS.compiling)
 
         monitoring.register_event_duration_secs_listener(on_duration)
         monitoring.register_event_listener(on_event)
@@ -175,18 +172,15 @@ class Progress:
         self._closed = threading.Event()
         if self.enabled:
             compile_stats()
-            _on_compile_start.append(self._compiling)
             self.draw(force=True)
             # redraws the elapsed time while the main thread sits in a long compile or call
             threading.Thread(target=self._tick, name="progress", daemon=True).start()
 
     def _tick(self) -> None:
+        # a compilation still running at a tick is a long one: say so (short ones would flicker)
         while not self._closed.wait(1.0):
-            stats = _STATS
-            self.draw(note=f"compiling {stats.compiling}" if stats.compiling else None)
-
-    def _compiling(self, name: str) -> None:
-        self.draw(note=f"compiling {name}", force=True)
+            name = _STATS.compiling
+            self.draw(note=f"compiling {name}" if name else None)
 
     def update(self, done: int | None = None, *, advance: int = 0, note: str | None = None) -> None:
         self.done = min(self.total, self.done + advance if done is None else done)
@@ -248,8 +242,6 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             self._closed.set()
-            if self._compiling in _on_compile_start:
-                _on_compile_start.remove(self._compiling)
             self.clear()
             self.enabled = False
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--adapters", "random"]
 # one short episode in one mode: a few compiled turn shapes, seconds on a CPU
 SMALL = TINY + ["--questions", "2", "--batch", "2", "--max-steps", "2", "--min-bucket", "256",
-                "--capacity", "1024"]
+                "--capacity", "2048"]
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_main_job_path_on_the_tiny_model_writes_every_part_and_a_takeaway(tmp_pa
     # the two memory views agree: analytic bytes per trajectory of the run = measured / batch
     for mode, entry in results["rollout"]["modes"].items():
         assert abs(entry["cache_bytes_per_trajectory"] - ran["bytes"][mode]) < 1024, mode
-    assert ran["dtype"] == "float32" and ran["capacity"] == 1024
+    assert ran["dtype"] == "float32" and ran["capacity"] == 2048
     # the command as typed, not the path of eval/__main__.py
     assert results["environment"]["command"].startswith("python -m eval --model tiny")
     assert "== takeaway" in printed and str(out / "results.json") in results["takeaway"]
@@ -72,9 +72,11 @@ def test_main_job_path_on_the_tiny_model_writes_every_part_and_a_takeaway(tmp_pa
 
 
 @pytest.mark.slow
-def test_every_registered_part_lands_in_the_json(tmp_path):
+def test_every_registered_part_lands_in_the_json(tmp_path, capsys):
     out = tmp_path / "all"
+    # 1024 positions are too few for the tiny model's byte-level episodes: each is run again
     assert cli.main(SMALL + ["--parts", "all", "--modes", "non_shared,base_lowrank_shared",
+                             "--capacity", "1024",
                              "--tf-episodes", "1", "--eff-models", "tiny", "--lengths", "256",
                              "--eff-repeats", "1", "--scienceqa-dir", str(tmp_path / "none"),
                              "--no-plots", "--out", str(out),
@@ -82,6 +84,10 @@ def test_every_registered_part_lands_in_the_json(tmp_path):
     results = _results(out)
     assert set(PARTS) <= set(results), set(PARTS) - set(results)
     assert results["scienceqa"] == {"skipped": "no --scienceqa-adapters"}
+    for mode, entry in results["accuracy"]["modes"].items():
+        assert entry["rerun_with_more_capacity"] == 2, mode
+    assert "filled the 1024-position cache; running them again with 2048" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.slow
