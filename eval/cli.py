@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + f" (default: {','.join(default_parts)})")
     g.add_argument("--quick", action="store_true",
                    help="every part but scienceqa at smoke-test size on a tiny random model "
-                        "(under a minute on a CPU); options given explicitly still apply")
+                        "(2-core CPU: about 100 s on a first run, 50 s once compiled); options "
+                        "given explicitly still apply")
     g.add_argument("--modes", type=csv_list(str), default=list(_MODES),
                    help="share modes to compare (default: all four)")
     g = p.add_argument_group("model")
