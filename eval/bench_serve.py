@@ -454,7 +454,7 @@ def main(argv=None) -> int:
     from lragent_jax.serve.server import IdTokenizer
 
     if opts.random_weights == "tiny":
-        from eval.cli import tiny_config
+        from eval.common import tiny_config
 
         vocab = tiny_config().vocab_size
     else:
@@ -472,7 +472,7 @@ def main(argv=None) -> int:
         import jax
         import jax.numpy as jnp
 
-        from eval.cli import tiny_config
+        from eval.common import tiny_config
         from eval.throughput import random_model
 
         dtype = jnp.dtype(("float32" if jax.default_backend() == "cpu" else "bfloat16")

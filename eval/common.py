@@ -18,12 +18,31 @@ import jax
 import jax.numpy as jnp
 
 
-def environment() -> dict:
-    """Device, versions, date and the exact command, for every results file."""
+def entry_point() -> str:
+    """How this process was started, as the user typed it: ``python -m eval`` (not the path of
+    ``eval/__main__.py``), ``lragent-eval`` for a console script, else ``python SCRIPT``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    script = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    return f"python {script}".strip() if script.endswith(".py") or not script \
+        else Path(script).name
+
+
+def invoked_command(argv: Sequence[str] | None = None, prog: str | None = None) -> str:
+    """``prog`` (default: ``entry_point()``) and the arguments (default ``sys.argv[1:]``), quoted
+    for a shell."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join([prog or entry_point(), *(shlex.quote(str(a)) for a in args)])
+
+
+def environment(command: str | None = None) -> dict:
+    """Device, versions, date and the command (default: this process's, as typed), for every
+    results file."""
     device = jax.devices()[0]
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "command": command or invoked_command(),
         "platform": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),
         "device_count": jax.device_count(),
@@ -130,3 +149,37 @@ class NullTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return ""
 
+
+
+def tiny_config():
+    """The random model of ``--model tiny`` / ``--quick``: ``ModelConfig.tiny_byte()``, the one
+    ``python -m train --model tiny`` trains on (byte tokens)."""
+    from lragent_jax.config import ModelConfig
+
+    return ModelConfig.tiny_byte()
+
+
+def load_eval_model(args):
+    """The model of an eval run: ``args.model`` (None: embedded, 'tiny': random tiny) with
+    ``args.adapters`` ('default': the shipped ones, 'random': untrained), ``args.dtype`` and
+    ``args.attn``."""
+    from lragent_jax.config import LoraConfig
+    from lragent_jax.lora import init_adapters
+    from lragent_jax.model import tiny_byte_params
+    from lragent_jax.pretrained import Model, load_pretrained
+    from lragent_jax.tokenizer import ByteTokenizer
+
+    dtype = jnp.dtype(args.dtype)
+    if args.model == "tiny":
+        cfg = tiny_config()
+        params = tiny_byte_params(dtype)  # the weights python -m train --model tiny has
+        model = Model(config=cfg, params=params, tokenizer=ByteTokenizer(), attn_impl=args.attn)
+    else:
+        model = load_pretrained(args.model, dtype=dtype, attn_impl=args.attn)
+    if args.adapters == "random":
+        lora = LoraConfig(rank=8, targets=("q", "v", "o", "gate", "up", "down"))
+        b_scale = 0.05 if args.model == "tiny" else 0.0
+        make = jax.jit(lambda key: init_adapters(key, model.config, lora, dtype=dtype,
+                                                 b_scale=b_scale))
+        return model.with_adapters(make(jax.random.key(1)), lora)
+    return model.load_adapters("default" if args.adapters is None else args.adapters, dtype=dtype)

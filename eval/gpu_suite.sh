@@ -45,7 +45,7 @@ case "${1:-}" in
       [ -d "$adapters" ] || { echo "=== no adapters at $adapters (training unfinished)"; continue; }
       step 240 python3 -m eval --parts accuracy,teacher_forced --questions 32 --batch 32 \
         --tf-episodes 12 --dtype bfloat16 --adapters "$adapters" --no-plots \
-        --out "$OUT/eval_$name"
+        --overwrite --out "$OUT/eval_$name"
     done
     ;;
   scienceqa)
@@ -55,7 +55,7 @@ case "${1:-}" in
       --batch-size 16 --lr 1e-3 --remat full --no-progress --out "$OUT/train_scienceqa"
     step 280 python3 -m eval --parts scienceqa --scienceqa-dir /tmp/lragent-data/scienceqa \
       --scienceqa-adapters "$OUT/train_scienceqa/adapters" --scienceqa-samples 26 \
-      --dtype bfloat16 --no-plots --out "$OUT/eval_scienceqa"
+      --dtype bfloat16 --no-plots --overwrite --out "$OUT/eval_scienceqa"
     ;;
   scienceqa_views|scienceqa_recipes|scienceqa_agents)
     # ScienceQA agents end to end, in two stages that fit one device call each (scienceqa_agents

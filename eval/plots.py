@@ -54,7 +54,8 @@ def plot_ttft(rows, path: Path) -> Path:
 
 
 def _grouped_bars(ax, groups: dict, value, error=None, label_size=8) -> None:
-    """One group of bars per label of ``groups`` ({label: {mode: entry}}), one bar per mode."""
+    """One group of bars per label of ``groups`` ({label: {mode: entry}}), one bar per mode, with
+    symmetric error bars ``error(entry)`` when given."""
     labels = list(groups)
     modes = _modes({m for v in groups.values() for m in v})
     width = 0.8 / max(len(modes), 1)
@@ -62,33 +63,80 @@ def _grouped_bars(ax, groups: dict, value, error=None, label_size=8) -> None:
         entries = [groups[label].get(mode) for label in labels]
         ax.bar([j + i * width for j in range(len(labels))], [value(e) for e in entries], width,
                yerr=None if error is None else [error(e) for e in entries],
-               capsize=3 if error else 0, color=COLORS[mode], label=mode)
+               capsize=4 if error else 0, color=COLORS[mode], label=mode,
+               error_kw={"elinewidth": 1.2, "capthick": 1.2, "ecolor": "black"})
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=label_size)
 
 
-def _save(fig, ax, path: Path) -> Path:
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _save(fig, ax, path: Path, *, legend_below: bool = False) -> Path:
+    """Legend outside the axes (right, or below the figure), so it never covers the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if legend_below:
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(len(labels), 4),
+                   frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+    else:
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False)
+        fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+def _unit(largest_bytes: float) -> tuple[float, str]:
+    for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if largest_bytes >= scale:
+            return scale, name
+    return 1, "bytes"
+
+
 def plot_memory(memory: dict, path: Path) -> Path:
-    """``memory``: {label: {mode: bytes}}."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _grouped_bars(ax, memory, lambda b: (b or 0) / 2**30, label_size=7)
-    ax.set_ylabel("KV cache (GiB)")
-    ax.set_title("Cache memory per mode (3 agents)")
-    return _save(fig, ax, path)
+    """``memory``: {label: {mode: bytes}}. One panel per label, each on its own scale, so a
+    135M model's cache shows beside an 8B one's."""
+    labels = list(memory)
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 1.0, 3.8),
+                             squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        values = memory[label]
+        scale, unit = _unit(max(values.values(), default=1))
+        modes = _modes(values)
+        bars = ax.bar(range(len(modes)), [values[m] / scale for m in modes],
+                      color=[COLORS[m] for m in modes], label=modes)
+        for bar, m in zip(bars, modes):
+            ratio = values[m] / values["non_shared"] if values.get("non_shared") else None
+            if ratio is not None:
+                ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([])
+        ax.set_title(label, fontsize=8)
+        ax.set_ylabel(f"cache per trajectory ({unit})", fontsize=8)
+        ax.set_ylim(0, max(values.values()) / scale * 1.15)
+    fig.suptitle("Cache memory per mode (3 agents; ratio to non_shared)", fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[m]) for m in _modes(memory[labels[0]])]
+    fig.legend(handles, _modes(memory[labels[0]]), fontsize=7, loc="lower center",
+               ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
-def plot_accuracy(accuracy: dict, path: Path) -> Path:
-    """``accuracy``: {label: {mode: {"accuracy", "stderr"}}}."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _grouped_bars(ax, accuracy, lambda e: (e or {}).get("accuracy", 0),
-                  error=lambda e: (e or {}).get("stderr", 0))
+def plot_accuracy(accuracy: dict, path: Path, *, note: str | None = None) -> Path:
+    """``accuracy``: {label: {mode: {"accuracy", "stderr"}}}; ``note`` is written under the title
+    (e.g. that too few questions ran to tell the modes apart)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+
+    def stderr(e):
+        s = (e or {}).get("stderr", 0)
+        return 0 if s != s else s  # NaN (one question) draws no bar
+
+    _grouped_bars(ax, accuracy, lambda e: (e or {}).get("accuracy", 0), error=stderr)
+    top = max((e.get("accuracy", 0) + stderr(e) for v in accuracy.values() for e in v.values()),
+              default=1)
     ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title("Task accuracy per mode (± standard error)")
+    ax.set_ylim(0, max(1.0, top) * 1.08)  # whole error bars, above 1 too
+    ax.axhline(1.0, color="gray", linewidth=0.6, linestyle=":")
+    ax.set_title("Task accuracy per mode (± standard error)" + (f"\n{note}" if note else ""),
+                 fontsize=10)
     return _save(fig, ax, path)

@@ -36,9 +36,9 @@ PART = "scienceqa_agents"
 BASELINE = "no_adapter"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("ScienceQA agents (scienceqa_agents part; also uses "
-                                  "--scienceqa-dir and --scienceqa-adapters, 'random' for untrained)")
+def add_arguments(g) -> None:
+    """The part's options, added to ``g`` (an argparse group; the part also uses --scienceqa-dir
+    and --scienceqa-adapters, 'random' for untrained)."""
     g.add_argument("--scienceqa-eval-dir", default=None,
                    help="published evaluation questions (grade1-4/5-8/9-12.json); default: "
                         "scienceqa-eval beside --scienceqa-dir")
@@ -78,9 +78,9 @@ def argument_problem(args) -> str | None:
 
 def default_folders(args) -> tuple[Path | None, Path | None]:
     """(role files, evaluation questions): the flags, else the published data beside the project."""
-    from eval.cli import _default_scienceqa_dir
+    from eval.teacher_forced import default_scienceqa_dir
 
-    folder = Path(args.scienceqa_dir) if args.scienceqa_dir else _default_scienceqa_dir()
+    folder = Path(args.scienceqa_dir) if args.scienceqa_dir else default_scienceqa_dir()
     eval_folder = Path(args.scienceqa_eval_dir) if args.scienceqa_eval_dir else (
         folder.parent / "scienceqa-eval" if folder is not None else None)
     return folder, eval_folder

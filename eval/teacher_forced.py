@@ -114,6 +114,90 @@ def compare_modes(make_session, episodes: Sequence[Sequence[Segment]], *, modes=
     return summary
 
 
+def print_comparison(tf: dict) -> None:
+    """The table of ``compare_modes``' result: per mode and role, log-prob per token (nats) and token
+    accuracy, and their gaps to non-shared."""
+    from eval.common import print_table
+
+    rows = []
+    for mode, roles in tf.items():
+        for role, v in roles.items():
+            rows.append({"mode": mode, "role": role, "tokens": v["tokens"],
+                         "logprob/token": v["logprob_per_token"],
+                         "token_acc": v["token_accuracy"],
+                         "gap_vs_non_shared": v.get("logprob_gap_vs_non_shared"),
+                         "acc_gap": v.get("token_accuracy_gap_vs_non_shared")})
+    print_table(rows, ["mode", "role", "tokens", "logprob/token", "token_acc",
+                       "gap_vs_non_shared", "acc_gap"],
+                title="teacher-forced per mode and role (log-prob in nats per output token; gaps "
+                      "against non-shared on the same tokens)")
+
+
+def run_scienceqa(ctx) -> dict:
+    """The ``scienceqa`` part of ``python -m eval``: the held-out published samples, replayed through
+    each mode with ``--scienceqa-adapters`` (see ``eval.parts``)."""
+    import argparse
+
+    from eval.common import load_eval_model
+    from lragent_jax.tasks.kb import load_role_files
+    from train.data import split_validation
+
+    args, modes = ctx.args, ctx.modes
+    folder = args.scienceqa_dir or default_scienceqa_dir()
+    if folder is None:
+        print("\n== scienceqa: skipped (published trajectories not found; --scienceqa-dir)")
+        return {"skipped": "published trajectories not found"}
+    if args.scienceqa_adapters is None:
+        print("\n== scienceqa: skipped (no --scienceqa-adapters given)")
+        return {"skipped": "no --scienceqa-adapters"}
+    print(f"\n== scienceqa: teacher-forced comparison on {folder}")
+    model = load_eval_model(argparse.Namespace(**{**vars(args),
+                                                  "adapters": args.scienceqa_adapters}))
+    # the samples python -m train held out of this folder: never trained on
+    _, held_out = split_validation(load_role_files(folder), args.scienceqa_valid_fraction,
+                                   args.scienceqa_split_seed)
+    episodes, skipped = [], 0
+    for role in model.lora.agents:
+        for sample in held_out.get(role, [])[:args.scienceqa_samples]:
+            segs = segment_published_sample(sample, role)
+            n = sum(len(model.tokenizer.encode(s.text)) for s in segs)
+            if n > args.scienceqa_max_tokens:
+                skipped += 1
+                continue
+            episodes.append(segs)
+    print(f"  {len(episodes)} held-out samples, {skipped} longer than "
+          f"{args.scienceqa_max_tokens} tokens skipped")
+    if not episodes:
+        raise ValueError(f"scienceqa: no held-out sample of {folder} fits --scienceqa-max-tokens "
+                         f"{args.scienceqa_max_tokens}")
+    capacity = 1 << (args.scienceqa_max_tokens + 64 - 1).bit_length()
+    with ctx.progress("modes", len(modes)) as bar:
+        tf = compare_modes(lambda mode: model.session(mode, batch=min(args.batch, 8),
+                                                      capacity=capacity, prefill_chunk=1024,
+                                                      min_chunk_bucket=args.min_bucket),
+                           episodes, modes=modes, only_last=True,
+                           log=lambda line: bar.update(advance=1))
+    print_comparison(tf)
+    return {"folder": str(folder), "samples": len(episodes), "skipped_long": skipped,
+            "held_out": {"fraction": args.scienceqa_valid_fraction,
+                         "seed": args.scienceqa_split_seed},
+            "comparison": tf}
+
+
+def default_scienceqa_dir():
+    """The published ScienceQA role files beside the project, if present."""
+    import os
+    from pathlib import Path
+
+    candidates = []
+    if os.environ.get("LRAGENT_DATA_DIR"):
+        candidates.append(Path(os.environ["LRAGENT_DATA_DIR"]) / "scienceqa")
+    repo = Path(__file__).resolve().parent.parent
+    candidates += [repo.parent / "shared" / "data" / "lragent-trajectories" / "scienceqa",
+                   Path.cwd().parent / "shared" / "data" / "lragent-trajectories" / "scienceqa"]
+    return next((c for c in candidates if (c / "plan.json").is_file()), None)
+
+
 # --------------------------------------------------------------------------------------------------
 # published-format samples
 

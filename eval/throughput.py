@@ -241,7 +241,7 @@ def run_traces_workload(opts, modes, log=print) -> list[dict]:
 
 
 def run_kb_workload(opts, modes, log=print) -> list[dict]:
-    from eval.cli import _load_model
+    from eval.common import load_eval_model as _load_model
     from lragent_jax.tasks.kb import KBTask
     from lragent_jax.tasks.scoring import aggregate, score_episode
     from lragent_jax.workflow import ReActWorkflow
@@ -301,7 +301,7 @@ def run_kb_workload(opts, modes, log=print) -> list[dict]:
 
 def _trace_config(name: str) -> ModelConfig:
     if name == "tiny":
-        from eval.cli import tiny_config
+        from eval.common import tiny_config
 
         return tiny_config()
     return ModelConfig.preset(name)

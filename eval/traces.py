@@ -54,9 +54,22 @@ class Trace:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trace":
-        return cls(name=d["name"], prompt=int(d["prompt"]),
-                   turns=tuple(TraceTurn(t["agent"], int(t["append"]), int(t["generate"]))
-                               for t in d["turns"]))
+        turns = d["turns"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"'turns' must be a non-empty list; got {turns!r}")
+        for t in turns:
+            if not isinstance(t.get("agent"), str) or not t["agent"]:
+                raise ValueError(f"a turn's 'agent' must be a non-empty string; got {t!r}")
+        return cls(name=str(d["name"]), prompt=_count(d["prompt"], "prompt"),
+                   turns=tuple(TraceTurn(t["agent"], _count(t["append"], "append"),
+                                         _count(t["generate"], "generate")) for t in turns))
+
+
+def _count(value, what: str) -> int:
+    """A token count from JSON: an integer, never a float (3.7 tokens is a broken trace)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer number of tokens; got {value!r}")
+    return int(value)
 
 
 def generate_trace(total: int, seed: int = 0, *, plan: str = "plan", action: str = "action",
@@ -130,6 +143,9 @@ def load_traces(path: str | os.PathLike) -> list[Trace]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of traces")
+    if not data:
+        raise ValueError(f"{path}: holds no traces (an empty list); write some with "
+                         "save_traces or use the traces.json of an accuracy run")
     traces = []
     for i, item in enumerate(data):
         try:

@@ -66,6 +66,9 @@ class ModelPolicy:
         self._rows: dict[int, int] = {}
         self._free = list(range(session.batch))
         self.out_of_capacity: set[int] = set()  # episodes that filled their cache row
+        # tokens each agent prefilled per finished episode (the session's counters restart with
+        # every episode a row takes on, so they alone would count only the last ones)
+        self.episode_prefilled: dict[int, dict[str, int]] = {}
 
     def start_episode(self, episode: int, prompt_segments: Sequence[Segment]) -> None:
         if not self._free:
@@ -80,6 +83,9 @@ class ModelPolicy:
     def end_episode(self, episode: int) -> None:
         row = self._rows.pop(episode, None)
         if row is not None:
+            self.episode_prefilled[episode] = {
+                name: int(n) for name, n in zip(self.session.agent_names,
+                                                self.session.prefilled[row])}
             self._free.append(row)
             self._free.sort()
 
@@ -103,15 +109,26 @@ class ModelPolicy:
 
 def run_model_episodes(workflow: Workflow, tasks: Sequence, session: Session, *,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                       progress=None) -> list:
+                       progress=None, policy: ModelPolicy | None = None) -> list:
     """Run every task as an episode, ``session.batch`` episodes at a time (for continuous batching
-    over the rows, see ``lragent_jax.rollout``)."""
-    policy = ModelPolicy(session, temperature=temperature, top_p=top_p, top_k=top_k)
+    over the rows, see ``lragent_jax.rollout``).
+
+    ``progress(done, total)`` is called after every workflow step with the episodes finished so far.
+    ``policy``: a ``ModelPolicy`` over ``session`` to use (and read afterwards: per-episode prefill
+    counts, episodes out of capacity); by default a new one with the sampling settings given.
+    """
+    if policy is None:
+        policy = ModelPolicy(session, temperature=temperature, top_p=top_p, top_k=top_k)
+    elif policy.session is not session:
+        raise ValueError("policy must run on the session given")
     records = []
     tasks = list(tasks)
     for offset in range(0, len(tasks), session.batch):
         chunk = tasks[offset:offset + session.batch]
-        records.extend(run_episodes(workflow, chunk, policy, first_episode=offset))
+        step_progress = None
         if progress is not None:
-            progress(len(records), len(tasks))
+            def step_progress(done, _, offset=offset):
+                progress(offset + done, len(tasks))
+        records.extend(run_episodes(workflow, chunk, policy, first_episode=offset,
+                                    progress=step_progress))
     return records

@@ -59,6 +59,13 @@ def param_shapes(config: ModelConfig) -> dict:
     return shapes
 
 
+def tiny_byte_params(dtype=F32) -> dict:
+    """The weights of ``ModelConfig.tiny_byte()`` (``python -m train --model tiny`` and ``python
+    -m eval --model tiny`` both use exactly these, so adapters trained by one load in the other)."""
+    return jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(0), ModelConfig.tiny_byte(),
+                                                       jnp.dtype(dtype))
+
+
 def init_params(key, config: ModelConfig, dtype=F32) -> dict:
     """Random weights of the real shapes (tests, speed benchmarks)."""
     shapes = param_shapes(config)

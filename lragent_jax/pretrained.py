@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -57,10 +59,29 @@ class Model:
         return self.params["embed"].dtype
 
     def with_adapters(self, adapters: dict, lora: LoraConfig) -> "Model":
-        """This model with other adapters (their A matrices replace the ones in the weights)."""
+        """A model with ``adapters`` (in memory) attached: the base weights are not reloaded;
+        the adapters' A matrices are appended to (or replace those in) the fused projection
+        weights, a one-time copy that every session of the new model shares."""
         validate_adapters(adapters, self.config, lora)
         params = fuse_adapters(self.params, self.config, adapters, lora)
         return dataclasses.replace(self, params=params, adapters=adapters, lora=lora)
+
+    def load_adapters(self, folder: str | os.PathLike = "default", *, dtype=None,
+                      allow_other_weights: bool = False) -> "Model":
+        """Attach role adapters from ``folder`` to this model in place (the base weights are not
+        reloaded) and return it. ``folder``: an export of ``python -m train`` or
+        ``adapters_io.save_adapters``, or ``"default"`` for the adapters shipped with the package
+        (made for the embedded SmolLM2-135M-Instruct). ``dtype``: of the adapters (default: the
+        base weights' dtype). Adapters made for another base model, or for other weights of the
+        same shape (unless ``allow_other_weights``), are refused."""
+        from lragent_jax.adapters_io import load_adapters
+
+        loaded, lora = load_adapters(resolve_adapters(folder), config=self.config,
+                                     dtype=dtype or self.dtype, params=self.params,
+                                     allow_other_weights=allow_other_weights)
+        attached = self.with_adapters(loaded, lora)
+        self.params, self.adapters, self.lora = attached.params, loaded, lora
+        return self
 
     def _agent_index(self, agent) -> int:
         if agent is None:
@@ -141,12 +162,35 @@ class Model:
         return texts[0] if single else texts
 
 
+SHIPPED_ADAPTERS = "smollm2-135m-kb"
+
+
+def shipped_adapters_path() -> Path | None:
+    """The folder of the role adapters shipped in the package (shared A, trained on the built-in
+    task for the embedded SmolLM2-135M-Instruct), or None when the package has none."""
+    path = Path(str(importlib.resources.files("lragent_jax"))) / "assets" / "adapters" / \
+        SHIPPED_ADAPTERS
+    return path if path.is_dir() else None
+
+
+def resolve_adapters(folder: str | os.PathLike) -> Path:
+    """``"default"`` -> the shipped adapters' folder; any other value is a path."""
+    if str(folder) == "default":
+        path = shipped_adapters_path()
+        if path is None:
+            raise FileNotFoundError("adapters='default': this installation of lragent_jax ships no "
+                                    f"adapters (assets/adapters/{SHIPPED_ADAPTERS} is missing)")
+        return path
+    return Path(folder)
+
+
 def load_pretrained(source: str | os.PathLike | None = None, *, dtype=jnp.float32,
                     adapters: str | os.PathLike | None = None,
                     attn_impl: str | None = None, allow_other_weights: bool = False) -> Model:
     """Load a base model: the embedded SmolLM2-135M-Instruct (``source=None``), a ``.gguf`` file, or
     a Hugging Face checkpoint folder (config.json + safetensors). ``adapters``: a folder of exported
-    role adapters to attach (refused if trained on other weights, unless ``allow_other_weights``)."""
+    role adapters to attach, or ``"default"`` for the shipped ones (see ``Model.load_adapters``;
+    refused if trained on other weights, unless ``allow_other_weights``)."""
     from lragent_jax.loading import load_pretrained as load_files
 
     config, params, tokenizer = load_files(source, dtype)
@@ -155,9 +199,5 @@ def load_pretrained(source: str | os.PathLike | None = None, *, dtype=jnp.float3
     params = to_inference_params(params, config, donate=True)
     model = Model(config=config, params=params, tokenizer=tokenizer, attn_impl=attn_impl)
     if adapters is not None:
-        from lragent_jax.adapters_io import load_adapters
-
-        loaded, lora = load_adapters(adapters, config=config, dtype=dtype, params=params,
-                                     allow_other_weights=allow_other_weights)
-        model = model.with_adapters(loaded, lora)
+        model.load_adapters(adapters, dtype=dtype, allow_other_weights=allow_other_weights)
     return model

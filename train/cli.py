@@ -284,14 +284,14 @@ def load_base(kind: str, what, dtype: str):
     import jax
     import jax.numpy as jnp
 
-    from lragent_jax.model import init_params
+    from lragent_jax.model import init_params, tiny_byte_params
     from lragent_jax.tokenizer import ByteTokenizer
     from train.loop import BaseModel
 
     jdtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[dtype]
     if kind == "preset":
         if what == ModelConfig.tiny_byte():  # exactly the weights python -m eval --model tiny has
-            params = init_params(jax.random.key(0), what, jdtype)
+            params = tiny_byte_params(jdtype)
         else:
             params = jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(0), what, jdtype)
         return BaseModel(what, params, ByteTokenizer(), f"random:{what.name}")
