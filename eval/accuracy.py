@@ -14,7 +14,7 @@ from lragent_jax.tasks.scoring import aggregate, score_episode
 def run_accuracy(model, task, *, workflow=None, split: str = "test", questions: int = 16,
                  modes: Sequence = ALL_MODES, seeds: Sequence[int] = (0,),
                  temperature: float = 0.0, top_p: float = 1.0, batch: int = 16,
-                 capacity: int = 2048, prefill_chunk: int = 512, min_chunk_bucket: int = 64,
+                 capacity: int = 2048, prefill_chunk: int | None = None, min_chunk_bucket: int = 64,
                  log=print, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run ``questions`` test questions per mode and seed; exact-match accuracy with standard error
     (clustered by question over seeds), per level, share unfinished, and per-mode cost counters

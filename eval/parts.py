@@ -258,7 +258,7 @@ def _run_rollout(ctx: RunContext) -> dict:
             bar.update(i, note=mode)
             records, counts, overflow, total = run_episodes_of_mode(
                 model, workflow, [question], mode, batch=1, capacity=args.capacity,
-                prefill_chunk=512, seed=0, min_chunk_bucket=args.min_bucket, temperature=0.0,
+                prefill_chunk=None, seed=0, min_chunk_bucket=args.min_bucket, temperature=0.0,
                 top_p=1.0)
             if overflow:
                 bar.print(f"  {mode}: the episode filled the {args.capacity}-position cache and "

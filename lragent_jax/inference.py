@@ -78,19 +78,36 @@ def _fuse_gate_up(gate, up, m: int):
     return jnp.concatenate([gate.reshape(d, m, -1), up.reshape(d, m, -1)], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("m", "head_dim", "layers"))
+# One small program per leaf shape, called once per layer with the layer index as an argument
+# (a program returning all L slices at once takes seconds to compile on a CPU).
+@functools.partial(jax.jit, static_argnames=("m", "head_dim"))
+def _layer_qkv(q, k, v, index, *, m, head_dim):
+    take = functools.partial(jax.lax.dynamic_index_in_dim, index=index, keepdims=False)
+    return _fuse_qkv(take(q), take(k), take(v), m, head_dim)
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def _layer_gate_up(gate, up, index, *, m):
+    take = functools.partial(jax.lax.dynamic_index_in_dim, index=index, keepdims=False)
+    return _fuse_gate_up(take(gate), take(up), m)
+
+
+@jax.jit
+def _layer_slice(x, index):
+    return jax.lax.dynamic_index_in_dim(x, index, keepdims=False)
+
+
 def _split_qkv(q, k, v, *, m, head_dim, layers):
-    return tuple(_fuse_qkv(q[i], k[i], v[i], m, head_dim) for i in range(layers))
+    return tuple(_layer_qkv(q, k, v, jnp.int32(i), m=m, head_dim=head_dim)
+                 for i in range(layers))
 
 
-@functools.partial(jax.jit, static_argnames=("m", "layers"))
 def _split_gate_up(gate, up, *, m, layers):
-    return tuple(_fuse_gate_up(gate[i], up[i], m) for i in range(layers))
+    return tuple(_layer_gate_up(gate, up, jnp.int32(i), m=m) for i in range(layers))
 
 
-@functools.partial(jax.jit, static_argnames=("layers",))
 def _split(x, *, layers):
-    return tuple(x[i] for i in range(layers))
+    return tuple(_layer_slice(x, jnp.int32(i)) for i in range(layers))
 
 
 def to_inference_params(params: dict, config: ModelConfig, *, shards: int = 1,
@@ -261,25 +278,40 @@ def unfuse_adapters(params: dict, config: ModelConfig, *, donate: bool = False) 
     return {**params, "layers": tuple(layers)}
 
 
+@functools.partial(jax.jit, static_argnames=("config", "lora", "groups"))
+def _appended_match(layer, stacked_a, index, *, config, lora, groups):
+    """Per fused group of one layer: whether its appended columns equal the adapters' A."""
+    widths = base_widths(config, _shards(layer))
+    layer_a = {m: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
+               for m, a in stacked_a.items()}
+    out = {}
+    for group in groups:
+        got = layer[group][..., widths[group]:]
+        got = got[..., 0, :] if got.ndim == 3 else got
+        want = _concat_a(layer_a, lora, group)
+        out[group] = (jnp.array(False) if want is None or got.shape != want.shape else
+                      jnp.allclose(got.astype(F32), want.astype(got.dtype).astype(F32)))
+    return out
+
+
 def check_fused_adapters(params: dict, config: ModelConfig, adapters: dict | None,
                          lora: LoraConfig | None) -> None:
     """Refuse params whose appended A columns are not these adapters' A (first and last layer)."""
     groups = fused_groups(params, config)
     if not groups or adapters is None:
         return
+    stacked_a = {m: adapters[m]["a"] for m in lora.targets}
     for index in sorted({0, config.num_layers - 1}):
         layer = params["layers"][index]
-        widths = base_widths(config, _shards(layer))
-        for group in groups:
-            want = _group_a(adapters, lora, group, index)
-            got = layer[group][..., widths[group]:]
-            got = got[..., 0, :] if got.ndim == 3 else got
-            if want is None or got.shape != want.shape or not bool(jnp.allclose(
-                    got.astype(jnp.float32), want.astype(got.dtype).astype(jnp.float32))):
-                raise ValueError(
-                    f"these params carry the A matrices of other adapters (group {group!r}, "
-                    f"layer {index}): use inference.fuse_adapters(params, config, adapters, lora) "
-                    "or the Model these adapters were attached to")
+        match = jax.device_get(_appended_match(
+            {g: layer[g] for g in GROUPS}, stacked_a, jnp.int32(index), config=config, lora=lora,
+            groups=tuple(sorted(groups))))
+        bad = sorted(g for g, ok in match.items() if not ok)
+        if bad:
+            raise ValueError(
+                f"these params carry the A matrices of other adapters (group {bad[0]!r}, "
+                f"layer {index}): use inference.fuse_adapters(params, config, adapters, lora) "
+                "or the Model these adapters were attached to")
 
 
 # ----------------------------------------------------------------------------- prepared adapters
@@ -510,6 +542,14 @@ def inference_param_bytes(params: dict) -> int:
                    for x in jax.tree.leaves(params)))
 
 
+def _host_gather(x, index) -> np.ndarray:
+    """float32 values of ``x`` at an index tuple: numpy for host arrays (no compilation), a small
+    gather on the device otherwise."""
+    if isinstance(x, jax.Array) and not all(d.platform == "cpu" for d in x.devices()):
+        return np.asarray(jax.device_get(x[index]), np.float32)
+    return np.asarray(np.asarray(x)[index], np.float32)
+
+
 def training_layout_views(params: dict, config: ModelConfig) -> dict:
     """The stacked (training-layout) tensors of inference-layout params as lazy views, without
     copying the weights: name ("layers/q", ...) -> (stacked shape, take), where ``take(index)``
@@ -527,8 +567,7 @@ def training_layout_views(params: dict, config: ModelConfig) -> dict:
             for layer in np.unique(index[0]):
                 rows = np.flatnonzero(index[0] == layer)
                 at = coords(*(i[rows] for i in index[1:]))
-                x = layers[layer][name]
-                values[rows] = np.asarray(jax.device_get(x[at]), np.float32)
+                values[rows] = _host_gather(layers[layer][name], at)
             return values
         return take
 
@@ -537,8 +576,7 @@ def training_layout_views(params: dict, config: ModelConfig) -> dict:
             return gather(name, lambda c: (c // width, offset + c % width))
         return gather(name, lambda d, c: (d, c // width, offset + c % width))  # [D, m, C]
 
-    out = {k: (tuple(v.shape), lambda index, x=v: np.asarray(jax.device_get(x[index]),
-                                                          np.float32))
+    out = {k: (tuple(v.shape), lambda index, x=v: _host_gather(x, index))
            for k, v in params.items() if k != "layers"}
     out["layers/attn_norm"] = ((L, D), gather("attn_norm", lambda c: (c,)))
     out["layers/mlp_norm"] = ((L, D), gather("mlp_norm", lambda c: (c,)))

@@ -155,6 +155,16 @@ def default_decode_block(params: dict) -> int:
     return 1 if weight_bytes > 2e9 else 8
 
 
+def default_prefill_chunk(min_chunk_bucket: int) -> int:
+    """Tokens per prefill step when a session is not told: on a CPU the smallest chunk bucket, so
+    every turn of a session is one compiled program (compiling a many-layer turn takes seconds
+    there, and a CPU gains nothing from longer steps); 512 on an accelerator, whose matmuls want
+    long chunks."""
+    if jax.default_backend() == "cpu":
+        return 1 << max(0, int(min_chunk_bucket) - 1).bit_length()
+    return 512
+
+
 class Session:
     """B trajectories, A agents, one cache of a sharing mode.
 
@@ -171,7 +181,8 @@ class Session:
       cache_dtype: float32, bfloat16 or float16 (default: the params' dtype).
       attn_impl: attention implementation (None: chosen per call shape and platform).
       prefill_chunk: tokens per prefill step inside a turn (a power of two; bounds attention
-        memory).
+        memory; None: ``default_prefill_chunk``). At or below ``min_chunk_bucket``, every turn runs
+        one compiled program, whatever its chunk length.
       min_chunk_bucket: smallest padded chunk length (fewer distinct compilations when larger;
         chunks longer than ``prefill_chunk`` share one compilation whatever their length).
       min_new_bucket: smallest output buffer of a turn (the decode loop stops at each row's limit,
@@ -192,7 +203,7 @@ class Session:
     def __init__(self, config: ModelConfig, params: dict, tokenizer, *, adapters: dict | None = None,
                  lora: LoraConfig | None = None, mode: str | ShareMode = "base_lowrank_shared",
                  batch: int = 1, capacity: int = 2048, cache_dtype=None,
-                 attn_impl: str | None = None, prefill_chunk: int = 512, seed: int = 0,
+                 attn_impl: str | None = None, prefill_chunk: int | None = None, seed: int = 0,
                  cache_sharding: Mapping | None = None, min_chunk_bucket: int = 16,
                  min_new_bucket: int = 8, decode_block: int | None = None):
         self.mode = ShareMode.parse(mode)
@@ -206,8 +217,9 @@ class Session:
         if capacity > config.max_position_embeddings:
             raise ValueError(f"capacity {capacity} exceeds the model's position limit "
                              f"max_position_embeddings={config.max_position_embeddings}")
-        self.prefill_chunk = _power_of_two("prefill_chunk", prefill_chunk)
         self.min_chunk_bucket = _positive_int("min_chunk_bucket", min_chunk_bucket)
+        self.prefill_chunk = _power_of_two("prefill_chunk", default_prefill_chunk(
+            self.min_chunk_bucket) if prefill_chunk is None else prefill_chunk)
         self.min_new_bucket = _positive_int("min_new_bucket", min_new_bucket)
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an int >= 0; got {seed!r}")
@@ -483,9 +495,10 @@ class Session:
     def _chunk_bucket(self, longest: int) -> int:
         """Padded chunk width of a turn: the next power of two (at least ``min_chunk_bucket``) up to
         ``prefill_chunk``; above it one width for every long chunk (the capacity rounded up to
-        ``prefill_chunk``), whose prefill runs only the steps the longest row needs."""
+        ``prefill_chunk``), whose prefill runs only the steps the longest row needs. With
+        ``prefill_chunk <= min_chunk_bucket`` every chunk takes that one width."""
         width = bucket(longest, self.min_chunk_bucket)
-        if width <= self.prefill_chunk:
+        if width <= self.prefill_chunk and self.prefill_chunk > self.min_chunk_bucket:
             return width
         return -(-self.capacity // self.prefill_chunk) * self.prefill_chunk
 
