@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=16, help="rollout rows per data group")
     p.add_argument("--episodes", type=int, default=64, help="timed rollout episodes per data group")
     p.add_argument("--length", type=int, default=8192, help="tokens of each rollout episode")
-    p.add_argument("--mode", default="base_lowrank_shared", help="cache-sharing mode of the rollout")
+    p.add_argument("--mode", default="base_lowrank_shared",
+                   help="cache-sharing mode of the rollout")
     p.add_argument("--train-case", default="llama-3.1-8b:8:4096:1:dots",
                    help="MODEL:RANK:SEQ:ROWS:REMAT of train.benchmark, ROWS per data group")
     p.add_argument("--train-meshes", type=_meshes, default=None,

@@ -23,6 +23,11 @@ With adapters attached (``fuse_adapters``), each group's A matrices are appended
 columns (for q|k|v and gate|up only when m = 1), so x·A comes out of the base matmul at no extra
 kernel; the bare model ignores those columns.
 
+On a mesh (the one ``jax.set_mesh`` sets around the traced call, as ``Session(mesh=...)`` does),
+the weights split by ``sharding.inference_param_specs``, each layer's cache write and attention
+run once per (data, model) shard (``sharding.attention_per_shard``), and the activations are kept
+split by rows and by shard; without one, nothing changes.
+
 Prepared adapters (``prepare_adapters``, per layer, built once per session from the stacked
 adapter pytree): for each projection group ("qkv", "o", "gate_up", "down") with adapted modules,
 ``a`` [Din, Σ Rm] (the group's A matrices side by side; Rm = R with shared A, A·R with one A per

@@ -218,8 +218,8 @@ class Session:
             raise ValueError(f"attn_impl={attn_impl!r}; allowed: None or {IMPLEMENTATIONS}")
         self.config, self.tokenizer = config, tokenizer
         if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-            raise ValueError(f"mesh must be a jax.sharding.Mesh (lragent_jax.sharding.make_mesh) or "
-                             f"None; got {type(mesh).__name__}")
+            raise ValueError(f"mesh must be a jax.sharding.Mesh (lragent_jax.sharding.make_mesh) "
+                             f"or None; got {type(mesh).__name__}")
         self.mesh = mesh
         if mesh is not None:
             params = sharding.shard_inference_params(params, config, mesh)

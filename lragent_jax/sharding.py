@@ -148,8 +148,9 @@ def inference_param_specs(params: dict, config, mesh: Mesh) -> dict:
     m = _check_model_axis(config, mesh)
     layer_m = params["layers"][0]["qkv"].shape[1]
     if layer_m != m:
-        raise ValueError(f"these params are laid out for {layer_m} model shard(s); the mesh's model "
-                         f"axis has {m}: use shard_inference_params, which lays them out again")
+        raise ValueError(f"these params are laid out for {layer_m} model shard(s); the mesh's "
+                         f"model axis has {m}: use shard_inference_params, which lays them out "
+                         "again")
     model = MODEL if m > 1 else None
     vocab = _axis(mesh, MODEL, config.vocab_size)
     per_layer = {"attn_norm": P(), "mlp_norm": P(), "qkv": P(None, model, None),
@@ -225,7 +226,7 @@ def batch_sharding(mesh: Mesh, batch: int, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(_axis(mesh, DATA, batch), *([None] * (ndim - 1))))
 
 
-# ----------------------------------------------------------------------------- inside the jitted turn
+# ----------------------------------------------------------------------------- in the jitted turn
 
 
 def _context_axes(batch: int, heads: tuple[int, ...]):
@@ -248,7 +249,8 @@ def constrain_rows(x):
     mesh, data, _ = _context_axes(x.shape[0], ())
     if data is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(data, *([None] * (x.ndim - 1)))))
+    spec = P(data, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def constrain_shards(x, axis: int):
@@ -303,10 +305,11 @@ def attention_per_shard(body, q, k, v, lowrank, lora_b, adapter_index, cache, pl
         q, k, v, lowrank, lora_b, adapter_index, cache, plan = jax.tree.unflatten(treedef, local)
         if data is not None and cache is not None:
             first = jax.lax.axis_index(data)
+            kv_row, lowrank_row = plan.kv_row, plan.lowrank_row
             plan = dataclasses.replace(
-                plan, kv_row=None if plan.kv_row is None else plan.kv_row - first * cache.k.shape[0],
-                lowrank_row=None if plan.lowrank_row is None
-                else plan.lowrank_row - first * cache.lowrank.shape[0])
+                plan, kv_row=None if kv_row is None else kv_row - first * cache.k.shape[0],
+                lowrank_row=None if lowrank_row is None
+                else lowrank_row - first * cache.lowrank.shape[0])
         out, cache = body(q, k, v, lowrank, lora_b, adapter_index, cache, plan)
         return (out, *jax.tree.leaves(cache))
 

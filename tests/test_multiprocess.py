@@ -136,7 +136,8 @@ ROLLOUT = textwrap.dedent(r"""
         s.turn({row: Turn(agents[(row + step) % 4], append=["T:", "\nA["][step],
                           settings=GenerationSettings(max_new_tokens=5, temperature=temperature,
                                                       seed=row)) for row in range(4)})
-    local_rows = sorted({int(sh.index[0].start or 0) for sh in s.cache.arrays.k[0].addressable_shards})
+    local_rows = sorted({int(sh.index[0].start or 0)
+                         for sh in s.cache.arrays.k[0].addressable_shards})
     json.dump({"process": jax.process_index(), "processes": jax.process_count(),
                "devices": jax.device_count(), "local_devices": jax.local_device_count(),
                "local_cache_rows_start": local_rows, "tokens": s.tokens}, open(out_path, "w"))
