@@ -193,7 +193,11 @@ def gpu_commands() -> str:
                        ("4x2gpu", "--mesh-data 4 --mesh-model 2")):
         lines.append(f"{train} {mesh} --out runs/lc-{name}")
     lines += [f"{m} --compare-loss runs/lc-1gpu runs/lc-8gpu",
-              f"{m} --compare-loss runs/lc-1gpu runs/lc-4x2gpu"]
+              f"{m} --compare-loss runs/lc-1gpu runs/lc-4x2gpu",
+              "# the multi-host code path on one host: one process per GPU (meshes span them all)",
+              f"for i in 0 1; do CUDA_VISIBLE_DEVICES=$i {m} --parts decode,train --meshes 2x1,1x2 "
+              f"--train-meshes 2x1,1x2 --coordinator 127.0.0.1:12356 --num-processes 2 "
+              f"--process-id $i --out {out}/2gpu-8b-2processes.json & done; wait"]
     return "\n".join(lines)
 
 
@@ -334,6 +338,10 @@ def _mesh(data: int, model: int):
     if need > jax.device_count():
         raise ValueError(f"mesh {data}x{model} needs {need} devices; {jax.device_count()} "
                          "available")
+    if jax.process_count() > 1 and need != jax.device_count():
+        raise ValueError(f"mesh {data}x{model} uses {need} of the {jax.device_count()} devices; "
+                         f"with {jax.process_count()} processes every mesh must span all devices "
+                         "(each process runs every computation)")
     return sharding.make_mesh(data=data, model=model, devices=jax.devices()[:need])
 
 
