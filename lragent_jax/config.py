@@ -174,6 +174,11 @@ class ModelConfig:
                    eos_token_ids=(128001, 128008, 128009))
 
     @classmethod
+    def llama3_1_70b(cls) -> "ModelConfig":
+        return cls.llama3_1_8b().replace(name="llama-3.1-70b", hidden_size=8192,
+                                         intermediate_size=28672, num_layers=80, num_heads=64)
+
+    @classmethod
     def llama3_2_1b(cls) -> "ModelConfig":
         return cls(name="llama-3.2-1b", vocab_size=128256, hidden_size=2048,
                    intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -354,6 +359,7 @@ def _unsupported_hf_features(cfg: dict) -> list[str]:
 PRESETS = {
     "smollm2_135m": ModelConfig.smollm2_135m,
     "llama3_1_8b": ModelConfig.llama3_1_8b,
+    "llama3_1_70b": ModelConfig.llama3_1_70b,
     "llama3_2_1b": ModelConfig.llama3_2_1b,
     "llama2_7b": ModelConfig.llama2_7b,
     "qwen2_0_5b": ModelConfig.qwen2_0_5b,

@@ -23,6 +23,11 @@ With adapters attached (``fuse_adapters``), each group's A matrices are appended
 columns (for q|k|v and gate|up only when m = 1), so x·A comes out of the base matmul at no extra
 kernel; the bare model ignores those columns.
 
+On a mesh (the one ``jax.set_mesh`` sets around the traced call, as ``Session(mesh=...)`` does),
+the weights split by ``sharding.inference_param_specs``, each layer's cache write and attention
+run once per (data, model) shard (``sharding.attention_per_shard``), and the activations are kept
+split by rows and by shard; without one, nothing changes.
+
 Prepared adapters (``prepare_adapters``, per layer, built once per session from the stacked
 adapter pytree): for each projection group ("qkv", "o", "gate_up", "down") with adapted modules,
 ``a`` [Din, Σ Rm] (the group's A matrices side by side; Rm = R with shared A, A·R with one A per
@@ -46,6 +51,7 @@ from lragent_jax.cache import CacheArrays, ChunkPlan, write_layer
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.lora import cache_view
 from lragent_jax.model import F32, apply_rope, rms_norm, rope_inv_freq
+from lragent_jax.sharding import attention_per_shard, constrain_rows, constrain_shards
 from pallas_kernels.flash_lora_attention import flash_lora_attention
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -391,12 +397,14 @@ def _group_adapter(h, xa, entry, lora: LoraConfig, group: str, factored_v: bool,
     if with_b:
         masked = jnp.concatenate([_masked_lowrank(pieces[m], onehot, lora) for m in with_b],
                                  axis=-1)
-        delta = jnp.einsum("btr,ro->bto", masked, entry["b"].astype(h.dtype),
-                           preferred_element_type=F32)
+        # replicated over the model axis: its columns are q | v side by side (not per shard), so
+        # a split of them would not line up with the heads they are added to
+        delta = constrain_rows(jnp.einsum("btr,ro->bto", masked, entry["b"].astype(h.dtype),
+                                          preferred_element_type=F32))
         offset = 0
         for m in with_b:
             width = config.module_dims(m)[1]
-            deltas[m] = delta[..., offset:offset + width]
+            deltas[m] = constrain_rows(delta[..., offset:offset + width])
             offset += width
     return pieces, deltas
 
@@ -418,6 +426,23 @@ def _add(base, deltas, name):
     return base if name not in deltas else (base.astype(F32) + deltas[name]).astype(base.dtype)
 
 
+def _write_and_attend(q, k, v, lowrank, lora_b, adapter_index, cache, plan, *, attn_impl,
+                      kv_indirect: bool, lowrank_indirect: bool):
+    """Write a chunk's entries into one layer's cache and attend over it (or, without a cache,
+    over the chunk itself); returns (attention output [B, T, N, H], cache)."""
+    if cache is None:
+        return flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index,
+                                    kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
+                                    implementation=attn_impl), None
+    cache = write_layer(cache, plan, k, v, lowrank)
+    attn = flash_lora_attention(
+        q, cache.k, cache.v, cache.lowrank if lora_b is not None else None, lora_b,
+        adapter_index, kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
+        implementation=attn_impl, kv_index=plan.kv_row if kv_indirect else None,
+        lowrank_index=plan.lowrank_row if (lora_b is not None and lowrank_indirect) else None)
+    return attn, cache
+
+
 def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, factored_v: bool,
            onehot, onehot_clipped, adapter_index, plan: ChunkPlan, inv_freq, attn_impl,
            kv_indirect: bool, lowrank_indirect: bool):
@@ -437,7 +462,7 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
         return out, None
 
     h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-    qkv, xa = split(jnp.einsum("btd,dmc->btmc", h, lp["qkv"]), "qkv")
+    qkv, xa = split(constrain_shards(jnp.einsum("btd,dmc->btmc", h, lp["qkv"]), 2), "qkv")
     if "qkv_bias" in lp:
         qkv = qkv + lp["qkv_bias"].astype(qkv.dtype)
     q = qkv[..., :nq].reshape(B, T, N * H)
@@ -454,19 +479,11 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
     k = apply_rope(k.reshape(B, T, K, H), plan.positions, inv_freq)
     v = v.reshape(B, T, K, H)
 
-    if cache is not None:
-        cache = write_layer(cache, plan, k, v, lowrank)
-        attn = flash_lora_attention(
-            q, cache.k, cache.v, cache.lowrank if lora_b is not None else None, lora_b,
-            adapter_index if lora_b is not None else None, kv_lengths=plan.kv_lengths,
-            q_offset=plan.q_offset, implementation=attn_impl,
-            kv_index=plan.kv_row if kv_indirect else None,
-            lowrank_index=plan.lowrank_row if (lora_b is not None and lowrank_indirect) else None)
-    else:
-        attn = flash_lora_attention(q, k, v, lowrank, lora_b,
-                                    adapter_index if lora_b is not None else None,
-                                    kv_lengths=plan.kv_lengths, q_offset=plan.q_offset,
-                                    implementation=attn_impl)
+    # once per (data, model) shard on a mesh (a Pallas call is not partitioned by GSPMD)
+    attn, cache = attention_per_shard(
+        functools.partial(_write_and_attend, attn_impl=attn_impl, kv_indirect=kv_indirect,
+                          lowrank_indirect=lowrank_indirect),
+        q, k, v, lowrank, lora_b, adapter_index if lora_b is not None else None, cache, plan)
 
     attn = attn.reshape(B, T, N * H)
     o, xa = split(jnp.einsum("btc,cd->btd", attn, lp["o"]), "o")
@@ -475,7 +492,8 @@ def _layer(x, lp, la, cache, *, config: ModelConfig, lora: LoraConfig | None, fa
         o = _add(o, deltas, "o")
     x = x + o
     h = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    gu, xa = split(jnp.einsum("btd,dmc->btmc", h, lp["gate_up"]), "gate_up")
+    gu, xa = split(constrain_shards(jnp.einsum("btd,dmc->btmc", h, lp["gate_up"]), 2),
+                   "gate_up")
     half = config.intermediate_size // m
     gate = gu[..., :half].reshape(B, T, config.intermediate_size)
     up = gu[..., half:].reshape(B, T, config.intermediate_size)
@@ -517,7 +535,7 @@ def forward_layers(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
     if adapters is not None and len(adapters) != config.num_layers:
         raise ValueError(f"prepared adapters have {len(adapters)} layers; the model has "
                          f"{config.num_layers}")
-    x = jnp.take(params["embed"], tokens, axis=0)
+    x = constrain_rows(jnp.take(params["embed"], tokens, axis=0))
     onehot = onehot_clipped = None
     if adapters is not None:
         onehot = agent_onehot(adapter_index, lora.num_agents, x.dtype)

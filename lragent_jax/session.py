@@ -12,6 +12,7 @@ output, they are rolled back to the tokens kept, and later turns simply overwrit
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
@@ -28,6 +29,7 @@ from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.generate import TurnInputs, TurnShape, bucket, run_turn
 from lragent_jax.inference import (check_fused_adapters, fuse_adapters, fused_groups,
                                    prepare_adapters, to_inference_params)
+from lragent_jax import sharding
 from lragent_jax.lora import NO_ADAPTER, cache_view, validate_adapters
 from lragent_jax.stops import stop_index
 from pallas_kernels.flash_lora_attention.api import IMPLEMENTATIONS
@@ -191,6 +193,13 @@ class Session:
         ``default_decode_block``).
       seed: PRNG seed for sampling rows whose settings carry no seed of their own.
       cache_sharding: optional leaf name -> Sharding for the cache (multi-device).
+      mesh: a (data, model) ``jax.sharding.Mesh`` (``sharding.make_mesh``) to run on: the weights
+        are laid out and placed for it (``sharding.shard_inference_params``; pass a
+        ``sharding.shard_model`` model's params to share one copy), the cache by
+        ``sharding.cache_shardings`` unless ``cache_sharding`` says otherwise, rows over ``data``
+        and heads over ``model``, and every turn runs with the mesh set, so attention runs once
+        per shard. Several processes (``sharding.initialize_distributed``) each run the same
+        session on the same inputs.
 
     Failure: a turn either completes or leaves the token logs and counters exactly as they were.
     If it fails inside the compiled call after the donated cache was consumed (e.g. a device
@@ -205,7 +214,7 @@ class Session:
                  batch: int = 1, capacity: int = 2048, cache_dtype=None,
                  attn_impl: str | None = None, prefill_chunk: int | None = None, seed: int = 0,
                  cache_sharding: Mapping | None = None, min_chunk_bucket: int = 16,
-                 min_new_bucket: int = 8, decode_block: int | None = None):
+                 min_new_bucket: int = 8, decode_block: int | None = None, mesh=None):
         self.mode = ShareMode.parse(mode)
         if (adapters is None) != (lora is None):
             raise ValueError("pass adapters together with their LoraConfig (or neither)")
@@ -226,11 +235,19 @@ class Session:
         if attn_impl is not None and attn_impl not in IMPLEMENTATIONS:
             raise ValueError(f"attn_impl={attn_impl!r}; allowed: None or {IMPLEMENTATIONS}")
         self.config, self.tokenizer = config, tokenizer
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise ValueError(f"mesh must be a jax.sharding.Mesh (lragent_jax.sharding.make_mesh) "
+                             f"or None; got {type(mesh).__name__}")
+        self.mesh = mesh
+        if mesh is not None:
+            params = sharding.shard_inference_params(params, config, mesh)
         params = to_inference_params(params, config)
         if adapters is not None and fused_groups(params, config):
             check_fused_adapters(params, config, adapters, lora)
         elif adapters is not None:
             params = fuse_adapters(params, config, adapters, lora)  # this session's own copy
+            if mesh is not None:
+                params = sharding.shard_inference_params(params, config, mesh)
         self.params = params
         self.adapters, self.lora = adapters, lora
         self.num_agents = lora.num_agents if lora is not None else 1
@@ -242,6 +259,10 @@ class Session:
                                           factored_v=self.mode.factored_v,
                                           dtype=self.params["embed"].dtype,
                                           fused=fused_groups(self.params, config))
+        if mesh is not None:
+            self._prepared = sharding.replicate(self._prepared, mesh)
+            if cache_sharding is None:
+                cache_sharding = sharding.cache_shardings(self.spec, mesh)
         self.attn_impl = attn_impl
         self.decode_block = (default_decode_block(self.params) if decode_block is None
                              else _positive_int("decode_block", decode_block))
@@ -478,9 +499,10 @@ class Session:
                           decode_block=self.decode_block)
         t0 = time.perf_counter()
         try:
-            cache, *outputs = run_turn(self.params, self._prepared, self.cache, inputs,
-                                       shape=shape)
-            outputs = jax.device_get(outputs)
+            with self._on_mesh():
+                cache, *outputs = run_turn(self.params, self._prepared, self.cache, inputs,
+                                           shape=shape)
+            outputs = sharding.fetch(outputs)
         except BaseException:
             self._recover_cache()
             raise
@@ -491,6 +513,10 @@ class Session:
         if scoring:
             return self._finish_scoring(plans, outputs[1])
         return self._finish_generation(turns, plans, inputs.chunk_len, *outputs)
+
+    def _on_mesh(self):
+        """The session's mesh set for a traced call (attention then runs per shard)."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def _chunk_bucket(self, longest: int) -> int:
         """Padded chunk width of a turn: the next power of two (at least ``min_chunk_bucket``) up to
@@ -547,8 +573,9 @@ class Session:
                               max_new_bucket=0, attn_impl=self.attn_impl,
                               decode_block=self.decode_block)
             try:
-                cache, _, _ = run_turn(self.params, self._prepared, self.cache, inputs,
-                                       shape=shape)
+                with self._on_mesh():
+                    cache, _, _ = run_turn(self.params, self._prepared, self.cache, inputs,
+                                           shape=shape)
                 jax.block_until_ready(cache)
             except BaseException:
                 self._recover_cache()
@@ -606,7 +633,7 @@ class Session:
             h[:n] = hidden[row, first:first + n]
             padded = np.zeros(len(h), np.int32)
             padded[:n] = plan.scored
-            logprobs, match = jax.device_get(_score_positions(self.params, h, padded,
+            logprobs, match = sharding.fetch(_score_positions(self.params, h, padded,
                                                               config=self.config))
             self._history[row].append((plan.start, plan.total, plan.agent))
             self.processed[row, plan.view] = plan.total

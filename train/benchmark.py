@@ -31,10 +31,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
+from lragent_jax.sharding import param_specs
 from train.cli import _preset_key, int_in
 from train.data import Batch
 from train.loop import (DEFAULT_TARGETS, Phase, Placement, TrainConfig, step_functions,
@@ -117,15 +119,23 @@ def matmul_peak(size: int = 8192, repeats: int = 20) -> float:
     return 2.0 * size ** 3 / statistics.median(times)
 
 
-def run_case(case: Case, steps: int, peak: float) -> dict:
-    config = ModelConfig.preset(_preset_key(case.model) or case.model)
+def run_case(case: Case, steps: int, peak: float, placement: Placement | None = None,
+             config: ModelConfig | None = None) -> dict:
+    """One case on ``placement`` (default: data-parallel over every device); ``config`` instead of
+    the case's preset (tiny shapes for CPU runs). The base weights are made where they live."""
+    config = config or ModelConfig.preset(_preset_key(case.model) or case.model)
     train_config = TrainConfig(rank=case.rank, alpha=2.0 * case.rank, targets=DEFAULT_TARGETS,
                                remat=case.remat, batch_size=case.batch, max_len=case.seq)
     lora = train_config.lora
-    placement = Placement()
+    placement = placement or Placement()
     started = time.perf_counter()
-    params = jax.jit(init_params, static_argnums=(1, 2))(jax.random.key(0), config, jnp.bfloat16)
-    params = placement.params(params, config)
+    shardings = placement.replicated  # where placement.params puts the weights
+    if placement.mesh.shape["model"] > 1:
+        shardings = jax.tree.map(lambda s: NamedSharding(placement.mesh, s),
+                                 param_specs(config, placement.mesh),
+                                 is_leaf=lambda s: isinstance(s, P))
+    params = jax.jit(init_params, static_argnums=(1, 2), out_shardings=shardings)(
+        jax.random.key(0), config, jnp.bfloat16)
     adapters = placement.replicate(jax.jit(init_adapters, static_argnums=(1, 2),
                                            static_argnames="b_scale")(
         jax.random.key(1), config, lora, b_scale=0.01))

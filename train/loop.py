@@ -338,7 +338,8 @@ class StepFunctions:
         self.accumulate = jax.jit(accumulate, donate_argnums=0,
                                   out_shardings=(adapter_sharding, None, None))
         self.apply = jax.jit(apply, donate_argnums=(0, 1))
-        self.evaluate = jax.jit(evaluate)
+        # per-row results replicated: with several processes each one reads every row
+        self.evaluate = jax.jit(evaluate, out_shardings=adapter_sharding)
 
 
 @functools.lru_cache(maxsize=8)
