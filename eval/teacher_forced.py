@@ -139,7 +139,7 @@ def run_scienceqa(ctx) -> dict:
     import argparse
 
     from eval.common import load_eval_model
-    from lragent_jax.tasks.kb import load_role_files
+    from lragent_jax.tasks.scienceqa import load_role_files
     from train.data import split_validation
 
     args, modes = ctx.args, ctx.modes

@@ -195,7 +195,7 @@ def test_errors_while_running_are_one_line_and_keep_the_folder(tmp_path, capsys)
                      "--out", str(out), "--compilation-cache", "off"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: GGUF file not found") and "missing.gguf" in err
+    assert err.startswith("error: model not found") and "missing.gguf" in err
     assert "Traceback" not in err
     assert _results(out)["status"] == "failed"
     empty = tmp_path / "empty.json"
@@ -333,7 +333,9 @@ def test_adapters_attach_without_reloading_the_base_model(tmp_path):
     params = init_params(jax.random.key(1), cfg)
     model = Model(config=cfg, params=params, tokenizer=ByteTokenizer())
     assert model.load_adapters(tmp_path / "ad") is model
-    assert model.params is params and model.lora.rank == 4  # same base weights, adapters on
+    # same base weights (not reloaded: untouched leaves are the very same arrays), adapters on;
+    # the fused projections gain the adapters' A columns
+    assert model.params["embed"] is params["embed"] and model.lora.rank == 4
     before = model.logits([[1, 2, 3]], agent="plan")
     assert before.shape == (1, 3, cfg.vocab_size)
     # the shipped adapters are found from any working directory, and refuse the wrong model

@@ -22,10 +22,10 @@ def test_help_documents_every_option():
             assert flag in proc.stdout
         assert action.help, f"{action.option_strings} has no help"
     for words in ("--variant", "joint", "frozen", "independent", "--resume", "--mesh-model",
-                  "--random-weights", "loss.png", "Default: mixed", "about a minute on a 2-core",
+                  "--random-weights", "loss.png", "Default: auto = mixed", "about a minute on a 2-core",
                   "tokens/s", "--valid-samples", "Ctrl-C"):
         assert words in " ".join(proc.stdout.split()), words
-    assert build_parser().parse_args([]).view == "mixed"
+    assert build_parser().parse_args([]).view == "auto"
 
 
 @pytest.fixture

@@ -118,15 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=("drop", "truncate"), default=d.overlong,
                    help="samples longer than --max-len: drop them, or cut the start of the prompt;"
                         " the count is always reported (default: %(default)s)")
-    g.add_argument("--view", choices=("agent", "shared", "mixed"), default="mixed",
+    g.add_argument("--view", choices=("auto", "agent", "shared", "mixed"), default="auto",
                    help="what each role's prompt looks like in training: agent = every token "
                         "through the role's own adapter (the non-shared cache's view), shared = "
                         "each prompt token through the agent that would prefill it with a shared "
                         "cache (the base+low-rank shared view; needs samples with writers, as the "
-                        "built-in task's), mixed = half the samples each way. Default: mixed, "
-                        "what the shipped adapters use and what keeps base+LR sharing as "
-                        "accurate as non-shared (agent-view adapters lose accuracy when the cache "
-                        "is shared)"),
+                        "built-in task's and published ScienceQA files'), mixed = half the samples "
+                        "each way (what the shipped adapters use and what keeps base+LR sharing as "
+                        "accurate as non-shared; agent-view adapters lose accuracy when the cache "
+                        "is shared). Default: auto = mixed when every training sample records its "
+                        "writers, else agent (the run says which it chose)"),
     g.add_argument("--bucket-multiple", type=int_in(1), default=d.bucket_multiple,
                    help="padded lengths are multiples of this (default: %(default)s)")
     g.add_argument("--bucket-ratio", type=float_in(1, low_open=True), default=d.bucket_ratio,

@@ -172,6 +172,19 @@ def writer_problem(sample: Mapping[str, Any], agents: Sequence[str]) -> str | No
     return None
 
 
+def auto_view(samples: Mapping[str, Sequence[Mapping[str, Any]]],
+              agents: Sequence[str]) -> tuple[str, str]:
+    """The view ``--view auto`` trains with, and why: "mixed" when every sample records who wrote
+    each part of its prompt (the shared half needs that), else "agent"."""
+    for role, items in samples.items():
+        for i, sample in enumerate(items):
+            problem = writer_problem(sample, agents)
+            if problem is not None:
+                return "agent", (f"{role} sample {i}: {problem}; the shared and mixed views need "
+                                 "writers for every sample")
+    return "mixed", "every sample records its writers"
+
+
 def _check_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], agents: Sequence[str],
                    view: str) -> None:
     problems = {}

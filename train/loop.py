@@ -138,8 +138,8 @@ class TrainConfig:
             raise ValueError("the frozen variant needs at least two agents")
         if self.overlong not in ("drop", "truncate"):
             raise ValueError(f"overlong must be 'drop' or 'truncate'; got {self.overlong!r}")
-        if self.view not in data_lib.VIEWS:
-            raise ValueError(f"view must be one of {data_lib.VIEWS}; got {self.view!r}")
+        if self.view not in data_lib.VIEWS + ("auto",):
+            raise ValueError(f"view must be one of {data_lib.VIEWS + ('auto',)}; got {self.view!r}")
         self.lora  # validates targets and agents
 
     @property
@@ -654,6 +654,10 @@ def _train(config: TrainConfig, base: BaseModel, train_samples, valid_samples, r
         if not run.resume:
             check_fresh_folder(out_dir, run.overwrite)
 
+    if config.view == "auto":
+        view, reason = data_lib.auto_view(train_samples, config.agents)
+        _say(f"view: {view} ({reason})")
+        config = dataclasses.replace(config, view=view)
     train_examples, train_report = prepare_examples(config, base, train_samples, "train")
     valid_examples, valid_report = (prepare_examples(config, base, valid_samples, "valid")
                                     if valid_samples else ([], None))
