@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
+from lragent_jax.config import ADAPTER_TARGETS, DTYPES, LoraConfig, ModelConfig
 from lragent_jax.loading.integrity import (atomic_write_text, count_nonfinite, failpoint,
                                            is_float_dtype, sha256_file, staging_dir,
                                            swap_into_place)
@@ -54,7 +54,6 @@ HF_MODULES = {
     "down": "mlp.down_proj",
 }
 _FROM_HF = {path.rsplit(".", 1)[1]: module for module, path in HF_MODULES.items()}
-_STORAGE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
 class AdapterFileError(ValueError):
@@ -223,10 +222,9 @@ def save_adapters(folder: str | os.PathLike, adapters: dict, lora: LoraConfig,
     from safetensors.numpy import save_file
 
     validate_adapters(adapters, config, lora)
-    if dtype not in _STORAGE_DTYPES:
-        raise ValueError(f"storage dtype {dtype!r} is not supported; allowed: "
-                         f"{sorted(_STORAGE_DTYPES)}")
-    storage = _STORAGE_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"storage dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+    storage = DTYPES[dtype]
     host = {m: {leaf: np.asarray(x, np.float64) for leaf, x in leaves.items()}
             for m, leaves in adapters.items()}
     bad = [f"{m}/{leaf}: {count_nonfinite(x)} of {x.size}" for m, leaves in host.items()
