@@ -194,10 +194,10 @@ def test_shared_view_without_writers_is_refused():
     with pytest.raises(data_lib.DataError, match=r"--view shared needs to know who wrote .* plan: "
                                                  r"3 of 3 \(first: sample 0: it records no writers"):
         data_lib.tokenize_samples(segmented, CharTokenizer(), agents=ROLES, eos_id=2, max_len=64,
-                                  view="shared")
+                                  data_view="shared")
     for items in segmented.values():
         for s in items:
             s["writers"] = ["env", "critic"]
     with pytest.raises(data_lib.DataError, match=r"its writers \['critic'\] are not agents"):
         data_lib.tokenize_samples(segmented, CharTokenizer(), agents=ROLES, eos_id=2, max_len=64,
-                                  view="mixed")
+                                  data_view="mixed")

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from lragent_jax.config import ADAPTER_TARGETS, PRESETS, ModelConfig
+from lragent_jax.config import ADAPTER_TARGETS, DTYPE_NAMES, DTYPES, PRESETS, ModelConfig
+from train.config import in_range, range_text
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -55,17 +56,15 @@ def int_in(low: int, high: int | None = None):
 def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False,
              high_open: bool = False):
     """argparse type: a finite float in a range (open or closed ends), message naming both."""
-    bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + (
-        "inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
+    bounds = range_text(low, high, low_open=low_open, high_open=high_open)
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
-            and (high is None or (value < high if high_open else value <= high))
-        if not ok:
+        if not (math.isfinite(value)
+                and in_range(value, low, high, low_open=low_open, high_open=high_open)):
             raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {bounds}")
         return value
 
@@ -74,7 +73,7 @@ def float_in(low: float | None = None, high: float | None = None, *, low_open: b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.loop import DEFAULT_TARGETS, REMAT, VARIANTS, TrainConfig
+    from train.config import DEFAULT_TARGETS, REMAT, VARIANTS, TrainConfig
 
     d = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-weights", action="store_true",
                    help="random base weights of a preset's shapes and a byte-level tokenizer "
                         "(speed runs; the adapters learn nothing useful)")
-    g.add_argument("--dtype", default=d.compute_dtype, choices=("bfloat16", "float32", "float16"),
+    g.add_argument("--dtype", default=d.compute_dtype, choices=DTYPE_NAMES,
                    help="compute dtype of the base weights; adapters and optimizer stay float32 "
                         "(default: %(default)s)")
 
@@ -204,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints to keep (default: %(default)s)")
     g.add_argument("--export", default=None, metavar="DIR",
                    help="where to export the final adapters (default: <out>/adapters)")
-    g.add_argument("--export-dtype", choices=("float32", "bfloat16", "float16"),
+    g.add_argument("--export-dtype", choices=DTYPE_NAMES,
                    default="float32", help="storage dtype of the exported adapters "
                                            "(default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int_in(1), default=None,
@@ -282,13 +281,12 @@ def resolve_model(model: str, random_weights: bool) -> tuple[str, object]:
 def load_base(kind: str, what, dtype: str):
     """The base model that ``resolve_model`` named, its weights in ``dtype``."""
     import jax
-    import jax.numpy as jnp
 
     from lragent_jax.model import init_params
     from lragent_jax.tokenizer import ByteTokenizer
     from train.loop import BaseModel
 
-    jdtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[dtype]
+    jdtype = DTYPES[dtype]
     if kind == "preset":
         if what == ModelConfig.tiny_byte():  # exactly the weights python -m eval --model tiny has
             params = init_params(jax.random.key(0), what, jdtype)
@@ -360,7 +358,8 @@ def run(args, argv: list[str]) -> int:
 
     from train.checkpoint import LOCK_FILE, RunLock
     from train.data import DataSpec, load_role_samples
-    from train.loop import RunOptions, TrainConfig, check_fresh_folder, train
+    from train.config import RunOptions, TrainConfig
+    from train.loop import check_fresh_folder, train
 
     config = TrainConfig(
         variant=args.variant, rank=args.rank, alpha=args.alpha, targets=_split(args.targets),
@@ -368,7 +367,8 @@ def run(args, argv: list[str]) -> int:
         grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, adam_b1=args.adam_b1,
-        adam_b2=args.adam_b2, max_len=args.max_len, overlong=args.overlong, view=args.view,
+        adam_b2=args.adam_b2, max_len=args.max_len, overlong=args.overlong,
+        data_view=args.view,
         bucket_multiple=args.bucket_multiple, bucket_ratio=args.bucket_ratio, seed=args.seed,
         compute_dtype=args.dtype, remat=args.remat, max_steps=args.max_steps)
     if args.data != "kb" and not Path(args.data).is_dir():
