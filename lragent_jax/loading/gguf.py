@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp): read, dequantize and convert to our parameter pytree; write for tests.
 
-Tensor names map to HF keys (``GGUF_GLOBAL_NAMES``/``GGUF_LAYER_NAMES``), and from there through the
-same table the HF loader uses, so both formats share one definition of the layout.
+Tensor names map to HF keys (``GGUF_GLOBAL_NAMES``/``GGUF_LAYER_NAMES``), both from the model's leaf
+table (``lragent_jax.model.PARAM_LEAVES``) that the HF loader reads too, so both formats share one
+definition of the layout.
 
 The trap: for the ``llama`` architecture, llama.cpp's converter reorders the rows of the q and k
 projections (weights and biases) so its interleaved RoPE sees pairs (2i, 2i+1) where HF's
@@ -25,11 +26,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from lragent_jax.config import ModelConfig, RopeScaling
+from lragent_jax.config import DTYPES, ModelConfig, RopeScaling
 from lragent_jax.loading.hf import (CheckpointError, assemble_params, check_params, check_tensor,
                                     config_checksum, normalize_dtype, to_hf_tensors)
 from lragent_jax.loading.integrity import (STAGING_MARK, clean_stale_staging, crc32_of,
                                            normal_mode)
+from lragent_jax.model import PARAM_LEAVES, ParamLeaf
 
 # Metadata key of the checksums ``save_gguf`` writes (a JSON string): {"config": sha256 of the
 # model config, "tokenizer": sha256 of the tokenizer.* fields, "tensors": {name: crc32 of the
@@ -39,33 +41,18 @@ CHECKSUMS_KEY = "lragent.checksums"
 # architecture -> whether its q/k rows are stored in llama.cpp's interleaved RoPE order
 ARCHITECTURES = {"llama": True, "qwen2": False}
 
-# GGUF tensor name -> HF key; ``hf.GLOBAL_KEYS``/``hf.LAYER_KEYS`` then give our leaf.
-GGUF_GLOBAL_NAMES = (
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-)
-GGUF_LAYER_NAMES = (
-    ("blk.{layer}.attn_norm.weight", "model.layers.{layer}.input_layernorm.weight"),
-    ("blk.{layer}.ffn_norm.weight", "model.layers.{layer}.post_attention_layernorm.weight"),
-    ("blk.{layer}.attn_q.weight", "model.layers.{layer}.self_attn.q_proj.weight"),
-    ("blk.{layer}.attn_k.weight", "model.layers.{layer}.self_attn.k_proj.weight"),
-    ("blk.{layer}.attn_v.weight", "model.layers.{layer}.self_attn.v_proj.weight"),
-    ("blk.{layer}.attn_output.weight", "model.layers.{layer}.self_attn.o_proj.weight"),
-    ("blk.{layer}.attn_q.bias", "model.layers.{layer}.self_attn.q_proj.bias"),
-    ("blk.{layer}.attn_k.bias", "model.layers.{layer}.self_attn.k_proj.bias"),
-    ("blk.{layer}.attn_v.bias", "model.layers.{layer}.self_attn.v_proj.bias"),
-    ("blk.{layer}.ffn_gate.weight", "model.layers.{layer}.mlp.gate_proj.weight"),
-    ("blk.{layer}.ffn_up.weight", "model.layers.{layer}.mlp.up_proj.weight"),
-    ("blk.{layer}.ffn_down.weight", "model.layers.{layer}.mlp.down_proj.weight"),
-)
+# GGUF tensor name -> HF key, from the model's leaf table (which then gives our leaf)
+GGUF_GLOBAL_NAMES = tuple((leaf.gguf_name, leaf.hf_key) for leaf in PARAM_LEAVES
+                          if not leaf.per_layer)
+GGUF_LAYER_NAMES = tuple((leaf.gguf_name, leaf.hf_key) for leaf in PARAM_LEAVES if leaf.per_layer)
 # llama.cpp's precomputed Llama 3 RoPE frequency factors; read into ``config.rope_scaling``.
 ROPE_FREQS = "rope_freqs.weight"
 
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 _GGUF_TO_HF_GLOBAL = dict(GGUF_GLOBAL_NAMES)
 _GGUF_TO_HF_LAYER = {g.split(".", 2)[2]: h for g, h in GGUF_LAYER_NAMES}
-_HF_TO_GGUF = {h: g for g, h in GGUF_GLOBAL_NAMES + GGUF_LAYER_NAMES}
+_LEAF_OF_HF = {leaf.hf_key: leaf for leaf in PARAM_LEAVES}
+_HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -78,12 +65,23 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def hf_to_gguf_name(key: str) -> str:
-    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", key)
+def _leaf_and_layer(key: str) -> tuple[ParamLeaf, int | None]:
+    """The table's leaf of an HF key (KeyError for keys outside it) and its layer, if any."""
+    match = _HF_LAYER_KEY.match(key)
     if match:
-        template = _HF_TO_GGUF["model.layers.{layer}." + match.group(2)]
-        return template.format(layer=int(match.group(1)))
-    return _HF_TO_GGUF[key]
+        return _LEAF_OF_HF["model.layers.{layer}." + match.group(2)], int(match.group(1))
+    return _LEAF_OF_HF[key], None
+
+
+def hf_to_gguf_name(key: str) -> str:
+    leaf, layer = _leaf_and_layer(key)
+    return leaf.gguf_name if layer is None else leaf.gguf_name.format(layer=layer)
+
+
+def _rope_heads(key: str, config: ModelConfig) -> int | None:
+    """How many heads' rows RoPE rotates in the tensor of an HF key (q, k), else None."""
+    leaf = _leaf_and_layer(key)[0]
+    return None if leaf.rope_heads is None else getattr(config, leaf.rope_heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,12 +336,8 @@ class _GGUFSource:
             raise ValueError(f"checksum mismatch (crc32 {crc32_of(tensor.data)}, saved "
                              f"{expected}): the file changed or is corrupt since it was written")
         array = dequantize(tensor.data, tensor.tensor_type).reshape(self.shape(key))
-        if self._permute_qk:
-            if ".q_proj." in key:
-                array = unpermute_qk_rows(array, self._config.num_heads)
-            elif ".k_proj." in key:
-                array = unpermute_qk_rows(array, self._config.num_kv_heads)
-        return array
+        heads = _rope_heads(key, self._config) if self._permute_qk else None
+        return array if heads is None else unpermute_qk_rows(array, heads)
 
     def where(self, key: str) -> str:
         return f"GGUF tensor {self._tensors[key].name} in {self._path.name}"
@@ -412,7 +406,7 @@ def load_gguf_config(path: str | os.PathLike) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 # writing (tests and exports)
 
-_TENSOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+_TENSOR_DTYPES = tuple(DTYPES.values())
 
 
 def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.PathLike,
@@ -485,8 +479,8 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
             problem = check_tensor(key, array, "in the params to save")
             if problem is not None:
                 raise ValueError(f"refusing to save {path}: {problem}")
-            if permute_qk and (".q_proj." in key or ".k_proj." in key):
-                heads = config.num_heads if ".q_proj." in key else config.num_kv_heads
+            heads = _rope_heads(key, config) if permute_qk else None
+            if heads is not None:
                 array = permute_qk_rows(array, heads)
             if array.ndim == 1:
                 array = array.astype(np.float32)
