@@ -187,7 +187,8 @@ def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"],
 
 
 def rope_inv_freq(config: ModelConfig) -> Float[np.ndarray, "H//2"]:
-    """Inverse RoPE frequencies [H/2] (float64), with llama3 / linear scaling (as Hugging Face computes them)."""
+    """Inverse RoPE frequencies [H/2] (float64), with llama3 / linear scaling (as Hugging Face
+    computes them)."""
     h = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
     rs = config.rope_scaling

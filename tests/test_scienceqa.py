@@ -123,7 +123,8 @@ def test_handmade_files_train_in_the_shared_view_and_plain_files_are_refused(tmp
     for view in ("shared", "mixed"):
         with pytest.raises(data_lib.DataError, match=rf"--view {view} needs to know who wrote.*"
                                                       r"plan: 1 of 1 \(first: sample 0"):
-            data_lib.tokenize_samples(plain, tok, agents=ROLES, eos_id=2, max_len=100, data_view=view)
+            data_lib.tokenize_samples(plain, tok, agents=ROLES, eos_id=2, max_len=100,
+                                      data_view=view)
     data_lib.tokenize_samples(plain, tok, agents=ROLES, eos_id=2, max_len=100, data_view="agent")
 
 

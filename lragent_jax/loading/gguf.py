@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,13 +199,7 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
     def get(key: str, default: Any = None) -> Any:
         return metadata.get(f"{arch}.{key}", default)
 
-    missing = [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
-                                       "attention.head_count") if get(k) is None]
-    if missing:
-        raise ValueError(f"GGUF metadata lacks required keys {missing}")
-    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
-        if isinstance(get(key), list):
-            raise ValueError(f"per-layer {arch}.{key} is not supported (got a list)")
+    _check_sizes(get, arch)
     hidden_size = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length") or hidden_size // num_heads)
@@ -214,25 +208,8 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
         raise ValueError(f"partial RoPE ({arch}.rope.dimension_count={rope_dims} < head_dim "
                          f"{head_dim}) is not supported")
     rope_theta = _float32_value(get("rope.freq_base", 10000.0))
-    if get("attention.sliding_window"):
-        raise ValueError(f"{arch}.attention.sliding_window={get('attention.sliding_window')} "
-                         "(sliding-window attention) is not implemented")
-    if get("expert_count"):
-        raise ValueError(f"{arch}.expert_count={get('expert_count')} (mixture-of-experts layers)"
-                         " is not implemented")
-
-    scaling = None
-    scaling_type = get("rope.scaling.type")
-    if scaling_type == "linear":
-        scaling = RopeScaling("linear", factor=_float32_value(get("rope.scaling.factor")))
-    elif scaling_type not in (None, "none"):
-        raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; allowed: "
-                         "linear, or Llama 3 scaling through rope_freqs.weight")
-    if rope_factors is not None:
-        original = get("rope.scaling.original_context_length")
-        scaling = _rope_scaling_from_factors(np.asarray(rope_factors, np.float64), head_dim,
-                                             rope_theta, int(original) if original else None)
-
+    _check_layers(get, arch)
+    scaling = _rope_scaling(get, rope_factors, head_dim, rope_theta)
     tokens = metadata.get("tokenizer.ggml.tokens")
     embed_shape = tensor_shapes.get("token_embd.weight")
     vocab_size = get("vocab_size") or (len(tokens) if tokens else None) or (
@@ -240,11 +217,7 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
     if vocab_size is None:
         raise ValueError("cannot tell the vocabulary size: no vocab_size, token list or "
                          "token_embd.weight")
-    eos_ids: list[int] = []
-    for key in ("eos_token_id", "eom_token_id", "eot_token_id"):
-        value = metadata.get(f"tokenizer.ggml.{key}")
-        if value is not None and int(value) not in eos_ids:
-            eos_ids.append(int(value))
+    eos_ids = _end_ids(metadata)
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     if name is None:
         basename, size = metadata.get("general.basename"), metadata.get("general.size_label")
@@ -268,6 +241,54 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos_ids),
     )
+
+
+def _check_sizes(get: Callable[..., Any], arch: str) -> None:
+    """Refuse metadata that lacks a required size or gives one per layer."""
+    missing = [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
+                                       "attention.head_count") if get(k) is None]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks required keys {missing}")
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        if isinstance(get(key), list):
+            raise ValueError(f"per-layer {arch}.{key} is not supported (got a list)")
+
+
+def _check_layers(get: Callable[..., Any], arch: str) -> None:
+    """Refuse layers the model does not implement (sliding-window attention, experts)."""
+    if get("attention.sliding_window"):
+        raise ValueError(f"{arch}.attention.sliding_window={get('attention.sliding_window')} "
+                         "(sliding-window attention) is not implemented")
+    if get("expert_count"):
+        raise ValueError(f"{arch}.expert_count={get('expert_count')} (mixture-of-experts layers)"
+                         " is not implemented")
+
+
+def _rope_scaling(get: Callable[..., Any], rope_factors: np.ndarray | None, head_dim: int,
+                  rope_theta: float) -> RopeScaling | None:
+    """Linear scaling from the metadata, or Llama 3 scaling from ``rope_freqs.weight``."""
+    scaling = None
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", factor=_float32_value(get("rope.scaling.factor")))
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; allowed: "
+                         "linear, or Llama 3 scaling through rope_freqs.weight")
+    if rope_factors is not None:
+        original = get("rope.scaling.original_context_length")
+        scaling = _rope_scaling_from_factors(np.asarray(rope_factors, np.float64), head_dim,
+                                             rope_theta, int(original) if original else None)
+    return scaling
+
+
+def _end_ids(metadata: Mapping[str, Any]) -> tuple[int, ...]:
+    """The distinct end-of-sequence, end-of-message and end-of-turn ids, in that order."""
+    eos_ids: list[int] = []
+    for key in ("eos_token_id", "eom_token_id", "eot_token_id"):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is not None and int(value) not in eos_ids:
+            eos_ids.append(int(value))
+    return tuple(eos_ids)
 
 
 def _canonical(value: Any) -> Any:
@@ -435,66 +456,14 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
     tmp = path.with_name(f".{path.name}{STAGING_MARK}{os.getpid()}-{os.urandom(4).hex()}")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        writer.add_name(config.name)
-        writer.add_block_count(config.num_layers)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_heads)
-        writer.add_head_count_kv(config.num_kv_heads)
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        _add_model_fields(writer, config, arch)
+        _add_tokenizer_fields(writer, tokenizer_metadata or {})
         scaling = config.rope_scaling
-        if scaling is not None and scaling.kind == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(scaling.factor)
-        elif scaling is not None:
-            writer.add_key_value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch),
-                                 scaling.original_max_position_embeddings,
-                                 gguf.GGUFValueType.UINT32)
-        if config.bos_token_id is not None:
-            writer.add_bos_token_id(config.bos_token_id)
-        for add, token_id in zip((writer.add_eos_token_id, writer.add_eom_token_id,
-                                  writer.add_eot_token_id), config.eos_token_ids):
-            add(token_id)
-        skip = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.ggml.eom_token_id", "tokenizer.ggml.eot_token_id"}
-        for key, value in (tokenizer_metadata or {}).items():
-            if not key.startswith("tokenizer.") or key in skip:
-                continue
-            if isinstance(value, (list, tuple)):
-                writer.add_array(key, list(value))
-            else:
-                writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
-
         if scaling is not None and scaling.kind == "llama3":
             factors = llama3_rope_factors(config.head_dim, config.rope_theta, scaling)
             crcs[ROPE_FREQS] = crc32_of(factors)
             writer.add_tensor(ROPE_FREQS, factors)
-        for key, array in to_hf_tensors(params, config):
-            problem = check_tensor(key, array, "in the params to save")
-            if problem is not None:
-                raise ValueError(f"refusing to save {path}: {problem}")
-            heads = _rope_heads(key, config) if permute_qk else None
-            if heads is not None:
-                array = permute_qk_rows(array, heads)
-            if array.ndim == 1:
-                array = array.astype(np.float32)
-            elif out_dtype is not None:
-                array = array.astype(out_dtype)
-            elif array.dtype not in _TENSOR_DTYPES:
-                array = array.astype(np.float32)
-            array = np.ascontiguousarray(array)
-            crcs[hf_to_gguf_name(key)] = crc32_of(array)
-            if array.dtype == ml_dtypes.bfloat16:  # gguf infers F32/F16 only; say BF16 explicitly
-                writer.add_tensor(hf_to_gguf_name(key), array.view(np.uint16),
-                                  raw_shape=array.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
-            else:
-                writer.add_tensor(hf_to_gguf_name(key), array)
+        _add_weights(writer, params, config, permute_qk, out_dtype, path, crcs)
         written = {k: v.value for k, v in writer.kv_data[0].items()}
         writer.add_string(CHECKSUMS_KEY, json.dumps({
             "config": config_checksum(config), "tokenizer": tokenizer_checksum(written),
@@ -509,3 +478,78 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _add_model_fields(writer, config: ModelConfig, arch: str) -> None:
+    """The architecture's metadata: sizes, RoPE (and its scaling), norm epsilon, special ids."""
+    import gguf
+
+    writer.add_name(config.name)
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+    elif scaling is not None:
+        writer.add_key_value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch),
+                             scaling.original_max_position_embeddings,
+                             gguf.GGUFValueType.UINT32)
+    if config.bos_token_id is not None:
+        writer.add_bos_token_id(config.bos_token_id)
+    for add, token_id in zip((writer.add_eos_token_id, writer.add_eom_token_id,
+                              writer.add_eot_token_id), config.eos_token_ids):
+        add(token_id)
+
+
+def _add_tokenizer_fields(writer, tokenizer_metadata: Mapping[str, Any]) -> None:
+    """The ``tokenizer.*`` fields, but the special ids (``config`` gives those)."""
+    import gguf
+
+    skip = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eom_token_id", "tokenizer.ggml.eot_token_id"}
+    for key, value in tokenizer_metadata.items():
+        if not key.startswith("tokenizer.") or key in skip:
+            continue
+        if isinstance(value, (list, tuple)):
+            writer.add_array(key, list(value))
+        else:
+            writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
+
+
+def _add_weights(writer, params: Mapping[str, Any], config: ModelConfig, permute_qk: bool,
+                 out_dtype: np.dtype | None, path: Path, crcs: dict[str, str]) -> None:
+    """Every weight, checked finite, in llama.cpp's q/k row order where it wants it; 1-D tensors
+    in float32, matrices in ``out_dtype`` (or their own dtype when GGUF has it); crc32 each."""
+    import gguf
+
+    for key, array in to_hf_tensors(params, config):
+        problem = check_tensor(key, array, "in the params to save")
+        if problem is not None:
+            raise ValueError(f"refusing to save {path}: {problem}")
+        heads = _rope_heads(key, config) if permute_qk else None
+        if heads is not None:
+            array = permute_qk_rows(array, heads)
+        if array.ndim == 1:
+            array = array.astype(np.float32)
+        elif out_dtype is not None:
+            array = array.astype(out_dtype)
+        elif array.dtype not in _TENSOR_DTYPES:
+            array = array.astype(np.float32)
+        array = np.ascontiguousarray(array)
+        crcs[hf_to_gguf_name(key)] = crc32_of(array)
+        if array.dtype == ml_dtypes.bfloat16:  # gguf infers F32/F16 only; say BF16 explicitly
+            writer.add_tensor(hf_to_gguf_name(key), array.view(np.uint16),
+                              raw_shape=array.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(hf_to_gguf_name(key), array)

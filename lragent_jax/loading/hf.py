@@ -387,21 +387,7 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
-    total = 0
-    for key, array in to_hf_tensors(params, config, dtype):
-        problem = check_tensor(key, array, "in the params to save")
-        if problem is not None:
-            raise ValueError(f"refusing to save {folder}: {problem}")
-        if (max_shard_bytes is not None and shards[-1]
-                and shard_bytes + array.nbytes > max_shard_bytes):
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = array
-        shard_bytes += array.nbytes
-        total += array.nbytes
-
+    shards = _shards(to_hf_tensors(params, config, dtype), max_shard_bytes, folder)
     stored_dtype = next(iter(shards[0].values())).dtype
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = stored_dtype.name
@@ -415,20 +401,9 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
 
     # Everything is written into a staging folder that then replaces ``folder`` in one atomic
     # step: a reader (or a crash) never sees new weights with an old config, or no weights.
-    # Other files of the folder (tokenizer, README) are carried over (hard links, no copy).
     staging = staging_dir(folder)
     try:
-        weight_files = {CONFIG_FILE, SINGLE_FILE, INDEX_FILE}
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if path.name in weight_files or re.fullmatch(r"model-\d+-of-\d+\.safetensors",
-                                                             path.name):
-                    continue  # replaced; a previous export with another sharding must not linger
-                target = staging / path.name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.copytree(path, target, symlinks=True, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(path, target)
+        _carry_over(folder, staging)
         atomic_write_text(staging / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
             atomic_write(staging / SINGLE_FILE,
@@ -440,6 +415,7 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
                 atomic_write(staging / name,
                              lambda tmp, shard=shard: save_file(shard, tmp, metadata(shard)))
                 weight_map.update({key: name for key in shard})
+            total = sum(array.nbytes for shard in shards for array in shard.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             atomic_write_text(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
         swap_into_place(staging, folder)
@@ -447,6 +423,42 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _shards(tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int | None,
+            folder: Path) -> list[dict[str, np.ndarray]]:
+    """The tensors, checked finite, in shards of at most ``max_shard_bytes`` (one when None)."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    for key, array in tensors:
+        problem = check_tensor(key, array, "in the params to save")
+        if problem is not None:
+            raise ValueError(f"refusing to save {folder}: {problem}")
+        if (max_shard_bytes is not None and shards[-1]
+                and shard_bytes + array.nbytes > max_shard_bytes):
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = array
+        shard_bytes += array.nbytes
+    return shards
+
+
+def _carry_over(folder: Path, staging: Path) -> None:
+    """Other files of ``folder`` (tokenizer, README) into ``staging``, by hard link (no copy);
+    the weights and config it held are replaced, and a previous export with another sharding
+    must not linger."""
+    if not folder.is_dir():
+        return
+    weight_files = {CONFIG_FILE, SINGLE_FILE, INDEX_FILE}
+    for path in folder.iterdir():
+        if path.name in weight_files or re.fullmatch(r"model-\d+-of-\d+\.safetensors",
+                                                     path.name):
+            continue
+        target = staging / path.name
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, target)
 
 
 def _link_or_copy(source, target) -> None:

@@ -129,11 +129,11 @@ def _validate(q, k, v, lowrank, lora_b, adapter_index, kv_lengths, q_offset, lay
         if lowrank.ndim != 3 + lead:
             want = "[L, Rows, S, R]" if lead else "[B, S, R]"
             raise ValueError(f"lowrank must be {want}; got shape {lowrank.shape}")
-        lr_rows, lr_s, rank = lowrank.shape[lead:]
-        if lr_s != s_len:
-            raise ValueError(f"lowrank has {lr_s} positions but k/v have S={s_len}")
-        if lowrank_index is None and lr_rows != batch:
-            raise ValueError(f"lowrank has {lr_rows} rows but q has batch {batch}; pass "
+        lowrank_rows, lowrank_len, rank = lowrank.shape[lead:]
+        if lowrank_len != s_len:
+            raise ValueError(f"lowrank has {lowrank_len} positions but k/v have S={s_len}")
+        if lowrank_index is None and lowrank_rows != batch:
+            raise ValueError(f"lowrank has {lowrank_rows} rows but q has batch {batch}; pass "
                              "lowrank_index to map rows")
         if lora_b.ndim != 4:
             raise ValueError(f"lora_b must be [A, K, R, H]; got shape {lora_b.shape}")
