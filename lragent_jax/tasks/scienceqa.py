@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import math
 import os
 import re
@@ -472,13 +471,7 @@ def load_eval_questions(directory: str | os.PathLike,
         path = directory / f"{band}.json"
         if not path.is_file():
             raise ValueError(f"{path}: evaluation file is missing (expected {', '.join(bands)})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: malformed JSON: {error}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of questions")
-        for index, record in enumerate(data):
+        for index, record in enumerate(samples_format.read_json_list(path, "questions")):
             question = _question_from_record(record, band, f"{path}: record {index}")
             if question.id in seen:
                 raise ValueError(f"{path}: record {index}: duplicate pid {question.id!r}")

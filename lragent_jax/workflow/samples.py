@@ -94,18 +94,24 @@ def load_role_files(directory: str | os.PathLike, roles: Sequence[str]) -> Sampl
         path = directory / f"{role}.json"
         if not path.is_file():
             raise ValueError(f"{path}: role file is missing")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: malformed JSON: {error}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records; got {type(data).__name__}")
+        data = read_json_list(path, "records")
         for index, record in enumerate(data):
             problem = sample_problem(record)
             if problem:
                 raise ValueError(f"{path}: record {index}: {problem}")
         result[role] = data
     return result
+
+
+def read_json_list(path: Path, what: str) -> list:
+    """The JSON list in the file ``path``; ValueError naming the file when it holds none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: malformed JSON: {error}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {what}; got {type(data).__name__}")
+    return data
 
 
 def write_role_files(directory: str | os.PathLike,

@@ -23,6 +23,17 @@ KERNEL_HEAD_DIMS = (64, 128, 256)
 KERNEL_MAX_RANK = 128
 IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu", "cudnn")
 
+
+def kernel_limits_problem(head_dim: int, rank: int, dtype) -> str | None:
+    """What the Pallas kernels (Triton and Mosaic alike) cannot take: head dim, rank, dtype."""
+    if head_dim not in KERNEL_HEAD_DIMS:
+        return f"head_dim H={head_dim} is not one of {KERNEL_HEAD_DIMS}"
+    if rank > KERNEL_MAX_RANK:
+        return f"rank R={rank} is above {KERNEL_MAX_RANK}"
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
+    return None
+
 # backend name -> module path; each module exposes `unsupported_reason(**shape_info) -> str | None`
 # and `flash_lora_attention(...)` with the reference's keyword arguments plus `block_sizes`,
 # `interpret`.

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_lora_attention.api import KERNEL_HEAD_DIMS, KERNEL_MAX_RANK
+from pallas_kernels.flash_lora_attention.api import kernel_limits_problem
 
 _LANES = 128
 _SUBLANES = 8
@@ -87,13 +87,7 @@ def unsupported_reason(*, interpret, batch, t_len, s_len, n_heads, kv_heads, hea
     if not interpret and jax.default_backend() != "tpu":
         return (f"the Mosaic backend needs a TPU but the default platform is "
                 f"{jax.default_backend()!r} (pass interpret=True to run it in TPU interpret mode)")
-    if head_dim not in KERNEL_HEAD_DIMS:
-        return f"head_dim H={head_dim} is not one of {KERNEL_HEAD_DIMS}"
-    if rank > KERNEL_MAX_RANK:
-        return f"rank R={rank} is above {KERNEL_MAX_RANK}"
-    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
-    return None
+    return kernel_limits_problem(head_dim, rank, dtype)
 
 
 def _visible_blocks(b, ti, kv_len_ref, q_off_ref, *, causal, t_len, block_q, block_k):

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_lora_attention.api import KERNEL_HEAD_DIMS, KERNEL_MAX_RANK
+from pallas_kernels.flash_lora_attention.api import kernel_limits_problem
 
 _LOG2E = math.log2(math.e)
 _MIN_DOT = 16  # Triton's tt.dot needs every side >= 16
@@ -136,13 +136,7 @@ def unsupported_reason(*, interpret, batch, t_len, s_len, n_heads, kv_heads, hea
     if not interpret and jax.default_backend() not in _GPU_PLATFORMS:
         return (f"the Triton backend needs a GPU but the default platform is "
                 f"{jax.default_backend()!r} (pass interpret=True to run it in interpret mode)")
-    if head_dim not in KERNEL_HEAD_DIMS:
-        return f"head_dim H={head_dim} is not one of {KERNEL_HEAD_DIMS}"
-    if rank > KERNEL_MAX_RANK:
-        return f"rank R={rank} is above {KERNEL_MAX_RANK}"
-    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
-    return None
+    return kernel_limits_problem(head_dim, rank, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
