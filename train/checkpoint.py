@@ -104,10 +104,6 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
-
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
