@@ -98,24 +98,16 @@ def run_scienceqa_agents(args, modes: Sequence[str], load_model: Callable, out_d
     """Runs the part; ``load_model(args)`` builds the model with ``args.adapters``. Writes
     ``scienceqa_agents.json`` (after every mode), ``scienceqa_episodes.jsonl`` and
     ``scienceqa_traces.json`` under ``out_dir``."""
-    from lragent_jax.tasks.scienceqa import (PublishedCorpus, ScienceQAWorkflow, chance_level,
-                                             load_eval_questions, select_questions)
+    from lragent_jax.tasks.scienceqa import ScienceQAWorkflow, chance_level
 
     problem = argument_problem(args)
     if problem:
         raise SystemExit(f"error: {problem}")
-    folder, eval_folder = default_folders(args)
-    if folder is None or eval_folder is None or not eval_folder.is_dir():
-        log(f"\n== {PART}: skipped (published trajectories or evaluation questions not found)")
-        return {"skipped": "published trajectories or evaluation questions not found"}
-    if args.scienceqa_adapters is None:
-        log(f"\n== {PART}: skipped (no --scienceqa-adapters given)")
-        return {"skipped": "no --scienceqa-adapters"}
-    try:
-        corpus = PublishedCorpus.from_folder(folder)
-        questions = select_questions(load_eval_questions(eval_folder), args.sqa_questions)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    inputs = _inputs(args, log)
+    if "skipped" in inputs:
+        return inputs
+    folder, eval_folder, corpus, questions = (inputs[k] for k in ("folder", "eval_folder",
+                                                                  "corpus", "questions"))
     runs = args.sqa_runs if args.sqa_temperature > 0 else 1
     model = load_model(argparse.Namespace(**{**vars(args), "adapters": args.scienceqa_adapters}))
     workflow = ScienceQAWorkflow(corpus, max_steps=args.sqa_max_steps)
@@ -137,49 +129,84 @@ def run_scienceqa_agents(args, modes: Sequence[str], load_model: Callable, out_d
     episodes_path.write_text("")
     reference_records = None
     for name, job_model in jobs:
-        mode = "non_shared" if name == BASELINE else name
-        try:
-            session = job_model.session(mode, batch=min(args.sqa_batch, len(tasks)),
-                                        capacity=args.sqa_capacity, seed=args.sqa_seed,
-                                        min_chunk_bucket=args.min_bucket, min_new_bucket=64)
-        except ValueError as error:  # e.g. base+LR sharing with independent A
-            result["skipped_modes"][name] = str(error)
-            log(f"  {name}: skipped ({error})")
+        records = _run_mode(name, job_model, workflow, tasks, args, result, log)
+        if records is None:
             continue
-        t0 = time.perf_counter()
-        records = rollout(workflow, tasks, session, temperature=args.sqa_temperature,
-                          top_p=args.sqa_top_p)
-        seconds = time.perf_counter() - t0
-        summary = summarize(records)
-        summary.update(prefilled=session.prefill_counts(), cache_bytes=session.cache_bytes()["total"],
-                       seconds=seconds)
-        result["modes"][name] = summary
         if name == "non_shared":
             reference_records = records
         with open(episodes_path, "a") as f:
             for i, record in enumerate(records):
                 f.write(json.dumps({"mode": name, "run": i // len(questions), **record.to_dict()},
                                    default=str) + "\n")
-        log(f"  {name}: {summary['accuracy']:.3f} ± {summary['stderr']:.3f} (unfinished "
-            f"{summary['unfinished_share']:.2f}, malformed {summary['malformed_share']:.2f}, "
-            f"{seconds:.1f}s)")
         write_json(out_dir / "scienceqa_agents.json", result)
-    reference = result["modes"].get("non_shared")
-    if reference is not None:
-        for name, summary in result["modes"].items():
-            summary["vs_non_shared"] = paired_difference(summary["outcomes"], reference["outcomes"],
-                                                         len(questions))
-    recorded = reference_records or []
-    if recorded:
-        from eval.traces import save_traces, trace_from_record
-
-        path = save_traces(out_dir / "scienceqa_traces.json",
-                           [trace_from_record(r, model.tokenizer) for r in recorded])
-        result["traces_file"] = str(path)
+    _compare_and_save(result, reference_records, model.tokenizer, out_dir, len(questions))
     result["episodes_file"] = str(episodes_path)
     write_json(out_dir / "scienceqa_agents.json", result)
     print_summary(result)
     return result
+
+
+def _inputs(args, log) -> dict:
+    """The part's folders, tool corpus and questions, or ``{"skipped": why}``."""
+    from lragent_jax.tasks.scienceqa import (PublishedCorpus, load_eval_questions,
+                                             select_questions)
+
+    folder, eval_folder = default_folders(args)
+    if folder is None or eval_folder is None or not eval_folder.is_dir():
+        log(f"\n== {PART}: skipped (published trajectories or evaluation questions not found)")
+        return {"skipped": "published trajectories or evaluation questions not found"}
+    if args.scienceqa_adapters is None:
+        log(f"\n== {PART}: skipped (no --scienceqa-adapters given)")
+        return {"skipped": "no --scienceqa-adapters"}
+    try:
+        corpus = PublishedCorpus.from_folder(folder)
+        questions = select_questions(load_eval_questions(eval_folder), args.sqa_questions)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    return {"folder": folder, "eval_folder": eval_folder, "corpus": corpus,
+            "questions": questions}
+
+
+def _run_mode(name: str, model, workflow, tasks: list, args, result: dict, log) -> list | None:
+    """Every task as an episode in one mode (``BASELINE``: non-shared, B = 0); its summary goes
+    into ``result``. None when the model cannot run in that mode (recorded as skipped)."""
+    mode = "non_shared" if name == BASELINE else name
+    try:
+        session = model.session(mode, batch=min(args.sqa_batch, len(tasks)),
+                                capacity=args.sqa_capacity, seed=args.sqa_seed,
+                                min_chunk_bucket=args.min_bucket, min_new_bucket=64)
+    except ValueError as error:  # e.g. base+LR sharing with independent A
+        result["skipped_modes"][name] = str(error)
+        log(f"  {name}: skipped ({error})")
+        return None
+    t0 = time.perf_counter()
+    records = rollout(workflow, tasks, session, temperature=args.sqa_temperature,
+                      top_p=args.sqa_top_p)
+    seconds = time.perf_counter() - t0
+    summary = summarize(records)
+    summary.update(prefilled=session.prefill_counts(), cache_bytes=session.cache_bytes()["total"],
+                   seconds=seconds)
+    result["modes"][name] = summary
+    log(f"  {name}: {summary['accuracy']:.3f} ± {summary['stderr']:.3f} (unfinished "
+        f"{summary['unfinished_share']:.2f}, malformed {summary['malformed_share']:.2f}, "
+        f"{seconds:.1f}s)")
+    return records
+
+
+def _compare_and_save(result: dict, reference_records: list | None, tokenizer, out_dir: Path,
+                      questions: int) -> None:
+    """Each mode's paired difference to non-shared, and non-shared's episodes as traces."""
+    reference = result["modes"].get("non_shared")
+    if reference is not None:
+        for summary in result["modes"].values():
+            summary["vs_non_shared"] = paired_difference(summary["outcomes"],
+                                                         reference["outcomes"], questions)
+    if reference_records:
+        from eval.traces import save_traces, trace_from_record
+
+        path = save_traces(out_dir / "scienceqa_traces.json",
+                           [trace_from_record(r, tokenizer) for r in reference_records])
+        result["traces_file"] = str(path)
 
 
 def zero_b(adapters: dict) -> dict:

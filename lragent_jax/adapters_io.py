@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
+from lragent_jax.config import ADAPTER_TARGETS, DTYPES, LoraConfig, ModelConfig
 from lragent_jax.loading.integrity import (atomic_write_text, count_nonfinite, failpoint,
                                            is_float_dtype, sha256_file, staging_dir,
                                            swap_into_place)
@@ -54,7 +54,6 @@ HF_MODULES = {
     "down": "mlp.down_proj",
 }
 _FROM_HF = {path.rsplit(".", 1)[1]: module for module, path in HF_MODULES.items()}
-_STORAGE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 
 
 class AdapterFileError(ValueError):
@@ -223,10 +222,9 @@ def save_adapters(folder: str | os.PathLike, adapters: dict, lora: LoraConfig,
     from safetensors.numpy import save_file
 
     validate_adapters(adapters, config, lora)
-    if dtype not in _STORAGE_DTYPES:
-        raise ValueError(f"storage dtype {dtype!r} is not supported; allowed: "
-                         f"{sorted(_STORAGE_DTYPES)}")
-    storage = _STORAGE_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"storage dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+    storage = DTYPES[dtype]
     host = {m: {leaf: np.asarray(x, np.float64) for leaf, x in leaves.items()}
             for m, leaves in adapters.items()}
     bad = [f"{m}/{leaf}: {count_nonfinite(x)} of {x.size}" for m, leaves in host.items()
@@ -369,8 +367,6 @@ def load_adapters(folder: str | os.PathLike, *, config: ModelConfig, dtype=jnp.f
     weights: ``allow_other_weights=True`` overrides that); with shared A, checks that every agent's
     file holds the same A. Files are checked against the manifest's sha256; every tensor must be
     floating point and finite. Every problem is collected and reported at once."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     lora = lora_from_manifest(manifest, folder / MANIFEST)
@@ -387,64 +383,11 @@ def load_adapters(folder: str | os.PathLike, *, config: ModelConfig, dtype=jnp.f
     for agent in lora.agents:
         agent_dir = folder / _agent_dir_name(agent)
         problems.extend(_check_peft_config(agent_dir / ADAPTER_CONFIG, lora))
-        weights = agent_dir / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            problems.append(f"{weights}: missing")
-            per_agent.append({})
-            continue
-        tensors: dict[str, dict[str, np.ndarray]] = {}
-        try:
-            with safe_open(str(weights), framework="numpy") as f:
-                keys = set(f.keys())
-                expected = set()
-                for module in lora.targets:
-                    d_in, d_out = config.module_dims(module)
-                    a = np.zeros((config.num_layers, d_in, lora.rank), np.float32)
-                    b = np.zeros((config.num_layers, lora.rank, d_out), np.float32)
-                    for layer in range(config.num_layers):
-                        for leaf, out, shape in (("A", a, (lora.rank, d_in)),
-                                                 ("B", b, (d_out, lora.rank))):
-                            key = tensor_key(layer, module, leaf)
-                            expected.add(key)
-                            if key not in keys:
-                                problems.append(f"{weights}: missing tensor {key}")
-                                continue
-                            x = f.get_tensor(key)
-                            if x.shape != shape:
-                                problems.append(f"{weights}: {key} has shape {list(x.shape)}, "
-                                                f"expected {list(shape)}")
-                                continue
-                            if not is_float_dtype(x.dtype):
-                                problems.append(f"{weights}: {key} is stored as {x.dtype}, not "
-                                                "floating point")
-                                continue
-                            bad = count_nonfinite(x)
-                            if bad:
-                                problems.append(f"{weights}: {key} holds {bad} non-finite "
-                                                f"value(s) (NaN or Inf) of {x.size}")
-                                continue
-                            out[layer] = x.astype(np.float32).T
-                    tensors[module] = {"a": a, "b": b}
-                extra = sorted(keys - expected)
-                if extra:
-                    problems.append(f"{weights}: {len(extra)} unexpected tensor(s), e.g. {extra[0]}"
-                                    " (a target module or layer this config does not have)")
-        except Exception as err:  # safetensors raises its own error type for corrupt files
-            problems.append(f"{weights}: unreadable ({type(err).__name__}: {err})")
-        per_agent.append(tensors)
+        per_agent.append(_read_agent(agent_dir / ADAPTER_WEIGHTS, config, lora, problems))
     if problems:
         raise AdapterFileError(f"cannot load adapters from {folder}:\n  " + "\n  ".join(problems))
-
     if lora.shared_a:
-        for module in lora.targets:
-            first = per_agent[0][module]["a"]
-            for agent, tensors in zip(lora.agents[1:], per_agent[1:]):
-                differ = np.flatnonzero(np.any(tensors[module]["a"] != first, axis=(1, 2)))
-                if differ.size:
-                    raise AdapterFileError(
-                        f"{folder}: the manifest says shared_a, but agent {agent!r} has a different"
-                        f" A than {lora.agents[0]!r} for module {module!r} in layers "
-                        f"{differ.tolist()[:8]}")
+        _check_shared_a(per_agent, lora, folder)
 
     adapters = {}
     for module in lora.targets:
@@ -456,6 +399,74 @@ def load_adapters(folder: str | os.PathLike, *, config: ModelConfig, dtype=jnp.f
         adapters[module] = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
     validate_adapters(adapters, config, lora)
     return adapters, lora
+
+
+def _read_agent(weights: Path, config: ModelConfig, lora: LoraConfig,
+                problems: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """One agent's ``{module: {"a": [L, in, R], "b": [L, R, out]}}`` (float32, unscaled) from its
+    safetensors file; each problem found is added to ``problems`` (its tensor then stays zero)."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        problems.append(f"{weights}: missing")
+        return {}
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            keys = set(f.keys())
+            expected = set()
+            for module in lora.targets:
+                d_in, d_out = config.module_dims(module)
+                a = np.zeros((config.num_layers, d_in, lora.rank), np.float32)
+                b = np.zeros((config.num_layers, lora.rank, d_out), np.float32)
+                for layer in range(config.num_layers):
+                    for leaf, out, shape in (("A", a, (lora.rank, d_in)),
+                                             ("B", b, (d_out, lora.rank))):
+                        key = tensor_key(layer, module, leaf)
+                        expected.add(key)
+                        if key not in keys:
+                            problems.append(f"{weights}: missing tensor {key}")
+                            continue
+                        x = f.get_tensor(key)
+                        problem = _tensor_problem(key, x, shape)
+                        if problem is not None:
+                            problems.append(f"{weights}: {problem}")
+                            continue
+                        out[layer] = x.astype(np.float32).T
+                tensors[module] = {"a": a, "b": b}
+            extra = sorted(keys - expected)
+            if extra:
+                problems.append(f"{weights}: {len(extra)} unexpected tensor(s), e.g. {extra[0]}"
+                                " (a target module or layer this config does not have)")
+    except Exception as err:  # safetensors raises its own error type for corrupt files
+        problems.append(f"{weights}: unreadable ({type(err).__name__}: {err})")
+    return tensors
+
+
+def _tensor_problem(key: str, x: np.ndarray, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a stored adapter tensor: its shape, a non-float dtype, NaN/Inf."""
+    if x.shape != shape:
+        return f"{key} has shape {list(x.shape)}, expected {list(shape)}"
+    if not is_float_dtype(x.dtype):
+        return f"{key} is stored as {x.dtype}, not floating point"
+    bad = count_nonfinite(x)
+    if bad:
+        return f"{key} holds {bad} non-finite value(s) (NaN or Inf) of {x.size}"
+    return None
+
+
+def _check_shared_a(per_agent: list[dict[str, dict[str, np.ndarray]]], lora: LoraConfig,
+                    folder: Path) -> None:
+    """Every agent's A equals the first agent's (the manifest says shared_a)."""
+    for module in lora.targets:
+        first = per_agent[0][module]["a"]
+        for agent, tensors in zip(lora.agents[1:], per_agent[1:]):
+            differ = np.flatnonzero(np.any(tensors[module]["a"] != first, axis=(1, 2)))
+            if differ.size:
+                raise AdapterFileError(
+                    f"{folder}: the manifest says shared_a, but agent {agent!r} has a different"
+                    f" A than {lora.agents[0]!r} for module {module!r} in layers "
+                    f"{differ.tolist()[:8]}")
 
 
 def _check_peft_config(path: Path, lora: LoraConfig) -> list[str]:

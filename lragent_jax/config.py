@@ -12,6 +12,16 @@ import math
 import numbers
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
+# The floating-point dtypes of weights, adapters and exports, by name: the one table that CLI
+# choices, loaders, savers and the training compute dtype read (``to_dtype`` resolves a value).
+DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32),
+                               "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                               "float16": np.dtype(np.float16)}
+DTYPE_NAMES = tuple(DTYPES)
+
 ADAPTER_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # HF ``hidden_act`` names of the MLP activation this model implements (SiLU-gated MLP).
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
@@ -25,6 +35,18 @@ def is_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """A real number (Python or numpy), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def to_dtype(value: Any, what: str = "dtype") -> np.dtype:
+    """The ``DTYPES`` entry of a name ("bfloat16"), a numpy or jnp type, or a dtype; raises naming
+    ``value`` and the allowed names otherwise."""
+    try:
+        resolved = np.dtype(DTYPES.get(value, value) if isinstance(value, str) else value)
+    except TypeError:
+        resolved = None
+    if resolved not in DTYPES.values():
+        raise ValueError(f"unsupported {what} {value!r}; allowed: {', '.join(DTYPE_NAMES)}")
+    return resolved
 
 
 def check_positive_number(name: str, value: Any) -> None:

@@ -8,6 +8,8 @@ Training-layout parameter pytree (weights stored [in, out], layers stacked on a 
 run under ``lax.scan`` with remat: a whole-sequence step amortises the per-layer slices and compile
 time does not grow with depth). Inference (prefill and decode over the cache) uses one buffer per
 layer with fused projections instead: ``lragent_jax.inference`` (``to_inference_params``).
+The leaves are written out once, as data, in ``PARAM_LEAVES`` (shapes, HF and GGUF names, how each
+splits over the model mesh axis); in short:
 
     params = {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
               "layers": {"attn_norm": [L, D], "mlp_norm": [L, D],
@@ -20,16 +22,17 @@ Head layout and RoPE follow Hugging Face (head n = columns n*H .. n*H+H-1, rotat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Key
 
 from lragent_jax.cache import ChunkPlan
-from lragent_jax.config import ModelConfig
+from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.lora import expand_lowrank, lora_delta, project_lowrank
 from pallas_kernels.flash_lora_attention import flash_lora_attention
 from pallas_kernels.flash_lora_attention.reference import adapter_term
@@ -43,19 +46,110 @@ REMAT_POLICIES = {False: None, "none": None, True: jax.checkpoint_policies.nothi
 # ----------------------------------------------------------------------------- parameters
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamLeaf:
+    """One leaf of the training-layout parameter pytree: the one written description of its shape,
+    its names in HF checkpoints and GGUF files, and how it splits over the ``model`` mesh axis.
+    ``param_shapes``, ``init_params`` and the HF / GGUF loaders and savers read ``PARAM_LEAVES``.
+
+    name:         the leaf's key (under ``params["layers"]`` when ``per_layer``)
+    per_layer:    stacked on a leading L axis, one slice per decoder layer
+    dims:         ``ModelConfig`` attributes giving its shape, without L ("hidden_size", "q_dim")
+    kind:         "embedding", "norm", "bias" or "matrix" (a [in, out] weight): how
+                  ``init_params`` draws it
+    present:      None (every config) or the config condition that adds it: "untied" (not
+                  ``tie_embeddings``) or "qkv_bias"
+    hf_key:       its tensor name in an HF checkpoint; ``{layer}`` stands for the layer index
+    hf_transposed: HF stores it [out, in]: transposed on load and save
+    gguf_name:    its tensor name in a GGUF file (``{layer}`` as above)
+    rope_heads:   for q and k (weight and bias): the ``ModelConfig`` attribute counting the heads
+                  whose rows RoPE rotates (llama.cpp interleaves those rows in "llama" GGUF files)
+    model_axis:   the axis split over the ``model`` mesh axis, counted from the end so that it
+                  holds for the stacked and the per-layer layouts alike; None: replicated
+    model_split:  the ``ModelConfig`` attribute counting the groups along ``model_axis`` (whole
+                  heads, or MLP columns): split only when the mesh's model size divides it
+    """
+
+    name: str
+    per_layer: bool
+    dims: tuple[str, ...]
+    kind: str
+    hf_key: str
+    gguf_name: str
+    hf_transposed: bool = False
+    present: str | None = None
+    rope_heads: str | None = None
+    model_axis: int | None = None
+    model_split: str | None = None
+
+    def is_present(self, config: ModelConfig) -> bool:
+        if self.present == "untied":
+            return not config.tie_embeddings
+        if self.present == "qkv_bias":
+            return config.qkv_bias
+        return True
+
+    def shape(self, config: ModelConfig, *, stacked: bool = True) -> tuple[int, ...]:
+        """Its shape for ``config``; with the leading L axis when ``per_layer`` and ``stacked``."""
+        dims = tuple(int(getattr(config, d)) for d in self.dims)
+        return (config.num_layers, *dims) if self.per_layer and stacked else dims
+
+
+def _layer_leaf(name, dims, kind, hf, gguf, **rest) -> ParamLeaf:
+    return ParamLeaf(name, True, dims, kind, f"model.layers.{{layer}}.{hf}",
+                     f"blk.{{layer}}.{gguf}", **rest)
+
+
+_WEIGHT = dict(kind="matrix", hf_transposed=True)
+_HEADS_OUT = dict(model_axis=-1, model_split="num_heads")
+_KV_HEADS_OUT = dict(model_axis=-1, model_split="num_kv_heads")
+# in the order of HF's and llama.cpp's tensor listings (the order the savers write)
+PARAM_LEAVES: tuple[ParamLeaf, ...] = (
+    ParamLeaf("embed", False, ("vocab_size", "hidden_size"), "embedding",
+              "model.embed_tokens.weight", "token_embd.weight"),
+    ParamLeaf("final_norm", False, ("hidden_size",), "norm", "model.norm.weight",
+              "output_norm.weight"),
+    ParamLeaf("lm_head", False, ("hidden_size", "vocab_size"), "matrix", "lm_head.weight",
+              "output.weight", hf_transposed=True, present="untied"),
+    _layer_leaf("attn_norm", ("hidden_size",), "norm", "input_layernorm.weight",
+                "attn_norm.weight"),
+    _layer_leaf("mlp_norm", ("hidden_size",), "norm", "post_attention_layernorm.weight",
+                "ffn_norm.weight"),
+    _layer_leaf("q", ("hidden_size", "q_dim"), hf="self_attn.q_proj.weight",
+                gguf="attn_q.weight", rope_heads="num_heads", **_WEIGHT, **_HEADS_OUT),
+    _layer_leaf("k", ("hidden_size", "kv_dim"), hf="self_attn.k_proj.weight",
+                gguf="attn_k.weight", rope_heads="num_kv_heads", **_WEIGHT, **_KV_HEADS_OUT),
+    _layer_leaf("v", ("hidden_size", "kv_dim"), hf="self_attn.v_proj.weight",
+                gguf="attn_v.weight", **_WEIGHT, **_KV_HEADS_OUT),
+    _layer_leaf("o", ("q_dim", "hidden_size"), hf="self_attn.o_proj.weight",
+                gguf="attn_output.weight", model_axis=-2, model_split="num_heads", **_WEIGHT),
+    _layer_leaf("q_bias", ("q_dim",), "bias", "self_attn.q_proj.bias", "attn_q.bias",
+                present="qkv_bias", rope_heads="num_heads", **_HEADS_OUT),
+    _layer_leaf("k_bias", ("kv_dim",), "bias", "self_attn.k_proj.bias", "attn_k.bias",
+                present="qkv_bias", rope_heads="num_kv_heads", **_KV_HEADS_OUT),
+    _layer_leaf("v_bias", ("kv_dim",), "bias", "self_attn.v_proj.bias", "attn_v.bias",
+                present="qkv_bias", **_KV_HEADS_OUT),
+    _layer_leaf("gate", ("hidden_size", "intermediate_size"), hf="mlp.gate_proj.weight",
+                gguf="ffn_gate.weight", model_axis=-1, model_split="intermediate_size",
+                **_WEIGHT),
+    _layer_leaf("up", ("hidden_size", "intermediate_size"), hf="mlp.up_proj.weight",
+                gguf="ffn_up.weight", model_axis=-1, model_split="intermediate_size", **_WEIGHT),
+    _layer_leaf("down", ("intermediate_size", "hidden_size"), hf="mlp.down_proj.weight",
+                gguf="ffn_down.weight", model_axis=-2, model_split="intermediate_size",
+                **_WEIGHT),
+)
+
+
+def param_leaves(config: ModelConfig) -> tuple[ParamLeaf, ...]:
+    """The leaves ``config`` has, in ``PARAM_LEAVES`` order."""
+    return tuple(leaf for leaf in PARAM_LEAVES if leaf.is_present(config))
+
+
 def param_shapes(config: ModelConfig) -> dict:
-    L, D, F, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
-    layers = {
-        "attn_norm": (L, D), "mlp_norm": (L, D),
-        "q": (L, D, config.q_dim), "k": (L, D, config.kv_dim), "v": (L, D, config.kv_dim),
-        "o": (L, config.q_dim, D),
-        "gate": (L, D, F), "up": (L, D, F), "down": (L, F, D),
-    }
-    if config.qkv_bias:
-        layers.update(q_bias=(L, config.q_dim), k_bias=(L, config.kv_dim), v_bias=(L, config.kv_dim))
-    shapes = {"embed": (V, D), "final_norm": (D,), "layers": layers}
-    if not config.tie_embeddings:
-        shapes["lm_head"] = (D, V)
+    """The parameter pytree's structure with shape tuples as leaves (per-layer leaves carry L)."""
+    shapes: dict = {"layers": {}}
+    for leaf in param_leaves(config):
+        (shapes["layers"] if leaf.per_layer else shapes)[leaf.name] = leaf.shape(config)
     return shapes
 
 
@@ -66,20 +160,21 @@ def tiny_byte_params(dtype=F32) -> dict:
                                                        jnp.dtype(dtype))
 
 
-def init_params(key, config: ModelConfig, dtype=F32) -> dict:
+def init_params(key: Key[Array, ""], config: ModelConfig, dtype=F32) -> dict:
     """Random weights of the real shapes (tests, speed benchmarks)."""
     shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    kinds = {leaf.name: leaf.kind for leaf in PARAM_LEAVES}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))
     keys = jax.random.split(key, len(leaves))
     out = []
-    for k, shape, path in zip(keys, leaves, paths):
-        if "norm" in path:
+    for k, (path, shape) in zip(keys, leaves):
+        kind = kinds[path[-1].key]
+        if kind == "norm":
             x = 1.0 + 0.1 * jax.random.normal(k, shape, F32)
-        elif "bias" in path:
+        elif kind == "bias":
             x = 0.1 * jax.random.normal(k, shape, F32)
-        elif "embed" in path:
+        elif kind == "embedding":
             x = jax.random.normal(k, shape, F32)
         else:
             fan_in = shape[-2]
@@ -91,14 +186,16 @@ def init_params(key, config: ModelConfig, dtype=F32) -> dict:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float):
+def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"],
+             eps: float) -> Float[Array, "... D"]:
     xf = x.astype(F32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (y * weight.astype(F32)).astype(x.dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [H/2], with llama3 / linear scaling (as Hugging Face computes them)."""
+def rope_inv_freq(config: ModelConfig) -> Float[np.ndarray, "H//2"]:
+    """Inverse RoPE frequencies [H/2] (float64), with llama3 / linear scaling (as Hugging Face
+    computes them)."""
     h = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
     rs = config.rope_scaling
@@ -117,7 +214,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: Float[Array, "B T heads H"], positions: Int[Array, "B T"], inv_freq: np.ndarray):
+def apply_rope(x: Float[Array, "B T heads H"], positions: Int[Array, "B T"],
+               inv_freq: Float[np.ndarray, "H//2"]) -> Float[Array, "B T heads H"]:
     angles = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)  # [B, T, H/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -139,8 +237,11 @@ def _project(h, layer_params, layer_adapters, module, adapter_index):
 # ----------------------------------------------------------------------------- training attention
 
 
-def factored_dense_attention(q, k, v, lowrank, lora_b, adapter_index, *,
-                             implementation: str | None = "cudnn"):
+def factored_dense_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
+                             v: Float[Array, "B T K H"], lowrank: Float[Array, "B T R"],
+                             lora_b: Float[Array, "A K R H"],
+                             adapter_index: Int[Array, "B"] | Int[Array, "B T"], *,
+                             implementation: str | None = "cudnn") -> Float[Array, "B T N H"]:
     """Causal attention from position 0 (right-padded rows) with the factored v adapter, through
     ``jax.nn.dot_product_attention`` (cuDNN's fused, differentiable kernel on GPU).
 
@@ -227,7 +328,7 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
                    adapter_index: Int[Array, "B"] | Int[Array, "B T"] | None = None,
                    lengths: Int[Array, "B"] | None = None, bake_v: bool = True,
                    attn_impl: str | None = None, remat: bool | str = False,
-                   unroll: int | bool = 1):
+                   unroll: int | bool = 1) -> tuple[Float[Array, "B T D"], None]:
     """The decoder over right-padded rows from position 0, in the training (stacked) layout, under
     ``lax.scan``; returns (final hidden states [B, T, D], None).
 
@@ -264,7 +365,8 @@ def forward_hidden(params: dict, tokens: Int[Array, "B T"], *, config: ModelConf
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), None
 
 
-def logits_from_hidden(params: dict, hidden: Float[Array, "... D"], config: ModelConfig):
+def logits_from_hidden(params: dict, hidden: Float[Array, "... D"],
+                       config: ModelConfig) -> Float[Array, "... V"]:
     """Vocabulary logits in float32."""
     if config.tie_embeddings:
         return jnp.einsum("...d,vd->...v", hidden, params["embed"], preferred_element_type=F32)
@@ -272,8 +374,10 @@ def logits_from_hidden(params: dict, hidden: Float[Array, "... D"], config: Mode
 
 
 def forward(params: dict, tokens: Int[Array, "B T"], *, config: ModelConfig,
-            adapters: dict | None = None, adapter_index=None, lengths=None,
-            attn_impl: str | None = None, lora=None) -> Float[Array, "B T V"]:
+            adapters: dict | None = None,
+            adapter_index: Int[Array, "B"] | Int[Array, "B T"] | None = None,
+            lengths: Int[Array, "B"] | None = None, attn_impl: str | None = None,
+            lora: LoraConfig | None = None) -> Float[Array, "B T V"]:
     """Full-sequence logits (no cache), float32 [B, T, V], in either layout.
 
     Stacked (training-layout) parameters run under ``lax.scan``; per-layer (inference-layout)

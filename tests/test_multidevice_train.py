@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     for view, meshes in (("agent", ((1, 1), (4, 2))), ("shared", ((1, 1), (2, 2)))):
         config = TrainConfig(epochs=1, max_steps=3, compute_dtype="float32", batch_size=8,
                              max_len=32, bucket_multiple=32, learning_rate=1e-2, warmup_steps=1,
-                             view=view)
+                             data_view=view)
         for data, model in meshes:
             result = train(config, base, samples, toy_samples(8, offset=99),
                            RunOptions(progress=False, plot=False, mesh_data=data,

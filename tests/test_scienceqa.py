@@ -113,7 +113,7 @@ def test_handmade_files_train_in_the_shared_view_and_plain_files_are_refused(tmp
     assert "plan 2 of 2, action 1 of 1, reflect 2 of 2" in logged[0]
     tok = ByteTokenizer()
     examples, _ = data_lib.tokenize_samples(loaded, tok, agents=ROLES, eos_id=2, max_len=10_000,
-                                            view="shared")
+                                            data_view="shared")
     plan_turn = [e for e in examples if e.role == "reflect"][0]
     # "image" (the action's argument) is prefilled by action, reflect's own thought by reflect
     sample = loaded["reflect"][0]
@@ -123,8 +123,9 @@ def test_handmade_files_train_in_the_shared_view_and_plain_files_are_refused(tmp
     for view in ("shared", "mixed"):
         with pytest.raises(data_lib.DataError, match=rf"--view {view} needs to know who wrote.*"
                                                       r"plan: 1 of 1 \(first: sample 0"):
-            data_lib.tokenize_samples(plain, tok, agents=ROLES, eos_id=2, max_len=100, view=view)
-    data_lib.tokenize_samples(plain, tok, agents=ROLES, eos_id=2, max_len=100, view="agent")
+            data_lib.tokenize_samples(plain, tok, agents=ROLES, eos_id=2, max_len=100,
+                                      data_view=view)
+    data_lib.tokenize_samples(plain, tok, agents=ROLES, eos_id=2, max_len=100, data_view="agent")
 
 
 def test_published_prompts_all_segment_and_agree_with_the_role_files():
@@ -430,4 +431,4 @@ def test_built_in_task_files_without_writers_are_left_alone(tmp_path):
     assert first_turns and all(s["writers"] == [ENV] * 3 for s in first_turns)
     with pytest.raises(data_lib.DataError, match="--view shared needs to know who wrote"):
         data_lib.tokenize_samples(loaded, ByteTokenizer(), agents=ROLES, eos_id=2,
-                                  max_len=100_000, view="shared")
+                                  max_len=100_000, data_view="shared")

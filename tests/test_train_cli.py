@@ -44,6 +44,7 @@ def test_tiny_run_end_to_end_then_kill_and_resume(tmp_path, toy_dir, capsys):
     assert main(_args(toy_dir, out, "--stop-after", "3", "--save-every", "2")) == 0
     err = capsys.readouterr().err
     assert "continue with: python -m train --model tiny" in err and err.rstrip().endswith("--resume")
+    assert "view: mixed (every sample records its writers)" in err  # --view auto chose
     assert main(_args(toy_dir, out)) == 2  # checkpoints there: refuse to start over silently
     assert "pass --resume to continue" in capsys.readouterr().err
     assert main(_args(toy_dir, out, "--resume")) == 0
@@ -52,6 +53,7 @@ def test_tiny_run_end_to_end_then_kill_and_resume(tmp_path, toy_dir, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     events = [r["event"] for r in records]
     assert events[0] == "start" and events[-1] == "end" and events.count("validation") == 2
+    assert records[0]["train"]["view"] == "mixed"  # what auto resolved to, as resume checks it
     steps = [r["step"] for r in records if r["event"] == "step"]
     assert steps == list(range(1, len(steps) + 1))
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

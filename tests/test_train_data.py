@@ -189,15 +189,26 @@ def test_empty_outputs_are_reported_and_all_empty_refused():
         _examples(samples)
 
 
+def test_auto_view_is_mixed_only_when_every_sample_records_writers():
+    samples = toy_samples(3)
+    assert data_lib.auto_view(samples, ROLES) == ("mixed", "every sample records its writers")
+    del samples["action"][2]["writers"]
+    view, reason = data_lib.auto_view(samples, ROLES)
+    assert view == "agent" and reason.startswith("action sample 2: it records no writers")
+
+
 def test_shared_view_without_writers_is_refused():
-    segmented = toy_samples(3)  # segments, but no writers
+    segmented = toy_samples(3)
+    for items in segmented.values():  # segments, but no writers
+        for s in items:
+            del s["writers"]
     with pytest.raises(data_lib.DataError, match=r"--view shared needs to know who wrote .* plan: "
                                                  r"3 of 3 \(first: sample 0: it records no writers"):
         data_lib.tokenize_samples(segmented, CharTokenizer(), agents=ROLES, eos_id=2, max_len=64,
-                                  view="shared")
+                                  data_view="shared")
     for items in segmented.values():
         for s in items:
             s["writers"] = ["env", "critic"]
     with pytest.raises(data_lib.DataError, match=r"its writers \['critic'\] are not agents"):
         data_lib.tokenize_samples(segmented, CharTokenizer(), agents=ROLES, eos_id=2, max_len=64,
-                                  view="mixed")
+                                  data_view="mixed")

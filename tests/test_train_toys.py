@@ -52,8 +52,9 @@ def toy_samples(count: int, offset: int = 0, roles=ROLES, segments: bool = True)
         pieces = [f"Q{i + offset}: {a}+{b}?\n", "### Response:\n"]
         for role in roles:
             sample = {"input": "".join(pieces), "output": f"{role[0]}={a + b}"}
-            if segments:
+            if segments:  # the prompt is env text: it says so, as the role-sample format asks
                 sample["segments"] = list(pieces)
+                sample["writers"] = ["env"] * len(pieces)
             out[role].append(sample)
     return out
 

@@ -65,7 +65,7 @@ def test_shared_view_training_forward_equals_shared_cache_replay(episode):
     for k in (2, len(samples) - 1):  # an action turn and the last (reflect) turn
         sample, score = samples[k], scores[k]
         examples, _ = tokenize_samples({sample["role"]: [sample]}, TOK, agents=AGENTS, eos_id=2,
-                                       max_len=4096, view="shared")
+                                       max_len=4096, data_view="shared")
         e = examples[0]
         assert e.token_agents is not None and e.token_agents[-1] == e.agent
         hidden, _ = forward_hidden(params, jnp.asarray(e.tokens[None]), config=cfg,
@@ -82,15 +82,15 @@ def test_shared_view_training_forward_equals_shared_cache_replay(episode):
 
 def test_mixed_view_is_deterministic_and_about_half(episode):
     samples = {"plan": [s for s in per_role_samples(episode) if s["role"] == "plan"] * 20}
-    a, _ = tokenize_samples(samples, TOK, agents=AGENTS, eos_id=2, max_len=8192, view="mixed",
+    a, _ = tokenize_samples(samples, TOK, agents=AGENTS, eos_id=2, max_len=8192, data_view="mixed",
                             seed=3)
-    b, _ = tokenize_samples(samples, TOK, agents=AGENTS, eos_id=2, max_len=8192, view="mixed",
+    b, _ = tokenize_samples(samples, TOK, agents=AGENTS, eos_id=2, max_len=8192, data_view="mixed",
                             seed=3)
     shared = [e.token_agents is not None for e in a]
     assert shared == [e.token_agents is not None for e in b]
     assert 0.25 < np.mean(shared) < 0.75
     with pytest.raises(ValueError, match="view must be one of"):
-        tokenize_samples(samples, TOK, agents=AGENTS, eos_id=2, max_len=8192, view="both")
+        tokenize_samples(samples, TOK, agents=AGENTS, eos_id=2, max_len=8192, data_view="both")
 
 
 def test_training_in_the_mixed_view_runs_and_learns():
@@ -104,7 +104,7 @@ def test_training_in_the_mixed_view_runs_and_learns():
         return samples
 
     config = TrainConfig(epochs=1, batch_size=8, max_len=32, bucket_multiple=32,
-                         learning_rate=1e-2, warmup_steps=1, view="mixed")
+                         learning_rate=1e-2, warmup_steps=1, data_view="mixed")
     result = train(config, tiny_base(), with_writers(toy_samples(48)), toy_samples(8, offset=500),
                    RunOptions(progress=False, plot=False))
     losses = [r["loss"] for r in result.history]

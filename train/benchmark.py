@@ -39,8 +39,9 @@ from lragent_jax.model import init_params
 from lragent_jax.sharding import param_specs
 from train.cli import _preset_key, int_in
 from train.data import Batch
-from train.loop import (DEFAULT_TARGETS, Phase, Placement, TrainConfig, step_functions,
-                        update_mask)
+from train.config import DEFAULT_TARGETS, REMAT, Phase, TrainConfig
+from train.placement import Placement
+from train.step import step_functions, update_mask
 
 DEFAULT_CASES = ("smollm2-135m:8:4096:8:full", "smollm2-135m:64:4096:8:full",
                  "smollm2-135m:8:512:32:full", "llama-3.1-8b:8:4096:1:full",
@@ -70,8 +71,6 @@ class Case:
             if number < 1:
                 raise ValueError(f"case {text!r}: {name} must be an int >= 1; got {value!r}")
             numbers.append(number)
-        from train.loop import REMAT
-
         if parts[4] not in REMAT:
             raise ValueError(f"case {text!r}: REMAT must be one of {REMAT}; got {parts[4]!r}")
         return cls(parts[0], *numbers, parts[4])

@@ -104,18 +104,12 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
-
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
 
     def save(self, step: int, state: dict, progress: Progress, identity: dict) -> None:
         """Write ``state`` at ``step``; refuses non-finite adapters (they must never be resumed)."""
-        bad = [jax.tree_util.keystr(path) for path, leaf in
-               jax.tree_util.tree_flatten_with_path(state["adapters"])[0]
-               if count_nonfinite(np.asarray(jax.device_get(leaf)))]
+        bad = _nonfinite_leaves(state["adapters"])
         if bad:
             raise FloatingPointError(f"refusing to checkpoint step {step}: non-finite adapters in "
                                      f"{bad[:4]}")
@@ -180,9 +174,7 @@ class Checkpointer:
         except Exception as err:
             raise CheckpointDamaged(f"checkpoint {self.step_dir(step)} is unreadable: "
                                     f"{type(err).__name__}: {err}") from None
-        bad = [jax.tree_util.keystr(path) for path, leaf in
-               jax.tree_util.tree_flatten_with_path(restored["state"])[0]
-               if count_nonfinite(np.asarray(jax.device_get(leaf)))]
+        bad = _nonfinite_leaves(restored["state"])
         if bad:
             raise CheckpointDamaged(f"checkpoint {self.step_dir(step)} holds non-finite values "
                                     f"in {bad[:4]}")
@@ -256,6 +248,13 @@ def check_compatible(saved: dict, current: dict, directory: Path | str) -> None:
         raise CheckpointMismatch(f"cannot resume from {directory}: it was made for another run:\n  "
                                  + "\n  ".join(problems)
                                  + "\n(use another --out folder, or the settings of that run)")
+
+
+def _nonfinite_leaves(tree) -> list[str]:
+    """The paths of the leaves of ``tree`` that hold a NaN or Inf."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(path) for path, leaf in leaves
+            if count_nonfinite(np.asarray(jax.device_get(leaf)))]
 
 
 def identity_record(base_model: dict, lora: Any, train: dict, data: str) -> dict[str, Any]:

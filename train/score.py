@@ -27,7 +27,7 @@ from train import data as data_lib
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _evaluate(adapters, params, batch, *, config):
-    from train.loop import loss_terms
+    from train.loss import loss_terms
 
     return loss_terms(adapters, params, batch, config=config, remat="none")
 
@@ -36,7 +36,8 @@ def teacher_forced(base, adapters, examples, agents, *, batch_size: int, max_len
                    progress: bool = True) -> dict:
     buckets = data_lib.bucket_lengths(max_len)
     window = data_lib.target_window(examples, max_len)
-    from train.loop import ProgressBar, per_role_totals
+    from train.logs import ProgressBar
+    from train.loss import per_role_totals
 
     batches = data_lib.evaluation_batches(examples, batch_size=batch_size, buckets=buckets,
                                           window=window)
@@ -64,7 +65,7 @@ def generated(base, adapters, lora, examples, per_role: int, *, batch_size: int,
     """Greedy decoding through the inference session (non-shared cache: each row its own)."""
     from lragent_jax.generate import bucket
     from lragent_jax.session import GenerationSettings, Session, Turn
-    from train.loop import ProgressBar
+    from train.logs import ProgressBar
 
     chosen = []
     for agent in range(lora.num_agents):

@@ -13,7 +13,8 @@ from lragent_jax.loading.embedded import (EmbeddedModelMissing, embedded_model_p
 from lragent_jax.loading.gguf import (load_gguf, load_gguf_config, permute_qk_rows, save_gguf,
                                       unpermute_qk_rows)
 from lragent_jax.loading.hf import (CheckpointError, load_hf_checkpoint, load_hf_config,
-                                    param_shapes, save_hf_checkpoint)
+                                    save_hf_checkpoint)
+from lragent_jax.model import param_shapes
 
 __all__ = [
     "CheckpointError", "EmbeddedModelMissing", "embedded_model_path", "load_gguf",

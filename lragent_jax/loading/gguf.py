@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp): read, dequantize and convert to our parameter pytree; write for tests.
 
-Tensor names map to HF keys (``GGUF_GLOBAL_NAMES``/``GGUF_LAYER_NAMES``), and from there through the
-same table the HF loader uses, so both formats share one definition of the layout.
+Tensor names map to HF keys (``GGUF_GLOBAL_NAMES``/``GGUF_LAYER_NAMES``), both from the model's leaf
+table (``lragent_jax.model.PARAM_LEAVES``) that the HF loader reads too, so both formats share one
+definition of the layout.
 
 The trap: for the ``llama`` architecture, llama.cpp's converter reorders the rows of the q and k
 projections (weights and biases) so its interleaved RoPE sees pairs (2i, 2i+1) where HF's
@@ -17,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from lragent_jax.config import ModelConfig, RopeScaling
+from lragent_jax.config import DTYPES, ModelConfig, RopeScaling
 from lragent_jax.loading.hf import (CheckpointError, assemble_params, check_params, check_tensor,
                                     config_checksum, normalize_dtype, to_hf_tensors)
 from lragent_jax.loading.integrity import (STAGING_MARK, clean_stale_staging, crc32_of,
                                            normal_mode)
+from lragent_jax.model import PARAM_LEAVES, ParamLeaf
 
 # Metadata key of the checksums ``save_gguf`` writes (a JSON string): {"config": sha256 of the
 # model config, "tokenizer": sha256 of the tokenizer.* fields, "tensors": {name: crc32 of the
@@ -39,33 +41,18 @@ CHECKSUMS_KEY = "lragent.checksums"
 # architecture -> whether its q/k rows are stored in llama.cpp's interleaved RoPE order
 ARCHITECTURES = {"llama": True, "qwen2": False}
 
-# GGUF tensor name -> HF key; ``hf.GLOBAL_KEYS``/``hf.LAYER_KEYS`` then give our leaf.
-GGUF_GLOBAL_NAMES = (
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-)
-GGUF_LAYER_NAMES = (
-    ("blk.{layer}.attn_norm.weight", "model.layers.{layer}.input_layernorm.weight"),
-    ("blk.{layer}.ffn_norm.weight", "model.layers.{layer}.post_attention_layernorm.weight"),
-    ("blk.{layer}.attn_q.weight", "model.layers.{layer}.self_attn.q_proj.weight"),
-    ("blk.{layer}.attn_k.weight", "model.layers.{layer}.self_attn.k_proj.weight"),
-    ("blk.{layer}.attn_v.weight", "model.layers.{layer}.self_attn.v_proj.weight"),
-    ("blk.{layer}.attn_output.weight", "model.layers.{layer}.self_attn.o_proj.weight"),
-    ("blk.{layer}.attn_q.bias", "model.layers.{layer}.self_attn.q_proj.bias"),
-    ("blk.{layer}.attn_k.bias", "model.layers.{layer}.self_attn.k_proj.bias"),
-    ("blk.{layer}.attn_v.bias", "model.layers.{layer}.self_attn.v_proj.bias"),
-    ("blk.{layer}.ffn_gate.weight", "model.layers.{layer}.mlp.gate_proj.weight"),
-    ("blk.{layer}.ffn_up.weight", "model.layers.{layer}.mlp.up_proj.weight"),
-    ("blk.{layer}.ffn_down.weight", "model.layers.{layer}.mlp.down_proj.weight"),
-)
+# GGUF tensor name -> HF key, from the model's leaf table (which then gives our leaf)
+GGUF_GLOBAL_NAMES = tuple((leaf.gguf_name, leaf.hf_key) for leaf in PARAM_LEAVES
+                          if not leaf.per_layer)
+GGUF_LAYER_NAMES = tuple((leaf.gguf_name, leaf.hf_key) for leaf in PARAM_LEAVES if leaf.per_layer)
 # llama.cpp's precomputed Llama 3 RoPE frequency factors; read into ``config.rope_scaling``.
 ROPE_FREQS = "rope_freqs.weight"
 
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 _GGUF_TO_HF_GLOBAL = dict(GGUF_GLOBAL_NAMES)
 _GGUF_TO_HF_LAYER = {g.split(".", 2)[2]: h for g, h in GGUF_LAYER_NAMES}
-_HF_TO_GGUF = {h: g for g, h in GGUF_GLOBAL_NAMES + GGUF_LAYER_NAMES}
+_LEAF_OF_HF = {leaf.hf_key: leaf for leaf in PARAM_LEAVES}
+_HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -78,12 +65,23 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def hf_to_gguf_name(key: str) -> str:
-    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", key)
+def _leaf_and_layer(key: str) -> tuple[ParamLeaf, int | None]:
+    """The table's leaf of an HF key (KeyError for keys outside it) and its layer, if any."""
+    match = _HF_LAYER_KEY.match(key)
     if match:
-        template = _HF_TO_GGUF["model.layers.{layer}." + match.group(2)]
-        return template.format(layer=int(match.group(1)))
-    return _HF_TO_GGUF[key]
+        return _LEAF_OF_HF["model.layers.{layer}." + match.group(2)], int(match.group(1))
+    return _LEAF_OF_HF[key], None
+
+
+def hf_to_gguf_name(key: str) -> str:
+    leaf, layer = _leaf_and_layer(key)
+    return leaf.gguf_name if layer is None else leaf.gguf_name.format(layer=layer)
+
+
+def _rope_heads(key: str, config: ModelConfig) -> int | None:
+    """How many heads' rows RoPE rotates in the tensor of an HF key (q, k), else None."""
+    leaf = _leaf_and_layer(key)[0]
+    return None if leaf.rope_heads is None else getattr(config, leaf.rope_heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +199,7 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
     def get(key: str, default: Any = None) -> Any:
         return metadata.get(f"{arch}.{key}", default)
 
-    missing = [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
-                                       "attention.head_count") if get(k) is None]
-    if missing:
-        raise ValueError(f"GGUF metadata lacks required keys {missing}")
-    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
-        if isinstance(get(key), list):
-            raise ValueError(f"per-layer {arch}.{key} is not supported (got a list)")
+    _check_sizes(get, arch)
     hidden_size = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length") or hidden_size // num_heads)
@@ -216,25 +208,8 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
         raise ValueError(f"partial RoPE ({arch}.rope.dimension_count={rope_dims} < head_dim "
                          f"{head_dim}) is not supported")
     rope_theta = _float32_value(get("rope.freq_base", 10000.0))
-    if get("attention.sliding_window"):
-        raise ValueError(f"{arch}.attention.sliding_window={get('attention.sliding_window')} "
-                         "(sliding-window attention) is not implemented")
-    if get("expert_count"):
-        raise ValueError(f"{arch}.expert_count={get('expert_count')} (mixture-of-experts layers)"
-                         " is not implemented")
-
-    scaling = None
-    scaling_type = get("rope.scaling.type")
-    if scaling_type == "linear":
-        scaling = RopeScaling("linear", factor=_float32_value(get("rope.scaling.factor")))
-    elif scaling_type not in (None, "none"):
-        raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; allowed: "
-                         "linear, or Llama 3 scaling through rope_freqs.weight")
-    if rope_factors is not None:
-        original = get("rope.scaling.original_context_length")
-        scaling = _rope_scaling_from_factors(np.asarray(rope_factors, np.float64), head_dim,
-                                             rope_theta, int(original) if original else None)
-
+    _check_layers(get, arch)
+    scaling = _rope_scaling(get, rope_factors, head_dim, rope_theta)
     tokens = metadata.get("tokenizer.ggml.tokens")
     embed_shape = tensor_shapes.get("token_embd.weight")
     vocab_size = get("vocab_size") or (len(tokens) if tokens else None) or (
@@ -242,11 +217,7 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
     if vocab_size is None:
         raise ValueError("cannot tell the vocabulary size: no vocab_size, token list or "
                          "token_embd.weight")
-    eos_ids: list[int] = []
-    for key in ("eos_token_id", "eom_token_id", "eot_token_id"):
-        value = metadata.get(f"tokenizer.ggml.{key}")
-        if value is not None and int(value) not in eos_ids:
-            eos_ids.append(int(value))
+    eos_ids = _end_ids(metadata)
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     if name is None:
         basename, size = metadata.get("general.basename"), metadata.get("general.size_label")
@@ -270,6 +241,54 @@ def config_from_metadata(metadata: Mapping[str, Any], tensor_shapes: Mapping[str
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos_ids),
     )
+
+
+def _check_sizes(get: Callable[..., Any], arch: str) -> None:
+    """Refuse metadata that lacks a required size or gives one per layer."""
+    missing = [f"{arch}.{k}" for k in ("block_count", "embedding_length", "feed_forward_length",
+                                       "attention.head_count") if get(k) is None]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks required keys {missing}")
+    for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
+        if isinstance(get(key), list):
+            raise ValueError(f"per-layer {arch}.{key} is not supported (got a list)")
+
+
+def _check_layers(get: Callable[..., Any], arch: str) -> None:
+    """Refuse layers the model does not implement (sliding-window attention, experts)."""
+    if get("attention.sliding_window"):
+        raise ValueError(f"{arch}.attention.sliding_window={get('attention.sliding_window')} "
+                         "(sliding-window attention) is not implemented")
+    if get("expert_count"):
+        raise ValueError(f"{arch}.expert_count={get('expert_count')} (mixture-of-experts layers)"
+                         " is not implemented")
+
+
+def _rope_scaling(get: Callable[..., Any], rope_factors: np.ndarray | None, head_dim: int,
+                  rope_theta: float) -> RopeScaling | None:
+    """Linear scaling from the metadata, or Llama 3 scaling from ``rope_freqs.weight``."""
+    scaling = None
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", factor=_float32_value(get("rope.scaling.factor")))
+    elif scaling_type not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling type {scaling_type!r} is not supported; allowed: "
+                         "linear, or Llama 3 scaling through rope_freqs.weight")
+    if rope_factors is not None:
+        original = get("rope.scaling.original_context_length")
+        scaling = _rope_scaling_from_factors(np.asarray(rope_factors, np.float64), head_dim,
+                                             rope_theta, int(original) if original else None)
+    return scaling
+
+
+def _end_ids(metadata: Mapping[str, Any]) -> tuple[int, ...]:
+    """The distinct end-of-sequence, end-of-message and end-of-turn ids, in that order."""
+    eos_ids: list[int] = []
+    for key in ("eos_token_id", "eom_token_id", "eot_token_id"):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is not None and int(value) not in eos_ids:
+            eos_ids.append(int(value))
+    return tuple(eos_ids)
 
 
 def _canonical(value: Any) -> Any:
@@ -338,12 +357,8 @@ class _GGUFSource:
             raise ValueError(f"checksum mismatch (crc32 {crc32_of(tensor.data)}, saved "
                              f"{expected}): the file changed or is corrupt since it was written")
         array = dequantize(tensor.data, tensor.tensor_type).reshape(self.shape(key))
-        if self._permute_qk:
-            if ".q_proj." in key:
-                array = unpermute_qk_rows(array, self._config.num_heads)
-            elif ".k_proj." in key:
-                array = unpermute_qk_rows(array, self._config.num_kv_heads)
-        return array
+        heads = _rope_heads(key, self._config) if self._permute_qk else None
+        return array if heads is None else unpermute_qk_rows(array, heads)
 
     def where(self, key: str) -> str:
         return f"GGUF tensor {self._tensors[key].name} in {self._path.name}"
@@ -412,7 +427,7 @@ def load_gguf_config(path: str | os.PathLike) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 # writing (tests and exports)
 
-_TENSOR_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+_TENSOR_DTYPES = tuple(DTYPES.values())
 
 
 def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.PathLike,
@@ -441,66 +456,14 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
     tmp = path.with_name(f".{path.name}{STAGING_MARK}{os.getpid()}-{os.urandom(4).hex()}")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        writer.add_name(config.name)
-        writer.add_block_count(config.num_layers)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_heads)
-        writer.add_head_count_kv(config.num_kv_heads)
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        _add_model_fields(writer, config, arch)
+        _add_tokenizer_fields(writer, tokenizer_metadata or {})
         scaling = config.rope_scaling
-        if scaling is not None and scaling.kind == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(scaling.factor)
-        elif scaling is not None:
-            writer.add_key_value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch),
-                                 scaling.original_max_position_embeddings,
-                                 gguf.GGUFValueType.UINT32)
-        if config.bos_token_id is not None:
-            writer.add_bos_token_id(config.bos_token_id)
-        for add, token_id in zip((writer.add_eos_token_id, writer.add_eom_token_id,
-                                  writer.add_eot_token_id), config.eos_token_ids):
-            add(token_id)
-        skip = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.ggml.eom_token_id", "tokenizer.ggml.eot_token_id"}
-        for key, value in (tokenizer_metadata or {}).items():
-            if not key.startswith("tokenizer.") or key in skip:
-                continue
-            if isinstance(value, (list, tuple)):
-                writer.add_array(key, list(value))
-            else:
-                writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
-
         if scaling is not None and scaling.kind == "llama3":
             factors = llama3_rope_factors(config.head_dim, config.rope_theta, scaling)
             crcs[ROPE_FREQS] = crc32_of(factors)
             writer.add_tensor(ROPE_FREQS, factors)
-        for key, array in to_hf_tensors(params, config):
-            problem = check_tensor(key, array, "in the params to save")
-            if problem is not None:
-                raise ValueError(f"refusing to save {path}: {problem}")
-            if permute_qk and (".q_proj." in key or ".k_proj." in key):
-                heads = config.num_heads if ".q_proj." in key else config.num_kv_heads
-                array = permute_qk_rows(array, heads)
-            if array.ndim == 1:
-                array = array.astype(np.float32)
-            elif out_dtype is not None:
-                array = array.astype(out_dtype)
-            elif array.dtype not in _TENSOR_DTYPES:
-                array = array.astype(np.float32)
-            array = np.ascontiguousarray(array)
-            crcs[hf_to_gguf_name(key)] = crc32_of(array)
-            if array.dtype == ml_dtypes.bfloat16:  # gguf infers F32/F16 only; say BF16 explicitly
-                writer.add_tensor(hf_to_gguf_name(key), array.view(np.uint16),
-                                  raw_shape=array.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
-            else:
-                writer.add_tensor(hf_to_gguf_name(key), array)
+        _add_weights(writer, params, config, permute_qk, out_dtype, path, crcs)
         written = {k: v.value for k, v in writer.kv_data[0].items()}
         writer.add_string(CHECKSUMS_KEY, json.dumps({
             "config": config_checksum(config), "tokenizer": tokenizer_checksum(written),
@@ -515,3 +478,78 @@ def save_gguf(params: Mapping[str, Any], config: ModelConfig, path: str | os.Pat
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _add_model_fields(writer, config: ModelConfig, arch: str) -> None:
+    """The architecture's metadata: sizes, RoPE (and its scaling), norm epsilon, special ids."""
+    import gguf
+
+    writer.add_name(config.name)
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+    elif scaling is not None:
+        writer.add_key_value(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch),
+                             scaling.original_max_position_embeddings,
+                             gguf.GGUFValueType.UINT32)
+    if config.bos_token_id is not None:
+        writer.add_bos_token_id(config.bos_token_id)
+    for add, token_id in zip((writer.add_eos_token_id, writer.add_eom_token_id,
+                              writer.add_eot_token_id), config.eos_token_ids):
+        add(token_id)
+
+
+def _add_tokenizer_fields(writer, tokenizer_metadata: Mapping[str, Any]) -> None:
+    """The ``tokenizer.*`` fields, but the special ids (``config`` gives those)."""
+    import gguf
+
+    skip = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eom_token_id", "tokenizer.ggml.eot_token_id"}
+    for key, value in tokenizer_metadata.items():
+        if not key.startswith("tokenizer.") or key in skip:
+            continue
+        if isinstance(value, (list, tuple)):
+            writer.add_array(key, list(value))
+        else:
+            writer.add_key_value(key, value, gguf.GGUFValueType.get_type(value))
+
+
+def _add_weights(writer, params: Mapping[str, Any], config: ModelConfig, permute_qk: bool,
+                 out_dtype: np.dtype | None, path: Path, crcs: dict[str, str]) -> None:
+    """Every weight, checked finite, in llama.cpp's q/k row order where it wants it; 1-D tensors
+    in float32, matrices in ``out_dtype`` (or their own dtype when GGUF has it); crc32 each."""
+    import gguf
+
+    for key, array in to_hf_tensors(params, config):
+        problem = check_tensor(key, array, "in the params to save")
+        if problem is not None:
+            raise ValueError(f"refusing to save {path}: {problem}")
+        heads = _rope_heads(key, config) if permute_qk else None
+        if heads is not None:
+            array = permute_qk_rows(array, heads)
+        if array.ndim == 1:
+            array = array.astype(np.float32)
+        elif out_dtype is not None:
+            array = array.astype(out_dtype)
+        elif array.dtype not in _TENSOR_DTYPES:
+            array = array.astype(np.float32)
+        array = np.ascontiguousarray(array)
+        crcs[hf_to_gguf_name(key)] = crc32_of(array)
+        if array.dtype == ml_dtypes.bfloat16:  # gguf infers F32/F16 only; say BF16 explicitly
+            writer.add_tensor(hf_to_gguf_name(key), array.view(np.uint16),
+                              raw_shape=array.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(hf_to_gguf_name(key), array)

@@ -1,15 +1,9 @@
 """Hugging Face checkpoint folders: ``config.json`` + safetensors (one file, or shards + index).
 
-The mapping from HF tensor names to our parameter pytree is data (``GLOBAL_KEYS``, ``LAYER_KEYS``):
-each row names the HF key, the leaf it fills and how the stored array becomes ours. The GGUF
-loader reuses the same table, so both formats agree on layout by construction.
-
-Our pytree (weights [in, out], every per-layer leaf stacked on a leading L axis)::
-
-    embed [V, D], final_norm [D], lm_head [D, V] (untied only),
-    layers: attn_norm, mlp_norm [L, D]; q [L, D, N*H]; k, v [L, D, K*H]; o [L, N*H, D];
-            q_bias [L, N*H], k_bias, v_bias [L, K*H] (qkv_bias only);
-            gate, up [L, D, F]; down [L, F, D]
+The mapping from HF tensor names to our parameter pytree is data: the model's leaf table
+(``lragent_jax.model.PARAM_LEAVES``) gives each leaf's HF key, its shape and whether HF stores it
+transposed ([out, in]; ours are [in, out]). The GGUF loader reads the same table, so both formats
+agree with the model on layout by construction.
 
 Every tensor is checked as it is read: floating point (integer or bool tensors are refused, not
 cast), finite (NaN/Inf are counted and named), and, in files this library wrote, equal to the
@@ -23,19 +17,19 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from lragent_jax.config import ModelConfig
+from lragent_jax.config import DTYPE_NAMES, DTYPES, ModelConfig, to_dtype
 from lragent_jax.loading.integrity import (atomic_write, atomic_write_text, count_nonfinite,
                                            crc32_of, is_float_dtype, staging_dir, swap_into_place)
+from lragent_jax.model import ParamLeaf, param_leaves
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -44,8 +38,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # config, "tensors": {stored name: crc32 of its bytes}}; verified at load when present.
 CHECKSUMS_KEY = "lragent.checksums"
 
-# Loadable parameter dtypes; the checkpoint may hold any of these too.
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+# Loadable parameter dtypes (the dtype table's); the checkpoint may hold any of these too.
+SUPPORTED_DTYPES = tuple(DTYPES.values())
 
 
 class CheckpointError(ValueError):
@@ -59,69 +53,24 @@ class CheckpointError(ValueError):
                          f"{listed}")
 
 
-def _identity(array: np.ndarray) -> np.ndarray:
-    return array
+def _orient(array: np.ndarray, leaf: ParamLeaf) -> np.ndarray:
+    """Stored (HF or GGUF, numpy order) -> ours, and back: its own inverse."""
+    return array.T if leaf.hf_transposed else array
 
-
-def _transpose(array: np.ndarray) -> np.ndarray:
-    # HF (and GGUF, in numpy order) store linear weights [out, in]; our forward does x @ W.
-    return array.T
-
-
-def _always(config: ModelConfig) -> bool:
-    return True
-
-
-def _untied(config: ModelConfig) -> bool:
-    return not config.tie_embeddings
-
-
-def _with_bias(config: ModelConfig) -> bool:
-    return config.qkv_bias
-
-
-# (HF key, our leaf, stored -> ours (its own inverse), present when)
-GLOBAL_KEYS: tuple[tuple[str, str, Callable, Callable], ...] = (
-    ("model.embed_tokens.weight", "embed", _identity, _always),
-    ("model.norm.weight", "final_norm", _identity, _always),
-    ("lm_head.weight", "lm_head", _transpose, _untied),
-)
-LAYER_KEYS: tuple[tuple[str, str, Callable, Callable], ...] = (
-    ("model.layers.{layer}.input_layernorm.weight", "attn_norm", _identity, _always),
-    ("model.layers.{layer}.post_attention_layernorm.weight", "mlp_norm", _identity, _always),
-    ("model.layers.{layer}.self_attn.q_proj.weight", "q", _transpose, _always),
-    ("model.layers.{layer}.self_attn.k_proj.weight", "k", _transpose, _always),
-    ("model.layers.{layer}.self_attn.v_proj.weight", "v", _transpose, _always),
-    ("model.layers.{layer}.self_attn.o_proj.weight", "o", _transpose, _always),
-    ("model.layers.{layer}.self_attn.q_proj.bias", "q_bias", _identity, _with_bias),
-    ("model.layers.{layer}.self_attn.k_proj.bias", "k_bias", _identity, _with_bias),
-    ("model.layers.{layer}.self_attn.v_proj.bias", "v_bias", _identity, _with_bias),
-    ("model.layers.{layer}.mlp.gate_proj.weight", "gate", _transpose, _always),
-    ("model.layers.{layer}.mlp.up_proj.weight", "up", _transpose, _always),
-    ("model.layers.{layer}.mlp.down_proj.weight", "down", _transpose, _always),
-)
 
 # Present in some checkpoints, carry nothing the model needs.
 _HARMLESS_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
-def param_shapes(config: ModelConfig) -> dict[str, Any]:
-    """The parameter pytree's structure with shape tuples as leaves (per-layer leaves carry L)."""
-    d, f, v, num_layers = (config.hidden_size, config.intermediate_size, config.vocab_size,
-                           config.num_layers)
-    per_layer = {
-        "attn_norm": (d,), "mlp_norm": (d,),
-        "q": (d, config.q_dim), "k": (d, config.kv_dim), "v": (d, config.kv_dim),
-        "o": (config.q_dim, d),
-        "q_bias": (config.q_dim,), "k_bias": (config.kv_dim,), "v_bias": (config.kv_dim,),
-        "gate": (d, f), "up": (d, f), "down": (f, d),
-    }
-    global_shapes = {"embed": (v, d), "final_norm": (d,), "lm_head": (d, v)}
-    shapes: dict[str, Any] = {leaf: global_shapes[leaf]
-                              for _, leaf, _, present in GLOBAL_KEYS if present(config)}
-    shapes["layers"] = {leaf: (num_layers, *per_layer[leaf])
-                        for _, leaf, _, present in LAYER_KEYS if present(config)}
-    return shapes
+def hf_plan(config: ModelConfig) -> list[tuple[str, ParamLeaf, int | None]]:
+    """(HF key, leaf, layer or None) of every tensor ``config`` needs: the global leaves, then
+    layer by layer, each in the table's order."""
+    leaves = param_leaves(config)
+    plan = [(leaf.hf_key, leaf, None) for leaf in leaves if not leaf.per_layer]
+    for layer in range(config.num_layers):
+        plan += [(leaf.hf_key.format(layer=layer), leaf, layer)
+                 for leaf in leaves if leaf.per_layer]
+    return plan
 
 
 def config_checksum(config: ModelConfig) -> str:
@@ -137,7 +86,7 @@ def check_tensor(key: str, array: np.ndarray, where: str, stored: np.ndarray | N
     raw = array if stored is None else stored
     if not is_float_dtype(raw.dtype):
         return (f"{key} ({where}) is stored as {raw.dtype}, not floating point; weights must be "
-                "float32, bfloat16 or float16")
+                f"{', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}")
     bad = count_nonfinite(array)
     if not bad:
         return None
@@ -148,20 +97,13 @@ def check_tensor(key: str, array: np.ndarray, where: str, stored: np.ndarray | N
             "the file is corrupt or the weights diverged")
 
 
-def _stored_shape(shape: tuple[int, ...], transform: Callable) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if transform is _transpose else tuple(shape)
+def _stored_shape(shape: tuple[int, ...], leaf: ParamLeaf) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if leaf.hf_transposed else tuple(shape)
 
 
 def normalize_dtype(dtype: Any) -> np.dtype:
     """A numpy dtype among ``SUPPORTED_DTYPES`` (accepts jnp/np types and names like "bfloat16")."""
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported parameter dtype {dtype!r}; allowed: float32, bfloat16, "
-                         "float16")
-    return resolved
+    return to_dtype(dtype, "parameter dtype")
 
 
 class TensorSource(Protocol):
@@ -190,19 +132,9 @@ def assemble_params(config: ModelConfig, source: TensorSource, dtype: Any, sourc
     problems = list(problems)
     reported_absent = set(reported_absent)
     available = set(source.keys())
-    expected = param_shapes(config)
-    plan: list[tuple[str, str, int | None, Callable]] = []  # (key, leaf, layer, transform)
-    for key, leaf, transform, present in GLOBAL_KEYS:
-        if present(config):
-            plan.append((key, leaf, None, transform))
-    for layer in range(config.num_layers):
-        for key, leaf, transform, present in LAYER_KEYS:
-            if present(config):
-                plan.append((key.format(layer=layer), leaf, layer, transform))
-
-    for key, leaf, layer, transform in plan:
-        want = expected[leaf] if layer is None else expected["layers"][leaf][1:]
-        want = _stored_shape(want, transform)
+    plan = hf_plan(config)
+    for key, leaf, layer in plan:
+        want = _stored_shape(leaf.shape(config, stacked=False), leaf)
         if key not in available:
             if key not in reported_absent:
                 problems.append(f"missing key {key} (expected shape {want})")
@@ -219,8 +151,9 @@ def assemble_params(config: ModelConfig, source: TensorSource, dtype: Any, sourc
         raise CheckpointError(source_name, problems)
 
     top_level: dict[str, np.ndarray] = {}
-    stacks = {leaf: np.empty(shape, target_dtype) for leaf, shape in expected["layers"].items()}
-    for key, leaf, layer, transform in plan:
+    stacks = {leaf.name: np.empty(leaf.shape(config), target_dtype)
+              for leaf in param_leaves(config) if leaf.per_layer}
+    for key, leaf, layer in plan:
         try:
             stored = np.asarray(source.read(key))
         except Exception as err:  # a corrupt payload: report it with the rest
@@ -234,11 +167,11 @@ def assemble_params(config: ModelConfig, source: TensorSource, dtype: Any, sourc
         if problem is not None:
             problems.append(problem)
             continue
-        array = transform(converted)
+        array = _orient(converted, leaf)
         if layer is None:
-            top_level[leaf] = array
+            top_level[leaf.name] = array
         else:
-            stacks[leaf][layer] = array
+            stacks[leaf.name][layer] = array
     if problems:
         raise CheckpointError(source_name, problems)
     # device_put, not jnp.asarray: the latter compiles a staging program per shape and dtype.
@@ -249,18 +182,15 @@ def assemble_params(config: ModelConfig, source: TensorSource, dtype: Any, sourc
 
 def check_params(params: Mapping[str, Any], config: ModelConfig) -> None:
     """Raise a ValueError naming every leaf of ``params`` that is missing or mis-shaped."""
-    expected = param_shapes(config)
     problems = []
-    for group, tree in (("", expected), ("layers/", expected["layers"])):
-        given = params if not group else params.get("layers", {})
-        for leaf, shape in tree.items():
-            if leaf == "layers":
-                continue
-            if leaf not in given:
-                problems.append(f"missing leaf {group}{leaf} (expected shape {shape})")
-            elif tuple(given[leaf].shape) != shape:
-                problems.append(f"{group}{leaf}: expected shape {shape}, found "
-                                f"{tuple(given[leaf].shape)}")
+    for leaf in param_leaves(config):
+        group, given = ("layers/", params.get("layers", {})) if leaf.per_layer else ("", params)
+        shape = leaf.shape(config)
+        if leaf.name not in given:
+            problems.append(f"missing leaf {group}{leaf.name} (expected shape {shape})")
+        elif tuple(given[leaf.name].shape) != shape:
+            problems.append(f"{group}{leaf.name}: expected shape {shape}, found "
+                            f"{tuple(given[leaf.name].shape)}")
     if problems:
         raise ValueError(f"params do not match config {config.name!r}:\n"
                          + "\n".join(f"  - {p}" for p in problems))
@@ -415,21 +345,22 @@ def to_hf_tensors(params: Mapping[str, Any], config: ModelConfig,
     check_params(params, config)
     out_dtype = None if dtype is None else normalize_dtype(dtype)
 
-    def convert(array: Any, transform: Callable) -> np.ndarray:
+    def convert(array: Any, leaf: ParamLeaf) -> np.ndarray:
         host = np.asarray(array)
         host = host if out_dtype is None else host.astype(out_dtype, copy=False)
-        return np.ascontiguousarray(transform(host))
+        return np.ascontiguousarray(_orient(host, leaf))
 
-    for key, leaf, transform, present in GLOBAL_KEYS:
-        if present(config):
-            yield key, convert(params[leaf], transform)
+    leaves = param_leaves(config)
+    for leaf in leaves:
+        if not leaf.per_layer:
+            yield leaf.hf_key, convert(params[leaf.name], leaf)
     # Leaf by leaf: one host copy of a stacked leaf at a time, and no per-layer device slicing
     # (which would compile a program per shape).
-    for key, leaf, transform, present in LAYER_KEYS:
-        if present(config):
-            stack = np.asarray(params["layers"][leaf])
+    for leaf in leaves:
+        if leaf.per_layer:
+            stack = np.asarray(params["layers"][leaf.name])
             for layer in range(config.num_layers):
-                yield key.format(layer=layer), convert(stack[layer], transform)
+                yield leaf.hf_key.format(layer=layer), convert(stack[layer], leaf)
 
 
 def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
@@ -456,21 +387,7 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
-    total = 0
-    for key, array in to_hf_tensors(params, config, dtype):
-        problem = check_tensor(key, array, "in the params to save")
-        if problem is not None:
-            raise ValueError(f"refusing to save {folder}: {problem}")
-        if (max_shard_bytes is not None and shards[-1]
-                and shard_bytes + array.nbytes > max_shard_bytes):
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = array
-        shard_bytes += array.nbytes
-        total += array.nbytes
-
+    shards = _shards(to_hf_tensors(params, config, dtype), max_shard_bytes, folder)
     stored_dtype = next(iter(shards[0].values())).dtype
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = stored_dtype.name
@@ -484,20 +401,9 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
 
     # Everything is written into a staging folder that then replaces ``folder`` in one atomic
     # step: a reader (or a crash) never sees new weights with an old config, or no weights.
-    # Other files of the folder (tokenizer, README) are carried over (hard links, no copy).
     staging = staging_dir(folder)
     try:
-        weight_files = {CONFIG_FILE, SINGLE_FILE, INDEX_FILE}
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if path.name in weight_files or re.fullmatch(r"model-\d+-of-\d+\.safetensors",
-                                                             path.name):
-                    continue  # replaced; a previous export with another sharding must not linger
-                target = staging / path.name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.copytree(path, target, symlinks=True, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(path, target)
+        _carry_over(folder, staging)
         atomic_write_text(staging / CONFIG_FILE, json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
             atomic_write(staging / SINGLE_FILE,
@@ -509,6 +415,7 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
                 atomic_write(staging / name,
                              lambda tmp, shard=shard: save_file(shard, tmp, metadata(shard)))
                 weight_map.update({key: name for key in shard})
+            total = sum(array.nbytes for shard in shards for array in shard.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             atomic_write_text(staging / INDEX_FILE, json.dumps(index, indent=2) + "\n")
         swap_into_place(staging, folder)
@@ -516,6 +423,42 @@ def save_hf_checkpoint(params: Mapping[str, Any], config: ModelConfig,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _shards(tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int | None,
+            folder: Path) -> list[dict[str, np.ndarray]]:
+    """The tensors, checked finite, in shards of at most ``max_shard_bytes`` (one when None)."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    for key, array in tensors:
+        problem = check_tensor(key, array, "in the params to save")
+        if problem is not None:
+            raise ValueError(f"refusing to save {folder}: {problem}")
+        if (max_shard_bytes is not None and shards[-1]
+                and shard_bytes + array.nbytes > max_shard_bytes):
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = array
+        shard_bytes += array.nbytes
+    return shards
+
+
+def _carry_over(folder: Path, staging: Path) -> None:
+    """Other files of ``folder`` (tokenizer, README) into ``staging``, by hard link (no copy);
+    the weights and config it held are replaced, and a previous export with another sharding
+    must not linger."""
+    if not folder.is_dir():
+        return
+    weight_files = {CONFIG_FILE, SINGLE_FILE, INDEX_FILE}
+    for path in folder.iterdir():
+        if path.name in weight_files or re.fullmatch(r"model-\d+-of-\d+\.safetensors",
+                                                     path.name):
+            continue
+        target = staging / path.name
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(path, target)
 
 
 def _link_or_copy(source, target) -> None:

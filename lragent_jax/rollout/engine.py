@@ -436,123 +436,146 @@ class RolloutEngine:
         """
         if total is None and hasattr(episodes, "__len__"):
             total = len(episodes)
-        batcher, session = self.batcher, self.session
-        source = iter(episodes)
-        active: dict[int, _Active] = {}
-        out: list[RolloutResult] = []
-        held: dict[int, RolloutResult] = {}
-        counts = {"next": 0, "emit": 0, "done": 0, "failed": 0, "generated": 0, "prefilled": 0}
-        exhausted = False
-        t0 = time.perf_counter()
-
-        def finish(act: _Active, error: BaseException | None) -> None:
-            act.close_turn()
-            try:
-                record = act.episode.record()
-            except Exception as e:  # no record to give; the episode's own error is kept first
-                record, error = None, error or e
-            row = act.row
-            view_names = session.agent_names
-            prefilled = {view_names[i]: int(n) for i, n in enumerate(session.prefilled[row])}
-            generated = int(session.decoded[row].sum())
-            result = RolloutResult(
-                index=act.index, task=getattr(act.episode, "task", None), record=record,
-                error=None if error is None else f"{type(error).__name__}: {error}", row=row,
-                calls=act.calls, prefilled=prefilled, generated=generated,
-                ttft_s=tuple(act.ttft), turn_s=tuple(act.turn_s), started_s=act.started - t0,
-                finished_s=time.perf_counter() - t0,
-                out_of_capacity=bool(getattr(act.episode, "out_of_capacity", False)),
-                exception=error)
-            del active[row]
-            batcher.release(row)
-            counts["done"] += 1
-            counts["failed"] += error is not None
-            counts["generated"] += generated
-            counts["prefilled"] += sum(prefilled.values())
-            if ordered:
-                held[result.index] = result
-                while counts["emit"] in held:
-                    out.append(held.pop(counts["emit"]))
-                    counts["emit"] += 1
-            else:
-                out.append(result)
-
-        def advance(act: _Active) -> None:
-            try:
-                nxt = act.episode.next_turn()
-            except Exception as e:
-                return finish(act, e)
-            if nxt is None:
-                return finish(act, None)
-            if isinstance(nxt, Continuation):
-                turn = nxt.turn
-            else:
-                act.close_turn()
-                turn = nxt
-            if not isinstance(turn, Turn):
-                return finish(act, ValueError(f"next_turn must return a Turn, a Continuation or "
-                                              f"None; got {nxt!r}"))
-            try:
-                pending = batcher.submit(act.row, turn, tag=act)
-            except ValueError as e:
-                return finish(act, e)
-            if act.turn_ready is None:
-                act.turn_ready = pending.ready
-
-        def fill() -> None:
-            nonlocal exhausted
-            while batcher.free_rows and not exhausted:
-                try:
-                    episode = next(source)
-                except StopIteration:
-                    exhausted = True
-                    break
-                index = counts["next"]
-                counts["next"] += 1
-                row = batcher.acquire()
-                act = _Active(index, episode, row, time.perf_counter())
-                active[row] = act
-                try:
-                    episode.begin(session, row, index)
-                except Exception as e:
-                    finish(act, e)
-                    continue
-                advance(act)
-
-        def report() -> None:
-            if self.progress is not None:
-                self.progress(RolloutProgress(
-                    done=counts["done"], failed=counts["failed"], running=len(active), total=total,
-                    calls=batcher.num_calls, generated=counts["generated"] + sum(
-                        int(session.decoded[r].sum()) for r in active),
-                    prefilled=counts["prefilled"], elapsed_s=time.perf_counter() - t0))
-
+        stream = _Stream(self.session, self.batcher, iter(episodes), ordered=ordered, total=total,
+                         progress=self.progress)
         try:
             while True:
-                fill()
-                yield from out
-                out.clear()
-                if not batcher.has_pending():
+                stream.fill()
+                yield from stream.take()
+                if not self.batcher.has_pending():
                     break  # every row is free and the stream is exhausted
-                for done in batcher.step():
-                    act = done.tag
-                    act.calls += 1
-                    if done.error is not None:
-                        finish(act, done.error)
-                        continue
-                    if act.first_token_at is None:
-                        act.first_token_at = done.call_end
-                    act.last_token_at = done.call_end
-                    try:
-                        act.episode.on_result(done.result)
-                    except Exception as e:
-                        finish(act, e)
-                        continue
-                    advance(act)
-                report()
-            report()
-            yield from out
-            out.clear()
+                for done in self.batcher.step():
+                    stream.on_done(done)
+                stream.report()
+            stream.report()
+            yield from stream.take()
         finally:
-            for row in list(active):  # the caller stopped early: give the rows back
-                batcher.release(row)
+            stream.release_all()  # the caller stopped early: give the rows back
+
+
+class _Stream:
+    """The state of one ``RolloutEngine.run``: the episodes on rows, the results not yet given
+    out, and the counts the progress display shows."""
+
+    def __init__(self, session: Session, batcher: TurnBatcher, source: Iterator[Episode], *,
+                 ordered: bool, total: int | None, progress):
+        self.session, self.batcher, self.source = session, batcher, source
+        self.ordered, self.total, self.progress = ordered, total, progress
+        self.active: dict[int, _Active] = {}
+        self.out: list[RolloutResult] = []
+        self.held: dict[int, RolloutResult] = {}
+        self.counts = {"next": 0, "emit": 0, "done": 0, "failed": 0, "generated": 0,
+                       "prefilled": 0}
+        self.exhausted = False
+        self.t0 = time.perf_counter()
+
+    def take(self) -> list[RolloutResult]:
+        """The results ready to give out (in stream order when ``ordered``), now given."""
+        out, self.out = self.out, []
+        return out
+
+    def release_all(self) -> None:
+        for row in list(self.active):
+            self.batcher.release(row)
+
+    def finish(self, act: _Active, error: BaseException | None) -> None:
+        """End an episode: its result, its row freed."""
+        session, counts = self.session, self.counts
+        act.close_turn()
+        try:
+            record = act.episode.record()
+        except Exception as e:  # no record to give; the episode's own error is kept first
+            record, error = None, error or e
+        row = act.row
+        names = session.agent_names
+        prefilled = {names[i]: int(n) for i, n in enumerate(session.prefilled[row])}
+        generated = int(session.decoded[row].sum())
+        result = RolloutResult(
+            index=act.index, task=getattr(act.episode, "task", None), record=record,
+            error=None if error is None else f"{type(error).__name__}: {error}", row=row,
+            calls=act.calls, prefilled=prefilled, generated=generated,
+            ttft_s=tuple(act.ttft), turn_s=tuple(act.turn_s), started_s=act.started - self.t0,
+            finished_s=time.perf_counter() - self.t0,
+            out_of_capacity=bool(getattr(act.episode, "out_of_capacity", False)),
+            exception=error)
+        del self.active[row]
+        self.batcher.release(row)
+        counts["done"] += 1
+        counts["failed"] += error is not None
+        counts["generated"] += generated
+        counts["prefilled"] += sum(prefilled.values())
+        if self.ordered:
+            self.held[result.index] = result
+            while counts["emit"] in self.held:
+                self.out.append(self.held.pop(counts["emit"]))
+                counts["emit"] += 1
+        else:
+            self.out.append(result)
+
+    def advance(self, act: _Active) -> None:
+        """Submit the episode's next turn, or finish it."""
+        try:
+            nxt = act.episode.next_turn()
+        except Exception as e:
+            return self.finish(act, e)
+        if nxt is None:
+            return self.finish(act, None)
+        if isinstance(nxt, Continuation):
+            turn = nxt.turn
+        else:
+            act.close_turn()
+            turn = nxt
+        if not isinstance(turn, Turn):
+            return self.finish(act, ValueError(f"next_turn must return a Turn, a Continuation or "
+                                               f"None; got {nxt!r}"))
+        try:
+            pending = self.batcher.submit(act.row, turn, tag=act)
+        except ValueError as e:
+            return self.finish(act, e)
+        if act.turn_ready is None:
+            act.turn_ready = pending.ready
+
+    def fill(self) -> None:
+        """Start episodes from the stream on every free row."""
+        while self.batcher.free_rows and not self.exhausted:
+            try:
+                episode = next(self.source)
+            except StopIteration:
+                self.exhausted = True
+                break
+            index = self.counts["next"]
+            self.counts["next"] += 1
+            row = self.batcher.acquire()
+            act = _Active(index, episode, row, time.perf_counter())
+            self.active[row] = act
+            try:
+                episode.begin(self.session, row, index)
+            except Exception as e:
+                self.finish(act, e)
+                continue
+            self.advance(act)
+
+    def on_done(self, done) -> None:
+        """A turn the last call ran: hand its result to the episode and go on."""
+        act = done.tag
+        act.calls += 1
+        if done.error is not None:
+            return self.finish(act, done.error)
+        if act.first_token_at is None:
+            act.first_token_at = done.call_end
+        act.last_token_at = done.call_end
+        try:
+            act.episode.on_result(done.result)
+        except Exception as e:
+            return self.finish(act, e)
+        self.advance(act)
+
+    def report(self) -> None:
+        if self.progress is not None:
+            counts = self.counts
+            self.progress(RolloutProgress(
+                done=counts["done"], failed=counts["failed"], running=len(self.active),
+                total=self.total, calls=self.batcher.num_calls,
+                generated=counts["generated"] + sum(int(self.session.decoded[r].sum())
+                                                    for r in self.active),
+                prefilled=counts["prefilled"], elapsed_s=time.perf_counter() - self.t0))

@@ -18,8 +18,8 @@ from lragent_jax.agents import finish_turn, prepare_turn
 from lragent_jax.rollout.engine import (Continuation, ProgressBar, RolloutEngine, RolloutResult,
                                         Schedule)
 from lragent_jax.session import CapacityError, GenerationSettings, Session, Turn, TurnResult
-from lragent_jax.workflow import (TurnRequest, Workflow, _finish, _next_spec, _record_output,
-                                  _Running, _start)
+from lragent_jax.workflow import (RunningEpisode, TurnRequest, Workflow, finish_episode, next_spec,
+                                  record_output, start_episode)
 
 SEEDED_SAMPLING = "seed" in GenerationSettings.__dataclass_fields__
 """Whether ``GenerationSettings`` takes a per-row ``seed`` (sampling independent of row and batch)."""
@@ -57,12 +57,12 @@ class WorkflowEpisode:
             self.sampling["seed"] = seed
         GenerationSettings(**self.sampling)  # validate now, not at the first turn
         self.out_of_capacity = False
-        self._running: _Running | None = None
+        self._running: RunningEpisode | None = None
         self._pending: tuple | None = None
 
     def begin(self, session: Session, row: int, index: int) -> None:
         self._session, self._row, self.index = session, row, index
-        self._running = _start(self.workflow, self.task, index)
+        self._running = start_episode(self.workflow, self.task, index)
         pieces = [session.tokenizer.encode(s.text) if s.text else [] for s in self._running.segments]
         need = sum(map(len, pieces))
         if need > session.capacity:
@@ -75,7 +75,7 @@ class WorkflowEpisode:
     def next_turn(self) -> Turn | None:
         running, session, row = self._running, self._session, self._row
         while True:
-            spec = _next_spec(self.workflow, running)
+            spec = next_spec(self.workflow, running)
             if spec is None:
                 return None
             request = TurnRequest(self.index, spec.agent, spec.append, spec.max_new_tokens,
@@ -86,17 +86,17 @@ class WorkflowEpisode:
                 return turn
             # the row is full: the agent says nothing (as ModelPolicy), no call is needed
             self.out_of_capacity = True
-            _record_output(self.workflow, running, spec, finish_turn(session, row, request, None))
+            record_output(self.workflow, running, spec, finish_turn(session, row, request, None))
 
     def on_result(self, result: TurnResult) -> None:
         spec, request = self._pending
         self._pending = None
         output = finish_turn(self._session, self._row, request, result)
-        _record_output(self.workflow, self._running, spec, output)
+        record_output(self.workflow, self._running, spec, output)
 
     def record(self):
         """The ``EpisodeRecord`` (after a failure: the segments up to it), None before ``begin``."""
-        return None if self._running is None else _finish(self.workflow, self._running)
+        return None if self._running is None else finish_episode(self.workflow, self._running)
 
 
 class TraceEpisode:

@@ -12,7 +12,7 @@ A share ``wrong_answer_rate`` of episodes first finishes with a wrong answer (st
 or misreading the last observation), which reflect rejects before the plan retries.
 
 Everything is deterministic by seed. ``KBTask.write_role_files`` writes the role samples in the
-published format (read back with ``lragent_jax.tasks.scienceqa.load_role_files``).
+published format (``lragent_jax.workflow.samples``, read back with ``load_role_files``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import json
 import math
 import operator
 import os
@@ -32,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from lragent_jax.workflow import (EpisodeRecord, ReActTemplates, ReActWorkflow, ScriptedPolicy,
-                                  Segment, Tool, TurnRequest, per_role_samples, run_episodes)
+                                  Segment, Tool, TurnRequest, run_episodes)
+from lragent_jax.workflow.samples import group_by_role, write_role_files
 
 SPLITS = ("train", "valid", "test")
 ROLES = ("plan", "action", "reflect")
@@ -548,22 +548,8 @@ class KBTask:
         return list(self._cached("gold", split, lambda: self._gold(split)))
 
     def role_samples(self, split: str) -> dict[str, list[dict[str, Any]]]:
-        samples: dict[str, list[dict[str, Any]]] = {role: [] for role in ROLES}
-        for record in self.gold_episodes(split):
-            for sample in per_role_samples(record):
-                samples[sample["role"]].append(sample)
-        return samples
+        return group_by_role(self.gold_episodes(split), ROLES)
 
     def write_role_files(self, directory: str | os.PathLike, split: str = "train") -> dict[str, Path]:
         """Writes ``{plan,action,reflect}.json`` (published format plus role/segments/writers)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for role, samples in self.role_samples(split).items():
-            path = directory / f"{role}.json"
-            temporary = path.with_name(path.name + ".tmp")
-            temporary.write_text(json.dumps(samples, ensure_ascii=False, indent=1) + "\n",
-                                 encoding="utf-8")
-            os.replace(temporary, path)
-            paths[role] = path
-        return paths
+        return write_role_files(directory, self.role_samples(split))

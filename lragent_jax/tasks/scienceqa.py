@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lragent_jax.workflow import ENV, ReActState, ReActTemplates, ReActWorkflow, Segment, TurnSpec
+from lragent_jax.workflow import samples as samples_format
 
 ROLES = ("plan", "action", "reflect")
 
@@ -50,48 +50,8 @@ ROLES = ("plan", "action", "reflect")
 
 def load_role_files(directory: str | os.PathLike,
                     roles: Sequence[str] = ROLES) -> dict[str, list[dict[str, Any]]]:
-    """Reads ``<role>.json`` for each role: a JSON list of ``{"input": str, "output": str}`` records
-    (optional ``"segments"``/``"writers"``: lists of strings, segments joining to ``input``).
-    Raises ValueError naming the file (and record index) on any problem."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: not a directory of role files")
-    result = {}
-    for role in roles:
-        path = directory / f"{role}.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: role file is missing")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: malformed JSON: {error}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records; got {type(data).__name__}")
-        for index, record in enumerate(data):
-            problem = _record_problem(record)
-            if problem:
-                raise ValueError(f"{path}: record {index}: {problem}")
-        result[role] = data
-    return result
-
-
-def _record_problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return f"expected an object; got {type(record).__name__}"
-    for key in ("input", "output"):
-        if key not in record:
-            return f"missing {key!r}"
-        if not isinstance(record[key], str):
-            return f"{key!r} must be a string; got {type(record[key]).__name__}"
-    for key in ("segments", "writers"):
-        if key in record and (not isinstance(record[key], list)
-                              or not all(isinstance(s, str) for s in record[key])):
-            return f"{key!r} must be a list of strings"
-    if "segments" in record and "".join(record["segments"]) != record["input"]:
-        return "'segments' do not join to 'input'"
-    if "writers" in record and len(record["writers"]) != len(record.get("segments", ())):
-        return "'writers' and 'segments' differ in length"
-    return None
+    """``lragent_jax.workflow.samples.load_role_files`` with the paper's roles by default."""
+    return samples_format.load_role_files(directory, roles)
 
 
 def published_instruction(samples: Sequence[dict[str, Any]], marker: str = "\nQuestion:") -> str:
@@ -413,8 +373,7 @@ def attach_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], *, source
             except PublishedFormatError as error:
                 where = f"{source}/{role}.json" if source else f"{role}.json"
                 raise PublishedFormatError(f"{where}: record {index}: {error}") from None
-            out[role].append({**sample, "segments": [s.text for s in segments],
-                              "writers": [s.writer for s in segments]})
+            out[role].append(samples_format.with_writers(sample, segments))
             counts[role] += 1
     return out, counts
 
@@ -512,13 +471,7 @@ def load_eval_questions(directory: str | os.PathLike,
         path = directory / f"{band}.json"
         if not path.is_file():
             raise ValueError(f"{path}: evaluation file is missing (expected {', '.join(bands)})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: malformed JSON: {error}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of questions")
-        for index, record in enumerate(data):
+        for index, record in enumerate(samples_format.read_json_list(path, "questions")):
             question = _question_from_record(record, band, f"{path}: record {index}")
             if question.id in seen:
                 raise ValueError(f"{path}: record {index}: duplicate pid {question.id!r}")

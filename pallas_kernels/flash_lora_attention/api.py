@@ -23,6 +23,17 @@ KERNEL_HEAD_DIMS = (64, 128, 256)
 KERNEL_MAX_RANK = 128
 IMPLEMENTATIONS = ("reference", "triton", "mosaic_tpu", "cudnn")
 
+
+def kernel_limits_problem(head_dim: int, rank: int, dtype) -> str | None:
+    """What the Pallas kernels (Triton and Mosaic alike) cannot take: head dim, rank, dtype."""
+    if head_dim not in KERNEL_HEAD_DIMS:
+        return f"head_dim H={head_dim} is not one of {KERNEL_HEAD_DIMS}"
+    if rank > KERNEL_MAX_RANK:
+        return f"rank R={rank} is above {KERNEL_MAX_RANK}"
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
+    return None
+
 # backend name -> module path; each module exposes `unsupported_reason(**shape_info) -> str | None`
 # and `flash_lora_attention(...)` with the reference's keyword arguments plus `block_sizes`,
 # `interpret`.
@@ -129,11 +140,11 @@ def _validate(q, k, v, lowrank, lora_b, adapter_index, kv_lengths, q_offset, lay
         if lowrank.ndim != 3 + lead:
             want = "[L, Rows, S, R]" if lead else "[B, S, R]"
             raise ValueError(f"lowrank must be {want}; got shape {lowrank.shape}")
-        lr_rows, lr_s, rank = lowrank.shape[lead:]
-        if lr_s != s_len:
-            raise ValueError(f"lowrank has {lr_s} positions but k/v have S={s_len}")
-        if lowrank_index is None and lr_rows != batch:
-            raise ValueError(f"lowrank has {lr_rows} rows but q has batch {batch}; pass "
+        lowrank_rows, lowrank_len, rank = lowrank.shape[lead:]
+        if lowrank_len != s_len:
+            raise ValueError(f"lowrank has {lowrank_len} positions but k/v have S={s_len}")
+        if lowrank_index is None and lowrank_rows != batch:
+            raise ValueError(f"lowrank has {lowrank_rows} rows but q has batch {batch}; pass "
                              "lowrank_index to map rows")
         if lora_b.ndim != 4:
             raise ValueError(f"lora_b must be [A, K, R, H]; got shape {lora_b.shape}")

@@ -215,7 +215,6 @@ def _rel_err(out, ref):
 
 def run_shape(section, batch, t_len, s_len, rows: list[Row], log):
     """All implementations at one shape; appends to ``rows``."""
-    causal = True if section == "prefill" else t_len > 1
     cudnn_causal = section == "prefill"
     flops = _attention_flops(batch, t_len, s_len)
 

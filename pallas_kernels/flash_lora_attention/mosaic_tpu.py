@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_lora_attention.api import KERNEL_HEAD_DIMS, KERNEL_MAX_RANK
+from pallas_kernels.flash_lora_attention.api import kernel_limits_problem
 
 _LANES = 128
 _SUBLANES = 8
@@ -87,13 +87,7 @@ def unsupported_reason(*, interpret, batch, t_len, s_len, n_heads, kv_heads, hea
     if not interpret and jax.default_backend() != "tpu":
         return (f"the Mosaic backend needs a TPU but the default platform is "
                 f"{jax.default_backend()!r} (pass interpret=True to run it in TPU interpret mode)")
-    if head_dim not in KERNEL_HEAD_DIMS:
-        return f"head_dim H={head_dim} is not one of {KERNEL_HEAD_DIMS}"
-    if rank > KERNEL_MAX_RANK:
-        return f"rank R={rank} is above {KERNEL_MAX_RANK}"
-    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
-    return None
+    return kernel_limits_problem(head_dim, rank, dtype)
 
 
 def _visible_blocks(b, ti, kv_len_ref, q_off_ref, *, causal, t_len, block_q, block_k):
@@ -113,10 +107,10 @@ def _dot(a, b, contract_b: int):
                            preferred_element_type=jnp.float32)
 
 
-def _kernel(kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lr_row_ref,  # scalar prefetch
+def _kernel(kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lowrank_row_ref,  # scalar prefetch
             q_ref, q_pos_ref, k_ref, v_ref, *rest, causal, sm_scale, t_len, kv_heads, block_q,
             block_k, has_c, compute_dtype):
-    del kv_row_ref, lr_row_ref  # used by the index maps only
+    del kv_row_ref, lowrank_row_ref  # used by the index maps only
     if has_c:
         c_ref, b_ref, o_ref, m_scr, l_scr, acc_scr, acc_c_scr = rest
     else:
@@ -195,16 +189,7 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
     """Mosaic Flash-LoRA-Attention; arguments are validated and defaulted by ``api``."""
     batch, t_len, n_heads, head_dim = q.shape
     has_c = lowrank is not None
-    if layer is not None:
-        rows_kv = k.shape[1]
-        k = k.reshape((-1,) + k.shape[2:])
-        v = v.reshape((-1,) + v.shape[2:])
-        if has_c:
-            rows_lr = lowrank.shape[1]
-            lowrank = lowrank.reshape((-1,) + lowrank.shape[2:])
-    else:
-        rows_kv = k.shape[0]
-        rows_lr = lowrank.shape[0] if has_c else 0
+    k, v, lowrank, rows_kv, rows_lowrank = _flatten_layers(k, v, lowrank, layer)
     s_len, kv_heads = k.shape[1], k.shape[2]
     group = n_heads // kv_heads
     dtypes = [q.dtype, k.dtype, v.dtype] + ([lowrank.dtype, lora_b.dtype] if has_c else [])
@@ -214,51 +199,22 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
     block_q = t_len if block_sizes.block_q is None else block_sizes.block_q
     block_k = block_sizes.block_k
     t_pad = _round_up(t_len, block_q)
-    num_tb = t_pad // block_q
-    num_sb = pl.cdiv(s_len, block_k)
     rows = block_q * group
 
-    # q: [B, T, N, H] -> [B, K, T_pad * G, H], packed rows t * G + g of each KV group
-    q_packed = jnp.pad(q, ((0, 0), (0, t_pad - t_len), (0, 0), (0, 0)))
-    q_packed = q_packed.reshape(batch, t_pad, kv_heads, group, head_dim)
-    q_packed = q_packed.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, t_pad * group, head_dim)
-    # absolute position of every packed row, as a [rows, 1] column for the causal mask
-    q_pos = q_offset[:, None] + jnp.arange(t_pad, dtype=jnp.int32)[None, :]
-    q_pos = jnp.repeat(q_pos, group, axis=1)[:, :, None]  # [B, T_pad * G, 1]
-
+    q_packed, q_pos = _pack_queries(q, q_offset, t_pad, kv_heads)
     kv_rows = _cache_rows(batch, layer, rows_kv, kv_index)
-    lr_rows = _cache_rows(batch, layer, rows_lr, lowrank_index) if has_c else kv_rows
+    lowrank_rows = _cache_rows(batch, layer, rows_lowrank, lowrank_index) if has_c else kv_rows
     adapter = adapter_index if has_c else jnp.full((batch,), -1, jnp.int32)
     k_flat = k.reshape(k.shape[0], s_len * kv_heads, head_dim)  # free: heads stay interleaved
     v_flat = v.reshape(v.shape[0], s_len * kv_heads, head_dim)
-
     visible = functools.partial(_visible_blocks, causal=causal, t_len=t_len, block_q=block_q,
                                 block_k=block_k)
-
-    def key_block(b, ti, si, kv_len_ref, q_off_ref):
-        # past the last visible block, repeat it: same block index, so no new DMA
-        return jnp.minimum(si, jnp.maximum(visible(b, ti, kv_len_ref, q_off_ref) - 1, 0))
-
-    def q_map(b, ti, si, *refs):
-        return (b, 0, ti, 0)
-
-    def q_pos_map(b, ti, si, *refs):
-        return (b, ti, 0)
-
-    def kv_map(b, ti, si, kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lr_row_ref):
-        return (kv_row_ref[b], key_block(b, ti, si, kv_len_ref, q_off_ref), 0)
-
-    def c_map(b, ti, si, kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lr_row_ref):
-        return (lr_row_ref[b], key_block(b, ti, si, kv_len_ref, q_off_ref), 0)
-
-    def lora_b_map(b, ti, si, kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lr_row_ref):
-        return (jnp.maximum(adapter_ref[b], 0), 0, 0, 0)
-
+    maps = _IndexMaps(visible)
     in_specs = [
-        pl.BlockSpec((None, kv_heads, rows, head_dim), q_map),
-        pl.BlockSpec((None, rows, 1), q_pos_map),
-        pl.BlockSpec((None, block_k * kv_heads, head_dim), kv_map),
-        pl.BlockSpec((None, block_k * kv_heads, head_dim), kv_map),
+        pl.BlockSpec((None, kv_heads, rows, head_dim), maps.q),
+        pl.BlockSpec((None, rows, 1), maps.q_pos),
+        pl.BlockSpec((None, block_k * kv_heads, head_dim), maps.kv),
+        pl.BlockSpec((None, block_k * kv_heads, head_dim), maps.kv),
     ]
     operands = [q_packed, q_pos, k_flat, v_flat]
     scratch = [
@@ -269,8 +225,8 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
     if has_c:
         rank = lowrank.shape[-1]
         in_specs += [
-            pl.BlockSpec((None, block_k, rank), c_map),
-            pl.BlockSpec((None, kv_heads, rank, head_dim), lora_b_map),
+            pl.BlockSpec((None, block_k, rank), maps.c),
+            pl.BlockSpec((None, kv_heads, rank, head_dim), maps.lora_b),
         ]
         operands += [lowrank, lora_b]
         scratch.append(pltpu.VMEM((kv_heads, rows, rank), jnp.float32))  # P @ C
@@ -282,9 +238,9 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
-            grid=(batch, num_tb, num_sb),
+            grid=(batch, t_pad // block_q, pl.cdiv(s_len, block_k)),
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, kv_heads, rows, head_dim), q_map),
+            out_specs=pl.BlockSpec((None, kv_heads, rows, head_dim), maps.q),
             scratch_shapes=scratch,
         ),
         out_shape=jax.ShapeDtypeStruct((batch, kv_heads, t_pad * group, head_dim), q.dtype),
@@ -292,6 +248,61 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="flash_lora_attention_mosaic",
-    )(kv_lengths, q_offset, adapter, kv_rows, lr_rows, *operands)
+    )(kv_lengths, q_offset, adapter, kv_rows, lowrank_rows, *operands)
     out = out.reshape(batch, kv_heads, t_pad, group, head_dim).transpose(0, 2, 1, 3, 4)
     return out[:, :t_len].reshape(batch, t_len, n_heads, head_dim)
+
+
+def _flatten_layers(k, v, lowrank, layer):
+    """A layer-stacked [L, Rows, S, ...] cache viewed as [L * Rows, S, ...] (a free reshape);
+    returns (k, v, lowrank, rows per layer of k/v, of lowrank)."""
+    if layer is None:
+        return k, v, lowrank, k.shape[0], (lowrank.shape[0] if lowrank is not None else 0)
+    rows_kv = k.shape[1]
+    k = k.reshape((-1,) + k.shape[2:])
+    v = v.reshape((-1,) + v.shape[2:])
+    rows_lowrank = 0
+    if lowrank is not None:
+        rows_lowrank = lowrank.shape[1]
+        lowrank = lowrank.reshape((-1,) + lowrank.shape[2:])
+    return k, v, lowrank, rows_kv, rows_lowrank
+
+
+def _pack_queries(q, q_offset, t_pad: int, kv_heads: int):
+    """q [B, T, N, H] -> [B, K, T_pad * G, H], packed rows t * G + g of each KV group, and the
+    absolute position of every packed row as a [B, T_pad * G, 1] column for the causal mask."""
+    batch, t_len, n_heads, head_dim = q.shape
+    group = n_heads // kv_heads
+    q_packed = jnp.pad(q, ((0, 0), (0, t_pad - t_len), (0, 0), (0, 0)))
+    q_packed = q_packed.reshape(batch, t_pad, kv_heads, group, head_dim)
+    q_packed = q_packed.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, t_pad * group, head_dim)
+    q_pos = q_offset[:, None] + jnp.arange(t_pad, dtype=jnp.int32)[None, :]
+    q_pos = jnp.repeat(q_pos, group, axis=1)[:, :, None]
+    return q_packed, q_pos
+
+
+class _IndexMaps:
+    """Block index maps of the grid (b, ti, si) with the scalar-prefetch refs (kv_lengths,
+    q_offset, adapter_index, kv row, lowrank row): the cache rows and the agent's B by row; past
+    the last visible key block the block index repeats, so no new DMA is issued."""
+
+    def __init__(self, visible):
+        self.visible = visible
+
+    def _key_block(self, b, ti, si, kv_len_ref, q_off_ref):
+        return jnp.minimum(si, jnp.maximum(self.visible(b, ti, kv_len_ref, q_off_ref) - 1, 0))
+
+    def q(self, b, ti, si, *refs):
+        return (b, 0, ti, 0)
+
+    def q_pos(self, b, ti, si, *refs):
+        return (b, ti, 0)
+
+    def kv(self, b, ti, si, kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lowrank_row_ref):
+        return (kv_row_ref[b], self._key_block(b, ti, si, kv_len_ref, q_off_ref), 0)
+
+    def c(self, b, ti, si, kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lowrank_row_ref):
+        return (lowrank_row_ref[b], self._key_block(b, ti, si, kv_len_ref, q_off_ref), 0)
+
+    def lora_b(self, b, ti, si, kv_len_ref, q_off_ref, adapter_ref, kv_row_ref, lowrank_row_ref):
+        return (jnp.maximum(adapter_ref[b], 0), 0, 0, 0)

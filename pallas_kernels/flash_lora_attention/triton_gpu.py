@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_lora_attention.api import KERNEL_HEAD_DIMS, KERNEL_MAX_RANK
+from pallas_kernels.flash_lora_attention.api import kernel_limits_problem
 
 _LOG2E = math.log2(math.e)
 _MIN_DOT = 16  # Triton's tt.dot needs every side >= 16
@@ -136,13 +136,7 @@ def unsupported_reason(*, interpret, batch, t_len, s_len, n_heads, kv_heads, hea
     if not interpret and jax.default_backend() not in _GPU_PLATFORMS:
         return (f"the Triton backend needs a GPU but the default platform is "
                 f"{jax.default_backend()!r} (pass interpret=True to run it in interpret mode)")
-    if head_dim not in KERNEL_HEAD_DIMS:
-        return f"head_dim H={head_dim} is not one of {KERNEL_HEAD_DIMS}"
-    if rank > KERNEL_MAX_RANK:
-        return f"rank R={rank} is above {KERNEL_MAX_RANK}"
-    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"dtype {jnp.dtype(dtype).name} is not float32, bfloat16 or float16"
-    return None
+    return kernel_limits_problem(head_dim, rank, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,9 +189,9 @@ def _load_lora_b(b_ref, adapter_ref, b, kh, rank, rank_pad, compute_dtype):
 # Prefill kernel
 
 
-def _prefill_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_index_ref, lr_index_ref,
+def _prefill_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_index_ref, lowrank_index_ref,
                     q_ref, k_ref, v_ref, c_ref, b_ref, o_ref, *, causal, scale_log2, t_len,
-                    block_q, block_k, group, rows_kv, rows_lr, rank, rank_pad, compute_dtype):
+                    block_q, block_k, group, rows_kv, rows_lowrank, rank, rank_pad, compute_dtype):
     num_q_blocks = pl.num_programs(0)
     qb = num_q_blocks - 1 - pl.program_id(0)  # late (heavy, causal) blocks first
     b = pl.program_id(1)
@@ -209,7 +203,7 @@ def _prefill_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_index_ref,
     kv_len = kv_len_ref[b]
     q_off = q_off_ref[b]
     kv_row = _cache_row(b, kv_index_ref, layer_ref, rows_kv)
-    lr_row = _cache_row(b, lr_index_ref, layer_ref, rows_lr) if has_c else None
+    lowrank_row = _cache_row(b, lowrank_index_ref, layer_ref, rows_lowrank) if has_c else None
 
     q0 = qb * block_q
     t_ids = q0 + jnp.arange(block_q)
@@ -243,7 +237,8 @@ def _prefill_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_index_ref,
             c_mask = (r_ids[None, :] < rank) if rank < rank_pad else None
             if masked:
                 c_mask = in_len[:, None] if c_mask is None else c_mask & in_len[:, None]
-            c = plgpu.load(c_ref.at[lr_row, pl.ds(j0, block_k), pl.ds(0, rank_pad)], mask=c_mask,
+            c = plgpu.load(c_ref.at[lowrank_row, pl.ds(j0, block_k), pl.ds(0, rank_pad)],
+                           mask=c_mask,
                            other=None if c_mask is None else 0.0).astype(compute_dtype)
         visible = None
         if masked:
@@ -275,9 +270,9 @@ def _prefill_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_index_ref,
 
 
 def _decode_partial_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_index_ref,
-                           lr_index_ref, q_ref, k_ref, v_ref, c_ref, b_ref,
+                           lowrank_index_ref, q_ref, k_ref, v_ref, c_ref, b_ref,
                            o_ref, m_ref, l_ref, *, causal, scale_log2, t_len, group, rows_pad,
-                           block_k, keys_per_split, rows_kv, rows_lr, rank, rank_pad,
+                           block_k, keys_per_split, rows_kv, rows_lowrank, rank, rank_pad,
                            compute_dtype):
     kh = pl.program_id(0)
     split = pl.program_id(1)
@@ -289,7 +284,7 @@ def _decode_partial_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_ind
     kv_len = kv_len_ref[b]
     q_off = q_off_ref[b]
     kv_row = _cache_row(b, kv_index_ref, layer_ref, rows_kv)
-    lr_row = _cache_row(b, lr_index_ref, layer_ref, rows_lr) if has_c else None
+    lowrank_row = _cache_row(b, lowrank_index_ref, layer_ref, rows_lowrank) if has_c else None
 
     # packed tile row r is query row t = r // G of head kh * G + r % G
     r_ids = jnp.arange(rows_pad)
@@ -318,7 +313,7 @@ def _decode_partial_kernel(kv_len_ref, q_off_ref, adapter_ref, layer_ref, kv_ind
                        other=0.0)
         c = None
         if has_c:
-            c = plgpu.load(c_ref.at[lr_row, pl.ds(j0, block_k), pl.ds(0, rank_pad)],
+            c = plgpu.load(c_ref.at[lowrank_row, pl.ds(j0, block_k), pl.ds(0, rank_pad)],
                            mask=in_len[:, None] & (rr_ids[None, :] < rank),
                            other=0.0).astype(compute_dtype)
         visible = in_len[None, :]
@@ -406,9 +401,9 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
     s_len, kv_heads = k.shape[1], k.shape[2]
     group = n_heads // kv_heads
     rank = lowrank.shape[-1] if has_c else 0
-    rows_lr = 0
+    rows_lowrank = 0
     if has_c:
-        lowrank, rows_lr = _flatten_layers(lowrank, layer)
+        lowrank, rows_lowrank = _flatten_layers(lowrank, layer)
     else:
         adapter_index = None
     dtypes = [q.dtype, k.dtype, v.dtype] + ([lowrank.dtype, lora_b.dtype] if has_c else [])
@@ -420,7 +415,7 @@ def flash_lora_attention(q, k, v, lowrank, lora_b, adapter_index, *, kv_lengths,
     scale_log2 = float(sm_scale) * _LOG2E
     meta = (kv_lengths, q_offset, adapter_index, layer_arr, kv_index, lowrank_index)
     common = dict(causal=causal, scale_log2=scale_log2, t_len=t_len, rows_kv=rows_kv,
-                  rows_lr=rows_lr, rank=rank, compute_dtype=compute_dtype)
+                  rows_lowrank=rows_lowrank, rank=rank, compute_dtype=compute_dtype)
 
     rows_pad = max(_MIN_DOT, _next_pow2(group * t_len))
     if t_len <= block_sizes.decode_max_t and group * t_len <= 128:
