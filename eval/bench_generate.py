@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.common import NullTokenizer, environment, print_table, write_json
+from eval.common import (NullTokenizer, environment, positive_int_list, print_table,
+                         write_json)
 from eval.floors import decode_step_bytes, measure_ceilings, weight_bytes
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.inference import fuse_adapters, to_inference_params
@@ -36,15 +37,6 @@ from lragent_jax.session import GenerationSettings, Session, Turn
 
 ADAPTER_TARGETS = ("q", "v", "o", "gate", "up", "down")
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
-    return values
 
 
 def _adapter_list(text: str) -> list[str]:
@@ -77,8 +69,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2_135m",
                    help="model preset (random weights of its shapes); default smollm2_135m")
-    p.add_argument("--batch", type=_int_list, default=[1, 16], help="batch sizes, e.g. 1,16")
-    p.add_argument("--context", type=_int_list, default=[512],
+    p.add_argument("--batch", type=positive_int_list, default=[1, 16],
+                   help="batch sizes, e.g. 1,16")
+    p.add_argument("--context", type=positive_int_list, default=[512],
                    help="cache lengths each decode step attends over, e.g. 2048,16384")
     p.add_argument("--new", type=int, default=64, help="decoded tokens per timed turn (>= 2)")
     p.add_argument("--adapters", type=_adapter_list, default=["none"],
@@ -91,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--attn", default=None,
                    help="attention implementation (default: chosen per call shape)")
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill step")
-    p.add_argument("--decode-block", type=_int_list, default=None,
+    p.add_argument("--decode-block", type=positive_int_list, default=None,
                    help="decode steps per stop check (default: the session's default); a list "
                         "times each")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")

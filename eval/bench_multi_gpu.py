@@ -49,6 +49,8 @@ import os
 import sys
 from pathlib import Path
 
+from eval.common import positive_int_list
+
 MESH_HELP = "comma-separated DATAxMODEL meshes, e.g. 1x1,1x2,1x4 (the first is the baseline)"
 ROLES = ("plan", "action", "reflect")
 TARGETS = ("q", "v", "o", "gate", "up", "down")
@@ -75,15 +77,6 @@ def _meshes(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
-    return values
-
 
 def _parts(text: str) -> list[str]:
     values = [v for v in text.split(",") if v]
@@ -101,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model preset for decode and rollout (random weights); default llama3_1_8b")
     p.add_argument("--meshes", type=_meshes, default=None,
                    help=MESH_HELP + "; default 1x1,1x2,1x4 (1x4,1x8 for a 70B preset)")
-    p.add_argument("--batch", type=_ints, default=[1, 16], help="decode rows per data group")
-    p.add_argument("--context", type=_ints, default=[2048, 16384],
+    p.add_argument("--batch", type=positive_int_list, default=[1, 16],
+                   help="decode rows per data group")
+    p.add_argument("--context", type=positive_int_list, default=[2048, 16384],
                    help="keys each decode step attends over")
     p.add_argument("--new", type=int, default=64, help="decoded tokens per timed turn (>= 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed decode repeats (median)")
@@ -455,7 +449,7 @@ def run_train(args, record) -> list[dict]:
     import jax
 
     from train.benchmark import Case, matmul_peak, run_case
-    from train.loop import Placement
+    from train.placement import Placement
 
     base = Case.parse(args.train_case)
     config = _config("tiny") if base.model == "tiny" else None

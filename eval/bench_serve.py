@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Check the options, start the server, run both sides per mode, print and save the table
+    (a little over 80 lines: the steps read in the order they run)."""
     parser = build_parser()
     opts = parser.parse_args(argv)
     modes = [m for m in opts.modes.split(",") if m]

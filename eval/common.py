@@ -3,6 +3,7 @@ tables and JSON output."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -183,3 +184,26 @@ def load_eval_model(args):
                                                  b_scale=b_scale))
         return model.with_adapters(make(jax.random.key(1)), lora)
     return model.load_adapters("default" if args.adapters is None else args.adapters, dtype=dtype)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type of the benchmark scripts: comma-separated positive integers, e.g. 1,16."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
+    return values
+
+
+def csv_list(kind):
+    """argparse type: a comma-separated list of ``kind``."""
+    def parse(text):
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}; got {text!r}") from None
+    return parse

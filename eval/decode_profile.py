@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.common import NullTokenizer, environment, print_table, write_json
+from eval.common import (NullTokenizer, environment, positive_int_list, print_table,
+                         write_json)
 from lragent_jax.config import ModelConfig
 from lragent_jax.inference import to_inference_params
 from lragent_jax.model import init_params
@@ -89,17 +90,14 @@ def step_time(session: Session, new: int = 64, repeats: int = 5) -> float:
     return (alls - ones) / (new - 1)
 
 
-def _int_list(text):
-    return [int(v) for v in text.split(",") if v]
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.decode_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2_135m")
-    p.add_argument("--layers", type=_int_list, default=[2, 4],
+    p.add_argument("--layers", type=positive_int_list, default=[2, 4],
                    help="two layer counts whose compiled HLO is compared")
-    p.add_argument("--time-layers", type=_int_list, default=[15, 30],
+    p.add_argument("--time-layers", type=positive_int_list, default=[15, 30],
                    help="layer counts whose decode step is timed")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=512)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.common import NullTokenizer, environment, print_table, write_json
+from eval.common import (NullTokenizer, environment, positive_int_list, print_table,
+                         write_json)
 from eval.floors import measure_ceilings
 from eval.traces import Trace, generate_trace, load_traces
 from lragent_jax.cache import ALL_MODES, ShareMode
@@ -147,15 +148,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _int_list(text):
-    return [int(v) for v in text.split(",") if v]
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.efficiency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2_135m", help="model preset (random weights)")
-    p.add_argument("--lengths", type=_int_list, default=[256, 1024, 4096],
+    p.add_argument("--lengths", type=positive_int_list, default=[256, 1024, 4096],
                    help="total trace lengths in tokens, e.g. 256,2048,16384")
     p.add_argument("--trace-file", help="replay traces from this JSON file instead of generating")
     p.add_argument("--modes", default=",".join(m.value for m in ALL_MODES),

@@ -12,14 +12,9 @@
 #   bash eval/gpu_inference.sh throughput OUTDIR many episodes through the rollout engine, 8B, 16k
 #   bash eval/gpu_inference.sh call2 OUTDIR      kernels + replay + throughput (one device call)
 # Each step has its own time limit so one slow step cannot take the others down.
-set -u
-OUT=${2:-results/gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t0=$(date +%s)
-         timeout "$limit" "$@" 2>&1 | tail -n 30; echo "=== done in $(( $(date +%s) - t0 ))s"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+MEM_FRACTION=0.92
+TAIL=30
+source "$(dirname "$0")/gpu_common.sh"
 GEN="python3 -m eval.bench_generate"
 case "${1:-}" in
   check)

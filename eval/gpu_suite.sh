@@ -13,14 +13,9 @@
 #                                          view and the teacher-forced comparison (~6 min);
 #                                          scienceqa_agents runs both stages
 # Each step has its own time limit so one slow step cannot take the others down.
-set -u
-OUT=${2:-results/gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-step() { local limit=$1; shift; echo "=== $* (limit ${limit}s)"; local t0=$(date +%s)
-         timeout "$limit" "$@" 2>&1 | tail -n 40; echo "=== done in $(( $(date +%s) - t0 ))s"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+MEM_FRACTION=0.9
+TAIL=40
+source "$(dirname "$0")/gpu_common.sh"
 case "${1:-}" in
   bench)
     step 60 python3 -m eval.check_gpu_paths

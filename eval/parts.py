@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from eval.common import print_table, write_json
+from eval.common import csv_list, print_table, write_json
 from lragent_jax.cache import ALL_MODES, analytic_cache_bytes
 from lragent_jax.config import ModelConfig
 from lragent_jax.runtime import Progress, compile_stats, format_seconds
@@ -224,7 +224,7 @@ def separability(acc: dict) -> dict:
       help="one trajectory, and per mode the tokens each agent prefilled and the cache bytes "
            "(from the accuracy part's episodes when it runs, else one question)")
 def rollout(ctx: RunContext) -> dict:
-    args, model = ctx.args, ctx.model
+    model = ctx.model
     acc, episodes = ctx.results.get("accuracy"), ctx.shared.get("accuracy_episodes")
     if acc is not None and episodes:
         out = _rollout_from_accuracy(ctx.task, acc, episodes)
@@ -361,17 +361,6 @@ def scienceqa_agents(ctx: RunContext) -> dict:
 
 
 # ------------------------------------------------------------------------------ efficiency
-
-
-def csv_list(kind):
-    """argparse type: a comma-separated list of ``kind``."""
-    def parse(text):
-        try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of {kind.__name__}; got {text!r}") from None
-    return parse
 
 
 def _efficiency_options(g):

@@ -140,7 +140,7 @@ def run_scienceqa(ctx) -> dict:
 
     from eval.common import load_eval_model
     from lragent_jax.tasks.scienceqa import load_role_files
-    from train.data import split_validation
+    from lragent_jax.workflow.samples import split_validation
 
     args, modes = ctx.args, ctx.modes
     folder = args.scienceqa_dir or default_scienceqa_dir()

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.common import NullTokenizer, environment, print_table, write_json
+from eval.common import NullTokenizer, csv_list, environment, print_table, write_json
 from eval.traces import Trace, generate_trace
 from lragent_jax.cache import ALL_MODES, ShareMode
 from lragent_jax.config import ADAPTER_TARGETS, LoraConfig, ModelConfig
@@ -403,15 +403,6 @@ def plot_episodes_per_s(rows: list[dict], path: Path) -> Path:
 # ----------------------------------------------------------------------------- command line
 
 
-def _csv(kind):
-    def parse(text):
-        try:
-            return [kind(v) for v in text.split(",") if v]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list; got {text!r}")
-    return parse
-
-
 def _rows_arg(text):
     rules = []
     for item in text.split(","):
@@ -429,9 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     on_cpu = jax.default_backend() == "cpu"
     p = argparse.ArgumentParser(prog="python -m eval.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", type=_csv(str), default=["traces"],
+    p.add_argument("--workloads", type=csv_list(str), default=["traces"],
                    help=f"comma-separated from {', '.join(WORKLOADS)} (default traces)")
-    p.add_argument("--modes", type=_csv(str), default=[m.value for m in ALL_MODES])
+    p.add_argument("--modes", type=csv_list(str), default=[m.value for m in ALL_MODES])
     p.add_argument("--rows", type=_rows_arg, default=["16", "max"],
                    help="row-count rules: same:N (every mode N rows) and/or max (the most each "
                         "mode fits in the budget); default same:16,max")
@@ -452,12 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("traces workload (random weights)")
     g.add_argument("--trace-model", default="tiny" if on_cpu else "llama3_1_8b",
                    help="model preset or 'tiny' (default: llama3_1_8b on a GPU, tiny on a CPU)")
-    g.add_argument("--lengths", type=_csv(int), default=[256, 512] if on_cpu
+    g.add_argument("--lengths", type=csv_list(int), default=[256, 512] if on_cpu
                    else [8192, 16384, 32768], help="episode lengths in tokens")
     g.add_argument("--episodes", type=int, default=4 if on_cpu else 64,
                    help="timed episodes per length, mode and row count")
     g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--targets", type=_csv(str), default=["q", "v"],
+    g.add_argument("--targets", type=csv_list(str), default=["q", "v"],
                    help=f"adapter targets from {ADAPTER_TARGETS}")
     g.add_argument("--dtype", choices=("bfloat16", "float32"),
                    default="float32" if on_cpu else "bfloat16")

@@ -173,6 +173,9 @@ def _step_keys(row_keys, step):
 
 
 def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnShape):
+    """The body of one jitted turn: the prefill loop, then the decode loop. One function on
+    purpose (longer than 80 lines): both loops close over the same forward, cache rows and
+    views, and splitting them would pass a dozen traced values between two halves of a program."""
     spec, config = shape.spec, shape.config
     B, C = spec.batch, shape.prefill_chunk
     view = cache_view(inputs.agent)

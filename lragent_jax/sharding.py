@@ -222,11 +222,6 @@ def cache_shardings(spec, mesh: Mesh) -> dict:
     return out
 
 
-def batch_sharding(mesh: Mesh, batch: int, ndim: int = 2) -> NamedSharding:
-    """Leading (batch) axis on the data axis."""
-    return NamedSharding(mesh, P(_axis(mesh, DATA, batch), *([None] * (ndim - 1))))
-
-
 # ----------------------------------------------------------------------------- in the jitted turn
 
 

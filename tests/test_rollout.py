@@ -16,8 +16,7 @@ from lragent_jax.cache import ALL_MODES
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.lora import init_adapters
 from lragent_jax.model import init_params
-from lragent_jax.rollout import (SEEDED_SAMPLING, PendingTurn, ProgressBar, RolloutEngine,
-                                 Schedule, TurnBatcher,
+from lragent_jax.rollout import (PendingTurn, ProgressBar, RolloutEngine, Schedule, TurnBatcher,
                                  activation_bytes_per_row, episode_seed, plan_rows, run_traces,
                                  run_workflow)
 from lragent_jax.session import GenerationSettings, Session, Turn
@@ -284,7 +283,7 @@ def test_progress_and_early_stop_give_rows_back(model):
     stream = io.StringIO()
     bar = ProgressBar(label="kb", stream=stream, every_s=0)
     list(run_workflow(TalkWorkflow(), TASKS[:2], session, progress=bar))
-    assert f"kb 2/2 episodes" in stream.getvalue() and "gen tok/s" in stream.getvalue()
+    assert "kb 2/2 episodes" in stream.getvalue() and "gen tok/s" in stream.getvalue()
 
 
 def test_tasks_may_be_an_unbounded_stream(model):
@@ -339,8 +338,6 @@ def test_trace_replay_generates_exact_counts_whatever_the_rows(model):
     assert "needs a model without EOS ids" in bad.error
 
 
-@pytest.mark.skipif(not SEEDED_SAMPLING, reason="enable once GenerationSettings.seed exists "
-                                               "(per-row sampling keys from seed and length)")
 def test_sampled_episodes_are_deterministic_whatever_rows_and_order(model):
     runs = []
     for rows, order in ((1, [0, 1, 2, 3, 4]), (3, [4, 2, 0, 3, 1])):

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from lragent_jax.runtime import format_seconds
+
 from lragent_jax.loading.integrity import atomic_write_text
 
 
@@ -69,14 +71,6 @@ def _json_default(value):
     return str(value)
 
 
-def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
 
 class ProgressBar:
     """One status line on stderr: what runs, a bar, done/total, elapsed and time left, and the
@@ -101,9 +95,9 @@ class ProgressBar:
         width = 24
         filled = int(width * done / max(total, 1))
         rate = (done - self.start_done) / max(now - self.start, 1e-9)
-        left = f" ~{duration((total - done) / rate)} left" if rate > 0 and done < total else ""
+        left = f" ~{format_seconds((total - done) / rate)} left" if rate > 0 and done < total else ""
         line = (f"[{'=' * filled}{'.' * (width - filled)}] {done}/{total} "
-                f"{duration(now - self.start)}{left} {text}")
+                f"{format_seconds(now - self.start)}{left} {text}")
         if self.tty:
             sys.stderr.write("\r" + line[:160].ljust(160))
         else:

@@ -36,10 +36,11 @@ from lragent_jax.adapters_io import (config_fingerprint, describe_model, save_ad
 from lragent_jax.config import LoraConfig, ModelConfig
 from lragent_jax.loading.integrity import failpoint
 from lragent_jax.lora import count_parameters, expected_parameter_count, init_adapters
+from lragent_jax.runtime import format_seconds
 from train import data as data_lib
 from train.checkpoint import Checkpointer, Progress, identity_record
 from train.config import Phase, RunOptions, TrainConfig, phases_for
-from train.logs import (MetricsLog, ProgressBar, Speed, duration, plot_losses, say,
+from train.logs import (MetricsLog, ProgressBar, Speed, plot_losses, say,
                         validation_line)
 from train.loss import per_role_totals
 from train.placement import Placement
@@ -559,7 +560,7 @@ def _validate(fns: StepFunctions, adapters, params, placement: Placement, valid_
             "at most half as many as the epoch trains on; --valid-samples N to choose)"
             if run.valid_samples is None else f"--valid-samples {run.valid_samples})")
     # a forward pass is about a third of a training step's work (forward + backward)
-    estimate = (f"; about {duration(tokens / (3 * speed.tokens_per_s))} at this run's speed"
+    estimate = (f"; about {format_seconds(tokens / (3 * speed.tokens_per_s))} at this run's speed"
                 if speed.tokens_per_s else "")
     say(f"validating {len(subset)} samples{capped}: {len(batches)} batches, {tokens:,} "
          f"padded tokens{estimate}")

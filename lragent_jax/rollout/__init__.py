@@ -18,12 +18,12 @@ from lragent_jax.rollout.budget import (RowBudget, activation_bytes_per_row, dev
 from lragent_jax.rollout.engine import (CallStats, Continuation, Episode, PendingTurn,
                                         ProgressBar, RolloutEngine, RolloutProgress,
                                         RolloutResult, Schedule, TurnBatcher, TurnDone)
-from lragent_jax.rollout.episodes import (SEEDED_SAMPLING, TraceEpisode, WorkflowEpisode,
+from lragent_jax.rollout.episodes import (TraceEpisode, WorkflowEpisode,
                                           episode_seed, run_traces, run_workflow)
 
 __all__ = [
     "CallStats", "Continuation", "Episode", "PendingTurn", "ProgressBar", "RolloutEngine",
-    "RolloutProgress", "RolloutResult", "RowBudget", "SEEDED_SAMPLING", "Schedule",
+    "RolloutProgress", "RolloutResult", "RowBudget", "Schedule",
     "TraceEpisode", "TurnBatcher", "TurnDone", "WorkflowEpisode", "activation_bytes_per_row",
     "device_free_bytes", "episode_seed", "plan_rows", "run_traces", "run_workflow",
 ]

@@ -8,7 +8,6 @@ then per turn: append N random tokens, generate exactly M) for throughput measur
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -21,8 +20,6 @@ from lragent_jax.session import CapacityError, GenerationSettings, Session, Turn
 from lragent_jax.workflow import (RunningEpisode, TurnRequest, Workflow, finish_episode, next_spec,
                                   record_output, start_episode)
 
-SEEDED_SAMPLING = "seed" in GenerationSettings.__dataclass_fields__
-"""Whether ``GenerationSettings`` takes a per-row ``seed`` (sampling independent of row and batch)."""
 
 SeedRule = int | Callable[[int, Any], int] | None
 
@@ -53,7 +50,7 @@ class WorkflowEpisode:
             raise ValueError(f"workflow must be a Workflow; got {type(workflow).__name__}")
         self.workflow, self.task = workflow, task
         self.sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-        if seed is not None and SEEDED_SAMPLING:
+        if seed is not None:
             self.sampling["seed"] = seed
         GenerationSettings(**self.sampling)  # validate now, not at the first turn
         self.out_of_capacity = False
@@ -176,9 +173,6 @@ def run_workflow(workflow: Workflow, tasks: Iterable[Any], session: Session, *,
     ``ordered=False``, as episodes finish. ``seed``: see ``episode_seed`` (used with temperature > 0).
     ``progress``: a ``ProgressBar``, True for one on stderr, or any callable of ``RolloutProgress``.
     """
-    if temperature > 0 and seed is not None and not SEEDED_SAMPLING:
-        warnings.warn("GenerationSettings has no per-row seed yet: sampled episodes draw from the "
-                      "session's key and depend on the rows and batch they run in", stacklevel=2)
     total = len(tasks) if hasattr(tasks, "__len__") else None
     engine = engine or RolloutEngine(session, schedule=schedule,
                                      progress=_progress(progress, total))

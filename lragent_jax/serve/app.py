@@ -67,7 +67,10 @@ async def _wait_disconnect(request: Request) -> None:
 
 def create_app(engine: Engine, context: ServingContext, *,
                max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
-    """The server's ASGI app. ``context`` names the served models and the tokenizer."""
+    """The server's ASGI app. ``context`` names the served models and the tokenizer.
+
+    Longer than 80 lines on purpose: each endpoint is a small closure over the engine, the
+    metrics and the context, defined here next to the route table that lists them."""
     created = int(time.time())
     metrics = engine.metrics
 

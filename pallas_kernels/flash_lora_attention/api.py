@@ -214,6 +214,8 @@ def flash_lora_attention(
 ) -> Float[Array, "B T N H"]:
     """Attention over a base KV cache plus each row's low-rank value adapter.
 
+    (The one public entry point: its argument documentation is most of its length.)
+
     Args:
       q: [B, T, N, H] queries.
       k, v: [B, S, K, H] base keys and values (no adapter), or with ``layer`` given a layer-stacked
