@@ -118,7 +118,9 @@ class RunContext:
 
 
 def _accuracy_options(g):
-    g.add_argument("--questions", type=int, default=8, help="test questions per mode (default 8)")
+    g.add_argument("--questions", type=int, default=4,
+                   help="test questions per mode (default 4: about 3 minutes for the main job on a "
+                        "2-core CPU; the accuracy figures in the README use 32 to 300)")
     g.add_argument("--seeds", type=int, default=1,
                    help="sampled runs per question (needs --temperature > 0; default 1)")
     g.add_argument("--temperature", type=float, default=0.0,
@@ -148,7 +150,8 @@ def accuracy(ctx: RunContext) -> dict:
 
     args, model = ctx.args, ctx.model
     print(f"\n== accuracy: {args.questions} test questions x {args.seeds} seed(s), "
-          f"temperature {args.temperature}, batch {args.batch}, modes {', '.join(ctx.modes)}")
+          f"temperature {args.temperature}, batch {min(args.batch, max(args.questions, 1))}, "
+          f"modes {', '.join(ctx.modes)}")
     seeds = list(range(args.seeds))
     total = len(ctx.modes) * args.questions * len(seeds)
     finished: dict[str, int] = {}
