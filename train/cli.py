@@ -31,10 +31,10 @@ from train.data import DATA_VIEWS
 
 EMBEDDED = "embedded"
 TINY = "tiny"
-# the one-minute example above on the project's 2-core CPU machine (2026-12-01), while other
-# jobs shared it (load average 6.5): 113 s wall, 70 s of CPU time
-CPU_SPEED = ("30-46 training tokens/s measured on a shared 2-core CPU, up to about twice that "
-             "when it is idle")
+# the one-minute example above on the project's 2-core CPU machine (2026-12-01): 47 s wall idle,
+# 105-139 tok/s; 113 s and 30-46 tok/s while other jobs shared it (load average 6.5)
+CPU_SPEED = ("105-139 training tokens/s measured on an idle 2-core CPU, 47 s in all; 30-46 tok/s "
+             "when other jobs share it")
 
 
 def int_in(low: int, high: int | None = None):
