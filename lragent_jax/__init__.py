@@ -8,7 +8,7 @@ Names are imported on first use, so host-side modules (``lragent_jax.workflow``,
 ``lragent_jax.tasks``) load without JAX.
 """
 
-import importlib
+from lragent_jax._exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -28,13 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"lragent_jax.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lragent_jax' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -13,7 +13,7 @@
 Names are imported on first use (the HTTP stack loads only when a server is built).
 """
 
-import importlib
+from lragent_jax._exports import lazy_exports
 
 _EXPORTS = {
     "APIError": "protocol", "GenerationRequest": "protocol", "ServingContext": "protocol",
@@ -26,13 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"lragent_jax.serve.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lragent_jax.serve' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
