@@ -19,10 +19,10 @@ source "$(dirname "$0")/gpu_common.sh"
 case "${1:-}" in
   bench)
     step 60 python3 -m eval.check_gpu_paths
-    step 90 python3 -m eval.bench_generate --model smollm2_135m --batch 1,16 --prompt 512 \
+    step 90 python3 -m eval.bench_generate --model smollm2_135m --batch 1,16 --context 512 \
       --new 128 --out "$OUT/generate_smollm2.json"
-    step 120 python3 -m eval.bench_generate --model llama3_1_8b --batch 1 --prompt 2048 --new 64 \
-      --no-bandwidth --out "$OUT/generate_llama8b.json"
+    step 120 python3 -m eval.bench_generate --model llama3_1_8b --batch 1 --context 2048 --new 64 \
+      --no-floors --out "$OUT/generate_llama8b.json"
     step 110 python3 -m train.benchmark --case llama-3.1-8b:8:4096:1:full \
       --case llama-3.1-8b:8:4096:1:dots --steps 4 --json "$OUT/train_benchmark.json"
     step 170 python3 -m eval.efficiency --model llama3_1_8b --lengths 16384 --repeats 2 \
