@@ -188,11 +188,7 @@ def load_eval_model(args):
 
 def positive_int_list(text: str) -> list[int]:
     """argparse type of the benchmark scripts: comma-separated positive integers, e.g. 1,16."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers; got {text!r}") from None
+    values = csv_list(int)(text)
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers; got {text!r}")
     return values

@@ -155,26 +155,33 @@ def processing_agents(encode, sample: Mapping[str, Any], role: str,
     return out
 
 
-def auto_view(samples: Mapping[str, Sequence[Mapping[str, Any]]],
-              agents: Sequence[str]) -> tuple[str, str]:
-    """The view ``--view auto`` trains with, and why: "mixed" when every sample records who wrote
-    each part of its prompt (the shared half needs that), else "agent"."""
-    for role, items in samples.items():
-        for i, sample in enumerate(items):
-            problem = writer_problem(sample, agents)
-            if problem is not None:
-                return "agent", (f"{role} sample {i}: {problem}; the shared and mixed views need "
-                                 "writers for every sample")
-    return "mixed", "every sample records its writers"
-
-
-def _check_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], agents: Sequence[str],
-                   data_view: str) -> None:
+def _writer_problems(samples: Mapping[str, Sequence[Mapping[str, Any]]],
+                     agents: Sequence[str]) -> dict[str, list[tuple[int, str]]]:
+    """Per role, the (index, problem) of every sample whose writers cannot give the shared view."""
     problems = {}
     for role, items in samples.items():
         bad = [(i, p) for i, s in enumerate(items) if (p := writer_problem(s, agents)) is not None]
         if bad:
             problems[role] = bad
+    return problems
+
+
+def auto_view(samples: Mapping[str, Sequence[Mapping[str, Any]]],
+              agents: Sequence[str]) -> tuple[str, str]:
+    """The view ``--view auto`` trains with, and why: "mixed" when every sample records who wrote
+    each part of its prompt (the shared half needs that), else "agent"."""
+    problems = _writer_problems(samples, agents)
+    if not problems:
+        return "mixed", "every sample records its writers"
+    role, bad = next(iter(problems.items()))
+    index, problem = bad[0]
+    return "agent", (f"{role} sample {index}: {problem}; the shared and mixed views need writers "
+                     "for every sample")
+
+
+def _check_writers(samples: Mapping[str, Sequence[Mapping[str, Any]]], agents: Sequence[str],
+                   data_view: str) -> None:
+    problems = _writer_problems(samples, agents)
     if problems:
         detail = "; ".join(f"{role}: {len(bad)} of {len(samples[role])} (first: sample {bad[0][0]}: "
                            f"{bad[0][1]})" for role, bad in problems.items())
