@@ -154,3 +154,21 @@ def test_a_client_that_does_not_read_its_stream_holds_up_nobody(model):
         assert "text/event-stream" in received.decode().split("\r\n\r\n", 1)[0]
         text = "".join(json.loads(e)["choices"][0]["text"] for e in events if '"choices"' in e)
         assert text == reference(model, model.tokenizer.encode(slow_prompt), "reflect", 40).text
+
+
+def test_the_next_call_waits_only_for_the_clients_the_last_call_answered(model):
+    """Requests that came in during a call are the earlier answers' clients: counting them as the
+    return of the clients this call answered made the next call start without those (the 8B
+    measurement: 57 calls over HTTP against 42 in process for the same turns)."""
+    import types
+
+    from lragent_jax.serve.scheduler import Engine, _Job
+
+    engine = Engine(model.session("base_lowrank_shared", batch=2, **SESSION))  # not started
+    engine._last_call, engine._answered = (100.0, 0.5), 1
+    request = types.SimpleNamespace(agent=None)
+    engine._apply("submit", _Job(1, request, lambda event: None, received=99.9))
+    assert engine._arrived == 0  # it came during the call: not one of the answered clients
+    engine._apply("submit", _Job(2, request, lambda event: None, received=100.01))
+    assert engine._arrived == 1
+    assert [job.id for job in engine._waiting] == [1, 2]  # both wait for a row all the same

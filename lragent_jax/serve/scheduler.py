@@ -132,7 +132,7 @@ class Engine:
         self.batch_wait = batch_wait
         self._last_call = (0.0, 0.0)  # (end, seconds) of the last call
         self._answered = 0  # generations the last call finished: their clients may come back
-        self._arrived = 0  # requests received since the last call began
+        self._arrived = 0  # requests received since the last call ended
         self.session = session
         self.block_tokens, self.stream_first_token = block_tokens, stream_first_token
         self.max_waiting = max_waiting
@@ -259,7 +259,9 @@ class Engine:
         """Hold the next call a moment for the clients the last call answered: an agent sends its
         next turn right after its answer, and a call that starts before it arrives runs without
         it (and it waits a whole call). At most ``batch_wait`` seconds after the last call ended
-        (None: a tenth of that call, at most 20 ms), and only while a row is idle for them."""
+        (None: a tenth of that call, at most 20 ms), and only while a row is idle for them and
+        fewer requests have come in since that call ended than it answered (requests that came
+        during the call are the previous answers' clients, not these)."""
         end, seconds = self._last_call
         wait = min(0.1 * seconds, 0.02) if self.batch_wait is None else self.batch_wait
         deadline = end + wait
@@ -278,8 +280,9 @@ class Engine:
 
     def _apply(self, kind: str, payload) -> None:
         if kind == "submit":
-            self._arrived += 1
             job = payload
+            if job.received >= self._last_call[0]:
+                self._arrived += 1
             self._jobs[job.id] = job
             if job.request.agent is not None:
                 job.agent_index = self.session.lora.agent_index(job.request.agent)
@@ -369,7 +372,6 @@ class Engine:
 
     def _step(self) -> None:
         start = time.perf_counter()
-        self._arrived = 0
         try:
             done = self.batcher.step()
         except Exception as e:  # the call failed (e.g. device memory): the session kept its logs
@@ -382,6 +384,7 @@ class Engine:
             return
         end = time.perf_counter()
         self._last_call = (end, end - start)
+        self._arrived = 0
         with self.metrics:
             self.metrics.engine_calls.inc()
             self.metrics.engine_seconds.inc(end - start)
