@@ -11,6 +11,12 @@
 #   bash eval/gpu_inference.sh replay OUTDIR     3-agent episode replay, 8B shape, 16k
 #   bash eval/gpu_inference.sh throughput OUTDIR many episodes through the rollout engine, 8B, 16k
 #   bash eval/gpu_inference.sh call2 OUTDIR      kernels + replay + throughput (one device call)
+#   bash eval/gpu_inference.sh serve OUTDIR      the HTTP layer's cost: 3-role 16k episodes from 8
+#                                                HTTP clients vs the in-process engine, 8B shape,
+#                                                one process per mode (a mode cut by its limit
+#                                                leaves the other's figures)
+#   bash eval/gpu_inference.sh modes OUTDIR      throughput at the largest row count, base+LR vs
+#                                                fully and base shared, 8B, 16k
 # Each step has its own time limit so one slow step cannot take the others down.
 MEM_FRACTION=0.92
 TAIL=30
@@ -53,9 +59,22 @@ case "${1:-}" in
       --lengths 16384 --episodes 12 --warmup 2 --rows same:6,max --budget-gib 60 \
       --modes base_lowrank_shared,non_shared --no-progress --out "$OUT/throughput_8b_16k.json"
     ;;
+  serve)
+    for mode in base_lowrank_shared non_shared; do
+      limit=250; [ $mode = non_shared ] && limit=300
+      step $limit python3 -m eval.bench_serve --random-weights llama3_1_8b --length 16384 \
+        --episodes 8 --clients 8 --modes $mode --out "$OUT/serve_8b_16k_$mode.json"
+    done
+    ;;
+  modes)
+    step 300 python3 -m eval.throughput --workloads traces --trace-model llama3_1_8b \
+      --lengths 16384 --episodes 12 --warmup 2 --rows max --budget-gib 60 \
+      --modes base_lowrank_shared,fully_shared,base_shared --no-progress \
+      --out "$OUT/throughput_8b_16k_modes.json"
+    ;;
   call2)
     bash "$0" kernels "$OUT"; bash "$0" replay "$OUT"; bash "$0" throughput "$OUT"
     ;;
-  *) echo "usage: bash eval/gpu_inference.sh check|explore|decode|kernels|replay|throughput|call2 OUTDIR" >&2
+  *) echo "usage: bash eval/gpu_inference.sh check|explore|decode|kernels|replay|throughput|call2|serve|modes OUTDIR" >&2
      exit 2 ;;
 esac

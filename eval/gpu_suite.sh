@@ -8,10 +8,12 @@
 #                                          teacher-forced comparison on them
 #   bash eval/gpu_suite.sh scienceqa_views OUTDIR    ScienceQA agents: adapters in the agent,
 #                                          shared and mixed views, each answering the 360 published
-#                                          questions in every mode (~8 min)
+#                                          questions in every mode (~9.5 min on an H200)
 #   bash eval/gpu_suite.sh scienceqa_recipes OUTDIR  then frozen and independent A in the best
-#                                          view and the teacher-forced comparison (~6 min);
+#                                          view and the teacher-forced comparison (~5 min);
 #                                          scienceqa_agents runs both stages
+#   bash eval/gpu_suite.sh scienceqa_runs OUTDIR     the best view again with RUNS=8 sampled
+#                                          runs per question (standard errors near 1 point)
 # Each step has its own time limit so one slow step cannot take the others down.
 MEM_FRACTION=0.9
 TAIL=40
@@ -52,20 +54,28 @@ case "${1:-}" in
       --scienceqa-adapters "$OUT/train_scienceqa/adapters" --scienceqa-samples 26 \
       --dtype bfloat16 --no-plots --overwrite --out "$OUT/eval_scienceqa"
     ;;
-  scienceqa_views|scienceqa_recipes|scienceqa_agents)
-    # ScienceQA agents end to end, in two stages that fit one device call each (scienceqa_agents
-    # runs both). Resumable: a set whose adapters or results are already in OUTDIR is skipped.
+  scienceqa_views|scienceqa_recipes|scienceqa_agents|scienceqa_runs)
+    # ScienceQA agents end to end, in stages that fit one device call each (scienceqa_agents
+    # runs views and recipes). Resumable: a set whose adapters or results are already in OUTDIR
+    # is skipped, so a stage cut by a call's limit goes on where it stopped when run again.
     #   scienceqa_views    adapters in the agent, shared and mixed views (shared A, joint), each
-    #                      answering the 360 published questions in every mode (+ the no-adapter
-    #                      baseline once)                                  (~8 min on one H200)
+    #                      answering the 360 published questions in every mode, non-shared and
+    #                      base+LR shared first (+ the no-adapter baseline once)
     #   scienceqa_recipes  frozen and independent A in the best view (VIEW= overrides; the best is
-    #                      the highest base+LR shared accuracy), the agents on them, and the
-    #                      teacher-forced comparison of the best view's joint set     (~6 min)
-    # Estimated from the H100 ScienceQA run (~10 s per compiled training shape, 7 s of compute per
-    # agent-view epoch, 2.6x that in the shared view) and ~4-5 s per lockstep batch of 240 episodes
-    # at 6 steps: training 85 + 95 + 50 s, agents 140 + 50 + 50 s; then training 60 + 90 s, agents
-    # 35 + 75 s, teacher-forced 60 s. Knobs: EPOCHS (1), RUNS per question (1; each more adds
-    # ~40 s per set), QUESTIONS (360).
+    #                      the base+LR shared accuracy closest to non-shared's, then the highest),
+    #                      the agents on them, and the teacher-forced comparison of the best
+    #                      view's joint set
+    #   scienceqa_runs     the best view's joint set again with RUNS (default 8) sampled runs per
+    #                      question in SQA_MODES (default non_shared,base_lowrank_shared): the
+    #                      standard error of one run is 2.4-2.6 points, of the paired difference
+    #                      3.2-3.4
+    # Measured on one H200 (2026-12-01, 1 run per question): training 34-48 s a set (117 steps,
+    # compilation included); the agents 73-81 s a mode in the first set (compiling), 22-36 s a
+    # mode after it (the compilation cache below). So views ~9.5 min (agent 48 + 5 x 75 s, the
+    # others 45 + 4 x 30 s), recipes ~5 min, runs ~RUNS x 25 s a mode.
+    # Knobs: EPOCHS (1), RUNS per question (1), QUESTIONS (360), SQA_MODES, TRAIN_EXTRA (more train
+    # flags, e.g. a smoke run's "--batch-size 2 --max-steps 2 --valid-samples 4") and LIMIT_SCALE
+    # (gpu_common.sh; a CPU smoke run with QUESTIONS=3 needs about 10).
     # Needs scienceqa/ and scienceqa-eval/ of the published trajectories under $DATA, or tarballs
     # of them in .carry/sqa/ (unpacked there; never committed).
     DATA=${DATA:-/tmp/lragent-data}
@@ -76,58 +86,72 @@ case "${1:-}" in
     fi
     # the sets share shapes: compile once (kept on the machine, not in OUTDIR)
     export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/lragent-jax-cache}
-    EPOCHS=${EPOCHS:-1}; RUNS=${RUNS:-1}; QUESTIONS=${QUESTIONS:-360}
+    EPOCHS=${EPOCHS:-1}; QUESTIONS=${QUESTIONS:-360}
+    RUNS=${RUNS:-$([ "$1" = scienceqa_runs ] && echo 8 || echo 1)}
+    ALL_MODES=non_shared,base_lowrank_shared,fully_shared,base_shared  # the key pair first
+    TRAIN_EXTRA=${TRAIN_EXTRA:-}  # e.g. "--max-steps 2 --valid-samples 8" for a CPU smoke run
     sqa_train() {  # NAME VIEW VARIANT LIMIT
       [ -f "$OUT/train_$1/adapters/lragent_adapters.json" ] && {
         echo "=== $1: adapters already trained"; return; }
       step "$4" python3 -m train --data "$DATA/scienceqa" --view "$2" --variant "$3" \
         --epochs "$EPOCHS" --max-len 2048 --bucket-multiple 512 --bucket-ratio 2 --batch-size 16 \
         --eval-batch-size 64 --lr 1e-3 --remat full --save-every 100000 --keep 1 \
-        --export-dtype bfloat16 --seed 0 --no-progress --no-plot --resume --out "$OUT/train_$1"
+        --export-dtype bfloat16 --seed 0 --no-progress --no-plot --resume --out "$OUT/train_$1" \
+        $TRAIN_EXTRA
     }
     sqa_set() {  # NAME VIEW VARIANT TRAIN_LIMIT EVAL_LIMIT [eval flags]
-      local name=$1 eval_limit=$5
-      sqa_train "$1" "$2" "$3" "$4"; shift 5
-      [ -d "$OUT/train_$name/adapters" ] || { echo "=== no adapters for $name"; return; }
+      local name=$1 eval_limit=$5 src=${ADAPTERS_OF:-$1}  # src: the set whose adapters it uses
+      sqa_train "$src" "$2" "$3" "$4"; shift 5
+      [ -d "$OUT/train_$src/adapters" ] || { echo "=== no adapters for $src"; return; }
       grep -qs traces_file "$OUT/eval_$name/scienceqa_agents.json" && {
         echo "=== $name: agents already evaluated"; return; }
       step "$eval_limit" python3 -m eval --parts scienceqa_agents \
         --scienceqa-dir "$DATA/scienceqa" --scienceqa-eval-dir "$DATA/scienceqa-eval" \
-        --scienceqa-adapters "$OUT/train_$name/adapters" --sqa-questions "$QUESTIONS" \
-        --sqa-runs "$RUNS" --sqa-temperature 0.7 --sqa-max-steps 6 --sqa-batch 240 \
-        --sqa-capacity 4096 --min-bucket 128 --dtype bfloat16 --no-plots \
-        --out "$OUT/eval_$name" "$@"
+        --scienceqa-adapters "$OUT/train_$src/adapters" \
+        --sqa-questions "$QUESTIONS" --sqa-runs "$RUNS" --sqa-temperature 0.7 \
+        --sqa-max-steps 6 --sqa-batch 240 --sqa-capacity 4096 --min-bucket 128 \
+        --dtype bfloat16 --no-plots --overwrite --out "$OUT/eval_$name" --modes "$ALL_MODES" "$@"
     }
-    if [ "$1" != scienceqa_recipes ]; then
-      sqa_set agent agent joint 170 280
-      sqa_set shared shared joint 190 150 --no-sqa-baseline
-      sqa_set mixed mixed joint 120 150 --no-sqa-baseline
-    fi
-    if [ "$1" != scienceqa_views ]; then
-      best=${VIEW:-$(python3 - "$OUT" <<'PY'
+    best_view() {  # the view whose base+LR shared accuracy is closest to non-shared's
+      python3 - "$OUT" <<'PY'
 import json, sys
-best = ("mixed", -1.0, 0.0)  # mixed when no view has results
+best = ("mixed", -1.0, -1.0)  # mixed when no view has results
 for view in ("agent", "shared", "mixed"):
     try:
         modes = json.load(open(f"{sys.argv[1]}/eval_{view}/scienceqa_agents.json"))["modes"]
         lr = modes["base_lowrank_shared"]
-        key = (lr["accuracy"], -abs(lr.get("vs_non_shared", {}).get("difference", 0.0)))
-    except (OSError, KeyError, ValueError):
+        key = (-abs(lr["vs_non_shared"]["difference"]), lr["accuracy"])
+    except (OSError, KeyError, ValueError, TypeError):
         continue
     if key > best[1:]:
         best = (view, *key)
 print(best[0])
 PY
-)}
+    }
+    if [ "$1" = scienceqa_views ] || [ "$1" = scienceqa_agents ]; then
+      sqa_set agent agent joint 170 420
+      sqa_set shared shared joint 190 180 --no-sqa-baseline
+      sqa_set mixed mixed joint 120 180 --no-sqa-baseline
+    fi
+    if [ "$1" = scienceqa_recipes ] || [ "$1" = scienceqa_agents ]; then
+      best=${VIEW:-$(best_view)}
       echo "=== best view for base+LR sharing: $best"
-      sqa_set "frozen_$best" "$best" frozen 130 100 --no-sqa-baseline \
-        --modes non_shared,base_lowrank_shared
-      sqa_set "independent_$best" "$best" independent 170 150 --no-sqa-baseline \
-        --modes non_shared,base_shared
+      ALL_MODES=non_shared,base_lowrank_shared sqa_set "frozen_$best" "$best" frozen 130 120 \
+        --no-sqa-baseline
+      # one A per agent has no low-rank cache to share: base_shared is its shared mode
+      ALL_MODES=non_shared,base_shared sqa_set "independent_$best" "$best" independent 170 150 \
+        --no-sqa-baseline
       sqa_train "$best" "$best" joint 190
-      [ -f "$OUT/tf_$best/results.json" ] || step 150 python3 -m eval --parts scienceqa \
-        --scienceqa-dir "$DATA/scienceqa" --scienceqa-adapters "$OUT/train_$best/adapters" \
-        --scienceqa-samples 26 --dtype bfloat16 --no-plots --out "$OUT/tf_$best"
+      [ -f "$OUT/tf_$best/results.json" ] && grep -qs '"scienceqa": {' "$OUT/tf_$best/results.json" \
+        || step 150 python3 -m eval --parts scienceqa --scienceqa-dir "$DATA/scienceqa" \
+          --scienceqa-adapters "$OUT/train_$best/adapters" --scienceqa-samples 26 \
+          --dtype bfloat16 --no-plots --overwrite --out "$OUT/tf_$best"
+    fi
+    if [ "$1" = scienceqa_runs ]; then
+      best=${VIEW:-$(best_view)}
+      echo "=== $RUNS runs per question, the $best view's joint adapters"
+      ALL_MODES=${SQA_MODES:-non_shared,base_lowrank_shared} ADAPTERS_OF=$best \
+        sqa_set "runs${RUNS}_$best" "$best" joint 190 570 --no-sqa-baseline
     fi
     python3 - "$OUT" <<'PY'
 import glob, json, os, sys
@@ -149,5 +173,5 @@ json.dump(rows, open(f"{sys.argv[1]}/scienceqa_agents_summary.json", "w"), inden
 PY
     ;;
   *) echo "usage: bash eval/gpu_suite.sh bench|quality|scienceqa|scienceqa_views|scienceqa_recipes|"\
-"scienceqa_agents OUTDIR" >&2; exit 2 ;;
+"scienceqa_runs|scienceqa_agents OUTDIR" >&2; exit 2 ;;
 esac
