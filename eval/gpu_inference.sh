@@ -17,6 +17,12 @@
 #                                                leaves the other's figures)
 #   bash eval/gpu_inference.sh modes OUTDIR      throughput at the largest row count, base+LR vs
 #                                                fully and base shared, 8B, 16k
+#   bash eval/gpu_inference.sh lengths OUTDIR    throughput at 8k and 32k (one step each), merged
+#                                                with the 16k run of eval/results/h200-2026-12-01:
+#                                                the episodes/s-against-length plot
+#   bash eval/gpu_inference.sh kb OUTDIR         the built-in task's 256 episodes on the embedded
+#                                                SmolLM2 with the shipped adapters (needs the
+#                                                model file: LRAGENT_DEFAULT_MODEL)
 # Each step has its own time limit so one slow step cannot take the others down.
 MEM_FRACTION=0.92
 TAIL=30
@@ -72,9 +78,23 @@ case "${1:-}" in
       --modes base_lowrank_shared,fully_shared,base_shared --no-progress \
       --out "$OUT/throughput_8b_16k_modes.json"
     ;;
+  lengths)
+    for length in 8192 32768; do
+      step 280 python3 -m eval.throughput --workloads traces --trace-model llama3_1_8b \
+        --lengths $length --episodes 16 --warmup 2 --rows max --budget-gib 60 \
+        --modes base_lowrank_shared,non_shared,fully_shared --no-progress \
+        --out "$OUT/throughput_8b_$length.json"
+    done
+    step 60 python3 -m eval.throughput --merge "$OUT"/throughput_8b_*.json \
+      eval/results/h200-2026-12-01/throughput_8b_16k.json --out "$OUT/throughput_8b_lengths.json"
+    ;;
+  kb)
+    step 420 python3 -m eval.throughput --workloads kb --kb-episodes 256 --rows same:64,max \
+      --no-progress --out "$OUT/throughput_kb_smollm2.json"
+    ;;
   call2)
     bash "$0" kernels "$OUT"; bash "$0" replay "$OUT"; bash "$0" throughput "$OUT"
     ;;
-  *) echo "usage: bash eval/gpu_inference.sh check|explore|decode|kernels|replay|throughput|call2|serve|modes OUTDIR" >&2
+  *) echo "usage: bash eval/gpu_inference.sh check|explore|decode|kernels|replay|throughput|call2|serve|modes|lengths|kb OUTDIR" >&2
      exit 2 ;;
 esac
