@@ -262,15 +262,22 @@ class InterruptGuard:
     The usual ``KeyboardInterrupt`` still comes first; if the main thread has not finished within
     ``grace`` seconds, ``on_timeout`` runs on a watcher thread (save what can be saved) and the
     process exits with status 130. Use as a context manager around the command's work.
+
+    Leaving the guard after a Ctrl-C (the ``KeyboardInterrupt`` passing through it or caught inside
+    it) means the command is stopping: the watcher then stays, so the grace still ends the process.
+    A Ctrl-C between a compiled call's dispatch and the wait for its result leaves that call
+    running, and the interpreter's exit waits for it (minutes, for a long call).
     """
 
     def __init__(self, on_timeout: Callable[[], None] | None = None, *, grace: float = 3.0):
         self.on_timeout, self.grace = on_timeout, grace
         self._reader = self._writer = None
         self._previous_fd = None
+        self._previous_handler = None
         self._thread = None
         self._stop = threading.Event()
         self.interrupted = threading.Event()
+        self._sigint_seen = False  # set in the main thread, before its KeyboardInterrupt
 
     def __enter__(self) -> "InterruptGuard":
         if threading.current_thread() is not threading.main_thread():
@@ -286,9 +293,15 @@ class InterruptGuard:
             self._writer.close()
             self._reader = self._writer = None
             return self
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         self._thread = threading.Thread(target=self._watch, name="interrupt-guard", daemon=True)
         self._thread.start()
         return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._sigint_seen = True
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -315,10 +328,19 @@ class InterruptGuard:
             sys.stdout.flush()
             os._exit(130)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self._thread is None:
             return
+        if self._sigint_seen or (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)):
+            try:  # the watcher's grace starts now at the latest (the command is stopping)
+                self._writer.send(bytes([signal.SIGINT]))
+            except OSError:
+                pass
+            return
         self._stop.set()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
         signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
         try:
             self._writer.send(b"\0")

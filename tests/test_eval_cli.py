@@ -259,40 +259,80 @@ def test_progress_line_has_an_eta_on_a_terminal_and_is_silent_elsewhere():
         assert not bar.enabled  # --quiet
 
 
-@pytest.mark.slow
-def test_ctrl_c_inside_a_long_compiled_call_stops_within_seconds(tmp_path):
+_SPIN = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also when the suite
+                                                          # runs as a background job (SIGINT ignored)
+import jax, jax.numpy as jnp
+from lragent_jax.runtime import InterruptGuard
+
+@jax.jit
+def spin(x):
+    inner = lambda j, v: jax.lax.fori_loop(0, 1_000_000_000,
+                                           lambda i, w: w * 1.0000001 + 1e-9, v)
+    return jax.lax.fori_loop(0, 50, inner, x)  # minutes of work in one compiled call
+
+call = spin.lower(jnp.float32(0)).compile()  # compiled before the guard: the signal lands in it
+"""
+
+
+def _run_spin(tmp_path, body: str, signal_after: float | None):
+    """Run ``_SPIN`` + ``body`` in a subprocess, SIGINT it ``signal_after`` seconds after it prints
+    'ready' (None: it signals itself); returns (seconds from the signal to the exit, the process,
+    whether on_timeout ran)."""
     marker = tmp_path / "saved"
-    script = textwrap.dedent(f"""
-        import sys
-        import jax, jax.numpy as jnp
-        from lragent_jax.runtime import InterruptGuard
-
-        @jax.jit
-        def spin(x):
-            inner = lambda j, v: jax.lax.fori_loop(0, 1_000_000_000,
-                                                   lambda i, w: w * 1.0000001 + 1e-9, v)
-            return jax.lax.fori_loop(0, 50, inner, x)  # minutes of work in one compiled call
-
-        with InterruptGuard(on_timeout=lambda: open({str(marker)!r}, "w").write("x"), grace=1.0):
-            print("ready", flush=True)
-            spin(jnp.float32(0)).block_until_ready()
-        print("finished", flush=True)
-    """)
+    script = _SPIN + textwrap.dedent(body).replace("MARKER", repr(str(marker)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.0)  # inside the compiled loop (compiling or running)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    if signal_after is not None:
+        time.sleep(signal_after)  # inside the compiled call
+        proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=30)
     finally:
         proc.kill()
+    return time.monotonic() - t0, proc, marker.exists() and marker.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_a_long_compiled_call_stops_within_seconds(tmp_path):
+    seconds, proc, saved = _run_spin(tmp_path, """
+        with InterruptGuard(on_timeout=lambda: open(MARKER, "w").write("x"), grace=1.0):
+            print("ready", flush=True)
+            call(jnp.float32(0)).block_until_ready()
+        print("finished", flush=True)
+    """, signal_after=1.0)
     # Python alone would raise KeyboardInterrupt only when the loop returns (minutes later)
-    assert time.monotonic() - t0 < 6
+    assert seconds < 6
     assert proc.returncode == 130, proc.stderr.read()
-    assert marker.read_text() == "x"  # what on_timeout saves is written before the exit
+    assert saved  # what on_timeout saves is written before the exit
+
+
+@pytest.mark.parametrize("caught", [False, True], ids=["propagates", "caught-inside"])
+def test_leaving_the_guard_on_ctrl_c_still_ends_a_stuck_exit_within_seconds(tmp_path, caught):
+    """A Ctrl-C between a compiled call's dispatch and the wait for it (on a GPU the call runs on
+    after the KeyboardInterrupt) leaves an exit that waits for that call; here a slow exit handler
+    stands in for it. Whether the interrupt leaves the guard or is caught inside it (as ``python -m
+    eval`` does), the guard still ends the process after its grace, with what on_timeout saves."""
+    seconds, proc, saved = _run_spin(tmp_path, """
+        import atexit, time
+        atexit.register(time.sleep, 60)  # the exit waits (for the call still in flight)
+        with InterruptGuard(on_timeout=lambda: open(MARKER, "w").write("x"), grace=1.0):
+            print("ready", flush=True)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while Python code runs
+                time.sleep(5)
+            except KeyboardInterrupt:
+                if not CAUGHT:
+                    raise
+        sys.exit(130)
+    """.replace("CAUGHT", str(caught)), signal_after=None)
+    assert seconds < 8
+    assert proc.returncode == 130, proc.stderr.read()
+    assert saved
 
 
 def test_python_m_lragent_jax_says_what_is_installed_and_what_to_run(capsys):
