@@ -89,7 +89,7 @@ case "${1:-}" in
     EPOCHS=${EPOCHS:-1}; QUESTIONS=${QUESTIONS:-360}
     RUNS=${RUNS:-$([ "$1" = scienceqa_runs ] && echo 8 || echo 1)}
     ALL_MODES=non_shared,base_lowrank_shared,fully_shared,base_shared  # the key pair first
-    TRAIN_EXTRA=${TRAIN_EXTRA:-}  # e.g. "--max-steps 2 --valid-samples 8" for a CPU smoke run
+    TRAIN_EXTRA=${TRAIN_EXTRA:-}
     sqa_train() {  # NAME VIEW VARIANT LIMIT
       [ -f "$OUT/train_$1/adapters/lragent_adapters.json" ] && {
         echo "=== $1: adapters already trained"; return; }
@@ -142,8 +142,7 @@ PY
       ALL_MODES=non_shared,base_shared sqa_set "independent_$best" "$best" independent 170 150 \
         --no-sqa-baseline
       sqa_train "$best" "$best" joint 190
-      [ -f "$OUT/tf_$best/results.json" ] && grep -qs '"scienceqa": {' "$OUT/tf_$best/results.json" \
-        || step 150 python3 -m eval --parts scienceqa --scienceqa-dir "$DATA/scienceqa" \
+      grep -qs '"scienceqa": {' "$OUT/tf_$best/results.json" || step 150 python3 -m eval --parts scienceqa --scienceqa-dir "$DATA/scienceqa" \
           --scienceqa-adapters "$OUT/train_$best/adapters" --scienceqa-samples 26 \
           --dtype bfloat16 --no-plots --overwrite --out "$OUT/tf_$best"
     fi
