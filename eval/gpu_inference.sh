@@ -79,9 +79,12 @@ case "${1:-}" in
       --out "$OUT/throughput_8b_16k_modes.json"
     ;;
   lengths)
-    for length in 8192 32768; do
-      step 280 python3 -m eval.throughput --workloads traces --trace-model llama3_1_8b \
-        --lengths $length --episodes 16 --warmup 2 --rows max --budget-gib 60 \
+    # LENGTHS (default "8192 32768") for one length a call; 32k takes longest (non-shared fits
+    # 5 rows in the budget)
+    for length in ${LENGTHS:-8192 32768}; do
+      limit=200; [ $length -gt 16384 ] && limit=340
+      step $limit python3 -m eval.throughput --workloads traces --trace-model llama3_1_8b \
+        --lengths $length --episodes 12 --warmup 2 --rows max --budget-gib 60 \
         --modes base_lowrank_shared,non_shared,fully_shared --no-progress \
         --out "$OUT/throughput_8b_$length.json"
     done
@@ -89,7 +92,8 @@ case "${1:-}" in
       eval/results/h200-2026-12-01/throughput_8b_16k.json --out "$OUT/throughput_8b_lengths.json"
     ;;
   kb)
-    step 420 python3 -m eval.throughput --workloads kb --kb-episodes 256 --rows same:64,max \
+    # KB_ROWS (default same:64): the row rules (same:64,max adds each mode's largest count)
+    step 420 python3 -m eval.throughput --workloads kb --kb-episodes 256 --rows ${KB_ROWS:-same:64} \
       --no-progress --out "$OUT/throughput_kb_smollm2.json"
     ;;
   call2)

@@ -52,7 +52,8 @@ case "${1:-}" in
       --batch-size 16 --lr 1e-3 --remat full --no-progress --out "$OUT/train_scienceqa"
     step 280 python3 -m eval --parts scienceqa --scienceqa-dir /tmp/lragent-data/scienceqa \
       --scienceqa-adapters "$OUT/train_scienceqa/adapters" --scienceqa-samples 26 \
-      --dtype bfloat16 --no-plots --overwrite --out "$OUT/eval_scienceqa"
+      --batch 80 --min-bucket 128 --dtype bfloat16 --no-plots --overwrite \
+      --out "$OUT/eval_scienceqa"
     ;;
   scienceqa_views|scienceqa_recipes|scienceqa_agents|scienceqa_runs)
     # ScienceQA agents end to end, in stages that fit one device call each (scienceqa_agents
@@ -144,7 +145,7 @@ PY
       sqa_train "$best" "$best" joint 190
       grep -qs '"scienceqa": {' "$OUT/tf_$best/results.json" || step 150 python3 -m eval --parts scienceqa --scienceqa-dir "$DATA/scienceqa" \
           --scienceqa-adapters "$OUT/train_$best/adapters" --scienceqa-samples 26 \
-          --dtype bfloat16 --no-plots --overwrite --out "$OUT/tf_$best"
+          --batch 80 --min-bucket 128 --dtype bfloat16 --no-plots --overwrite --out "$OUT/tf_$best"
     fi
     if [ "$1" = scienceqa_runs ]; then
       best=${VIEW:-$(best_view)}

@@ -35,12 +35,13 @@ def episode_turns(segments: Sequence[Segment]) -> list[tuple[str, list[str], str
 
 def replay_scores(session: Session, episodes: Sequence[Sequence[Segment]], *,
                   score_roles: Sequence[str] | None = None,
-                  only_last: bool = False) -> list[dict]:
+                  only_last: bool = False, on_chunk=None) -> list[dict]:
     """Replay episodes (``session.batch`` at a time) and score every role segment.
 
     Returns one dict per scored segment: episode, turn, role, n tokens, sum of log-probs, greedy
     matches. ``only_last``: score only each episode's last role segment (the others still run, as
-    teacher-forced turns that fill the cache).
+    teacher-forced turns that fill the cache). ``on_chunk(episodes)``: called after each batch of
+    episodes with how many it replayed (progress).
     """
     tok = session.tokenizer
     out = []
@@ -74,20 +75,24 @@ def replay_scores(session: Session, episodes: Sequence[Sequence[Segment]], *,
                             "logprob_sum": float(np.sum(res.logprobs)),
                             "greedy_matches": int(np.sum(res.greedy_match)),
                             "logprobs": res.logprobs.tolist()})
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     return out
 
 
 def compare_modes(make_session, episodes: Sequence[Sequence[Segment]], *, modes=ALL_MODES,
-                  only_last: bool = False, log=print) -> dict:
+                  only_last: bool = False, log=print, on_chunk=None) -> dict:
     """Per mode and role: mean log-prob per token, token accuracy, and the gap to non-shared.
 
     ``make_session(mode)`` returns a fresh session of that mode. The gap is computed token by token
-    on the same tokens (paired), so it isolates what the cache changes.
+    on the same tokens (paired), so it isolates what the cache changes. ``on_chunk``: see
+    ``replay_scores`` (called for every mode's batches).
     """
     per_mode = {}
     for mode in modes:
         mode = ShareMode.parse(mode).value
-        per_mode[mode] = replay_scores(make_session(mode), episodes, only_last=only_last)
+        per_mode[mode] = replay_scores(make_session(mode), episodes, only_last=only_last,
+                                       on_chunk=on_chunk)
         log(f"  teacher-forced {mode}: {len(per_mode[mode])} segments scored")
     reference = per_mode.get("non_shared")
     summary = {}
@@ -171,12 +176,17 @@ def run_scienceqa(ctx) -> dict:
         raise ValueError(f"scienceqa: no held-out sample of {folder} fits --scienceqa-max-tokens "
                          f"{args.scienceqa_max_tokens}")
     capacity = 1 << (args.scienceqa_max_tokens + 64 - 1).bit_length()
-    with ctx.progress("modes", len(modes)) as bar:
-        tf = compare_modes(lambda mode: model.session(mode, batch=min(args.batch, 8),
+    # rows: --batch (on a GPU all samples in one batch: every turn of them one call); episodes of
+    # every mode on the progress bar (a mode of 78 samples is minutes on a CPU)
+    rows = min(args.batch, len(episodes))
+    print(f"  {rows} rows of {capacity} tokens, {-(-len(episodes) // rows)} batch(es) a mode "
+          f"(--batch), modes {', '.join(modes)}")
+    with ctx.progress("samples (all modes)", len(modes) * len(episodes)) as bar:
+        tf = compare_modes(lambda mode: model.session(mode, batch=rows,
                                                       capacity=capacity, prefill_chunk=1024,
                                                       min_chunk_bucket=args.min_bucket),
-                           episodes, modes=modes, only_last=True,
-                           log=lambda line: bar.update(advance=1))
+                           episodes, modes=modes, only_last=True, log=lambda line: None,
+                           on_chunk=lambda n: bar.update(advance=n))
     print_comparison(tf)
     return {"folder": str(folder), "samples": len(episodes), "skipped_long": skipped,
             "held_out": {"fraction": args.scienceqa_valid_fraction,

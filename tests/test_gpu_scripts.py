@@ -25,6 +25,14 @@ VALUES = {"OUT": "/tmp/out", "DATA": "/tmp/data", "2": "mixed", "3": "joint", "E
 NOT_PARSED = {"pytest", "eval.check_gpu_paths"}  # pytest's own flags; a module without options
 
 
+def _value(match: re.Match) -> str:
+    """A variable's sample value; ``${NAME:-default}`` falls back to its default."""
+    name = match[1] or match[3]
+    if name in VALUES:
+        return VALUES[name]
+    return match[2] if match[2] is not None else f"<unknown ${name}>"
+
+
 def _commands() -> list[tuple[str, str, list[str]]]:
     found = []
     for script in SCRIPTS:
@@ -37,8 +45,7 @@ def _commands() -> list[tuple[str, str, list[str]]]:
             if not match or match[1] in NOT_PARSED:
                 continue
             rest = re.split(r"\s(?:2>&1|\||;|&&|\|\|)\s|\s\|$|;$", match[2])[0]
-            rest = re.sub(r"\$\{?(\w+)\}?",
-                          lambda m: VALUES.get(m[1], f"<unknown ${m[1]}>"), rest)
+            rest = re.sub(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)", _value, rest)
             found.append((script, match[1], shlex.split(rest)))
     return found
 
