@@ -215,6 +215,25 @@ def _sum(metrics: dict, prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.split("{")[0] == prefix)
 
 
+def _round_trips(before: dict, after: dict, name: str = "lragent_client_return_seconds") -> dict:
+    """Mean, p50 and p90 (upper bounds of the histogram's buckets) of the clients' round trips
+    observed between two /metrics reads."""
+    def count(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    n = count(f"{name}_count")
+    if not n:
+        return {"return_n": 0, "return_mean_s": None, "return_p50_s": None, "return_p90_s": None}
+    bounds = sorted((float(k.split('le="')[1].split('"')[0]), count(k)) for k in after
+                    if k.startswith(f"{name}_bucket"))
+
+    def quantile(q):
+        return next(b for b, c in bounds if c >= q * n)
+
+    return {"return_n": int(n), "return_mean_s": count(f"{name}_sum") / n,
+            "return_p50_s": quantile(0.5), "return_p90_s": quantile(0.9)}
+
+
 def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "lragent_jax.serve", "--random-weights", opts.random_weights,
                "--rank", str(opts.rank), "--mode", mode, "--rows", str(opts.rows),
@@ -308,6 +327,12 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
                                                                    "lragent_evictions_total"),
         "compile_s_in_timed": _sum(after, "lragent_compile_seconds")
         - _sum(before, "lragent_compile_seconds"),
+        # the clients' round trips between turns and what the engine waited for them
+        **_round_trips(before, after),
+        "gather_s": _sum(after, "lragent_engine_gather_seconds_total")
+        - _sum(before, "lragent_engine_gather_seconds_total"),
+        "gather_short": _sum(after, "lragent_engine_gather_short_total")
+        - _sum(before, "lragent_engine_gather_short_total"),
         "_generated": run["generated"],
     }
 
@@ -496,6 +521,13 @@ def main(argv=None) -> int:
                        "calls", "compile_s_in_timed", "failed"],
                 title=f"serving {opts.random_weights} at {opts.length} tokens on {env['device']} "
                       f"(jax {env['jax']}, {env['date']})")
+    http = [r for r in rows if r["side"] == "http"]
+    if http:
+        print_table(http, ["mode", "calls", "call_s", "seconds", "return_n", "return_mean_s",
+                           "return_p50_s", "return_p90_s", "gather_s", "gather_short"],
+                    title="HTTP side: seconds in calls of the wall time; the clients' round trips "
+                          "between turns (p50 / p90: histogram bucket bounds) and the engine's "
+                          "waits for them (short: calls that started with a client missing)")
     if summary:
         print_table(summary, ["mode", "http_vs_engine_requests_s", "http_cost",
                               "ttft_p50_http_minus_engine_s", "same_tokens_episodes"],

@@ -4,6 +4,8 @@ OpenAI-style errors for bad requests (and the server stays up), /health, /models
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytest.importorskip("starlette")
@@ -186,6 +188,8 @@ BAD = [
     ({"model": "plan", "prompt": ["a", "b"]}, 400, "prompt"),
     ({"model": "plan", "prompt": ""}, 400, "prompt"),
     ({"model": "plan", "prompt": [5, 100000]}, 400, "prompt"),
+    ({"model": "plan", "prompt": [5, True, 7]}, 400, "prompt"),
+    ({"model": "plan", "prompt": [5, 6.0]}, 400, "prompt"),
     ({"model": "plan", "prompt": {"text": "x"}}, 400, "prompt"),
     ({"model": "plan", "prompt": "x", "trajectory": 5}, 400, "trajectory"),
 ]
@@ -258,3 +262,17 @@ def test_metrics_in_prometheus_text(server):
     assert metric(after, "lragent_rows_busy") == 0
     assert metric(after, "lragent_engine_calls_total") > metric(before,
                                                                 "lragent_engine_calls_total")
+    # a pinned trajectory's next request times its client's round trip, no other request does
+    api.completions.create(model="plan", prompt=PROMPTS[1], max_tokens=3, temperature=0,
+                           extra_body={"trajectory": "metrics-rt"})
+    t0 = time.perf_counter()
+    r = api.completions.create(model="action", prompt=PROMPTS[1] + " then", max_tokens=3,
+                               temperature=0, extra_body={"trajectory": "metrics-rt"})
+    elapsed = time.perf_counter() - t0
+    status, last = get(url, "/metrics")
+    count = "lragent_client_return_seconds_count"
+    assert metric(last, count) == metric(after, count) + 1
+    gap = metric(last, "lragent_client_return_seconds_sum") - metric(
+        after, "lragent_client_return_seconds_sum")
+    assert 0 <= gap <= elapsed  # from the first answer to the second request's arrival
+    assert "# TYPE lragent_engine_gather_seconds_total counter" in last

@@ -27,6 +27,10 @@ def test_bench_serve_runs_and_http_gives_the_engine_tokens(tmp_path):
     assert http["prefilled_total"] == engine["prefilled_total"]
     assert http["requests_s"] > 0 and http["ttft_p50_s"] <= http["ttft_p99_s"]
     assert http["cached_total"] > 0  # later turns reused the episode's trajectory
+    # every turn after an episode's first is a pinned trajectory's return, and was timed
+    assert http["return_n"] == http["turns"] - http["episodes"]
+    assert 0 < http["return_p50_s"] <= http["return_p90_s"]
+    assert http["return_mean_s"] < http["seconds"] and http["gather_s"] >= 0
     summary = payload["summary"][0]
     assert summary["mode"] == "base_lowrank_shared"
     assert summary["same_tokens_episodes"] == "3/3"  # greedy: the same tokens on both sides

@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "64 with --block-tokens 0)")
     g.add_argument("--batch-wait-ms", type=float, default=None,
                    help="how long a call may wait for the clients the last call answered (their "
-                        "next turns join it); default: a tenth of the last call, at most 20 ms; "
-                        "0: never wait")
+                        "next turns join it); default: set from the clients' measured round "
+                        "trips (the last 64 of pinned trajectories): long enough for those that "
+                        "come back within a small part of a call, 0 when they are slower; a "
+                        "tenth of a call, at most 20 ms, until 16 were seen; 0: never wait")
     g.add_argument("--row-grace-ms", type=float, default=50.0,
                    help="a trajectory just answered is not evicted for another one for this long "
                         "(its agent's next turn usually follows at once; default 50)")

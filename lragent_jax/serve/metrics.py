@@ -13,6 +13,9 @@ PREFIX = "lragent"
 
 # seconds; a CPU tiny model answers in milliseconds, an 8B model at 16k context in seconds
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# a client's round trip between two turns: milliseconds, and what the engine's wait is set from
+RETURN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
+                  1.0, 2.5)
 
 
 COMPILE_EVENT = "/jax/core/compile/"  # JAX's tracing, lowering and compiling durations
@@ -151,6 +154,16 @@ class ServerMetrics:
         self.engine_calls = Counter("engine_calls_total", "Jitted turn calls run by the engine.")
         self.engine_seconds = Counter("engine_call_seconds_total",
                                       "Seconds spent in jitted turn calls.")
+        self.gather_seconds = Counter(
+            "engine_gather_seconds_total", "Seconds the engine held its next call for the clients "
+            "the last call answered (see --batch-wait-ms).")
+        self.gather_short = Counter(
+            "engine_gather_short_total", "Calls that started at the end of that wait with fewer "
+            "requests than the last call answered (a returning client missed the call).")
+        self.client_return = Histogram(
+            "client_return_seconds", "From an answer on a trajectory to the next request of that "
+            "trajectory reaching the engine (pinned requests): the client's round trip.",
+            buckets=RETURN_BUCKETS)
         self.ttft = Histogram("time_to_first_token_seconds",
                               "From a request reaching the engine to its first token.")
         self.latency = Histogram("request_duration_seconds",
@@ -177,7 +190,8 @@ class ServerMetrics:
             families = [self.requests, self.finished, self.prompt_tokens, self.cached_tokens,
                         self.prefilled_tokens, self.completion_tokens, self.cache_hits,
                         self.divergences, self.evictions, self.evicted_tokens,
-                        self.engine_calls, self.engine_seconds, self.ttft, self.latency]
+                        self.engine_calls, self.engine_seconds, self.gather_seconds,
+                        self.gather_short, self.client_return, self.ttft, self.latency]
             lines = [line for f in families for line in f.render()]
         lines += [line for g in self._gauges for line in g.render()]
         return "\n".join(lines) + "\n"

@@ -38,6 +38,11 @@ from lragent_jax.serve.protocol import APIError, GenerationRequest
 from lragent_jax.session import Session, Turn
 
 
+# client round trips (pinned trajectories) the default batch wait is set from
+RETURN_WINDOW = 64
+MAX_ANSWERED_PINS = 4096  # answered trajectories whose next request is timed
+
+
 @dataclasses.dataclass(frozen=True)
 class Delta:
     """More text of a streaming generation."""
@@ -133,6 +138,8 @@ class Engine:
         self._last_call = (0.0, 0.0)  # (end, seconds) of the last call
         self._answered = 0  # generations the last call finished: their clients may come back
         self._arrived = 0  # requests received since the last call ended
+        self._answered_at: dict[str, float] = {}  # pin -> when its last answer was sent
+        self._returns: collections.deque = collections.deque(maxlen=RETURN_WINDOW)
         self.session = session
         self.block_tokens, self.stream_first_token = block_tokens, stream_first_token
         self.max_waiting = max_waiting
@@ -255,18 +262,45 @@ class Engine:
             for job in leftover + list(self._jobs.values()):
                 self._fail(job, APIError(503, reason, type="server_error", code="engine_stopped"))
 
+    def gather_wait(self) -> float:
+        """Seconds after the last call's end that the next call may wait for the clients it
+        answered (see ``_gather``). ``batch_wait`` when set. Else, once ``RETURN_WINDOW // 4``
+        round trips of pinned trajectories were seen (the last ``RETURN_WINDOW`` kept): the wait
+        ``w`` that maximizes ``F(w) - w / C``, with ``F`` the share of those round trips within
+        ``w`` and ``C`` the last call's seconds: a returning client that misses a call waits about
+        a call, every row waits ``w`` (so clients that come back in a small part of a call are
+        waited for, clients slower than that are not: 0 when none is quicker than a call). Before
+        that: a tenth of the last call, at most 20 ms."""
+        seconds = self._last_call[1]
+        if self.batch_wait is not None:
+            return self.batch_wait
+        if len(self._returns) < RETURN_WINDOW // 4:
+            return min(0.1 * seconds, 0.02)
+        ordered = sorted(self._returns)
+        best, best_score = 0.0, 0.0
+        for i, w in enumerate(ordered):
+            w *= 1.1  # a margin: waiting exactly w would race the client that took w
+            if w >= seconds:
+                break
+            score = (i + 1) / len(ordered) - w / seconds
+            if score > best_score:
+                best, best_score = w, score
+        return best
+
     def _gather(self) -> None:
         """Hold the next call a moment for the clients the last call answered: an agent sends its
         next turn right after its answer, and a call that starts before it arrives runs without
-        it (and it waits a whole call). At most ``batch_wait`` seconds after the last call ended
-        (None: a tenth of that call, at most 20 ms), and only while a row is idle for them and
-        fewer requests have come in since that call ended than it answered (requests that came
-        during the call are the previous answers' clients, not these)."""
-        end, seconds = self._last_call
-        wait = min(0.1 * seconds, 0.02) if self.batch_wait is None else self.batch_wait
-        deadline = end + wait
+        it (and it waits a whole call). At most ``gather_wait()`` seconds after the last call
+        ended, and only while a row is idle for them and fewer requests have come in since that
+        call ended than it answered (requests that came during the call are the previous
+        answers' clients, not these)."""
+        end = self._last_call[0]
+        deadline = end + self.gather_wait()
+        start = time.perf_counter()
+        waited = False
         while (self._arrived < self._answered and self.table.busy_rows < self.table.rows
                and time.perf_counter() < deadline):
+            waited = True
             with self._cond:
                 if not self._inbox and not self._closing:
                     self._cond.wait(max(deadline - time.perf_counter(), 0.0))
@@ -277,12 +311,24 @@ class Engine:
             for kind, payload in commands:
                 self._apply(kind, payload)
             self._place_waiting()
+        if waited:
+            with self.metrics:
+                self.metrics.gather_seconds.inc(time.perf_counter() - start)
+                if (self._arrived < self._answered
+                        and self.table.busy_rows < self.table.rows):
+                    self.metrics.gather_short.inc()
 
     def _apply(self, kind: str, payload) -> None:
         if kind == "submit":
             job = payload
             if job.received >= self._last_call[0]:
                 self._arrived += 1
+            pin = job.request.pin
+            if pin is not None and pin in self._answered_at:
+                gap = job.received - self._answered_at.pop(pin)
+                self._returns.append(gap)
+                with self.metrics:
+                    self.metrics.client_return.observe(gap)
             self._jobs[job.id] = job
             if job.request.agent is not None:
                 job.agent_index = self.session.lora.agent_index(job.request.agent)
@@ -299,6 +345,7 @@ class Engine:
             self._finish(job, self._text(job), "cancelled")
         elif kind == "forget":
             pin, future = payload
+            self._answered_at.pop(pin, None)
             future.set_result(self.table.forget(pin))
 
     def _place_waiting(self) -> None:
@@ -479,6 +526,11 @@ class Engine:
         self._send(job, Finished(text=text, delta=delta, token_ids=tuple(job.tokens),
                                  finish_reason=reason, prompt_tokens=len(request.prompt_ids),
                                  cached_tokens=cached, prefilled_tokens=job.prefilled))
+        if request.pin is not None and reason != "cancelled":
+            self._answered_at.pop(request.pin, None)  # re-inserted last: the newest
+            self._answered_at[request.pin] = time.perf_counter()
+            if len(self._answered_at) > MAX_ANSWERED_PINS:  # pins never sent again nor forgotten
+                self._answered_at.pop(next(iter(self._answered_at)))
 
     def _fail(self, job: _Job, error: APIError) -> None:
         if job.state == "done":
