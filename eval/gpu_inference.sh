@@ -79,10 +79,10 @@ case "${1:-}" in
       --out "$OUT/throughput_8b_16k_modes.json"
     ;;
   lengths)
-    # LENGTHS (default "8192 32768") for one length a call; 32k takes longest (non-shared fits
-    # 5 rows in the budget)
+    # LENGTHS (default "8192 32768") for one length a call. Measured on an H200: 8k ran past 200 s
+    # (base+LR and non-shared done, fully shared cut), 32k took 314 s (non-shared fits 4 rows)
     for length in ${LENGTHS:-8192 32768}; do
-      limit=200; [ $length -gt 16384 ] && limit=340
+      limit=270; [ $length -gt 16384 ] && limit=340
       step $limit python3 -m eval.throughput --workloads traces --trace-model llama3_1_8b \
         --lengths $length --episodes 12 --warmup 2 --rows max --budget-gib 60 \
         --modes base_lowrank_shared,non_shared,fully_shared --no-progress \
@@ -92,8 +92,11 @@ case "${1:-}" in
       eval/results/h200-2026-12-01/throughput_8b_16k.json --out "$OUT/throughput_8b_lengths.json"
     ;;
   kb)
-    # KB_ROWS (default same:64): the row rules (same:64,max adds each mode's largest count)
+    # KB_ROWS (default same:64): the row rules (same:64,max adds each mode's largest count).
+    # Measured on an H200: non-shared and fully shared took 245 s with their warm-up (MODES= one
+    # or two modes a call, e.g. MODES=base_shared,base_lowrank_shared)
     step 420 python3 -m eval.throughput --workloads kb --kb-episodes 256 --rows ${KB_ROWS:-same:64} \
+      --modes ${MODES:-non_shared,fully_shared,base_shared,base_lowrank_shared} \
       --no-progress --out "$OUT/throughput_kb_smollm2.json"
     ;;
   call2)
