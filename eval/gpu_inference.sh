@@ -79,13 +79,13 @@ case "${1:-}" in
       --out "$OUT/throughput_8b_16k_modes.json"
     ;;
   lengths)
-    # LENGTHS (default "8192 32768") for one length a call. Measured on an H200: 8k ran past 200 s
+    # LENGTHS (default "8192 32768") for one length a call, MODES to run some modes. Measured on an H200: 8k ran past 200 s
     # (base+LR and non-shared done, fully shared cut), 32k took 314 s (non-shared fits 4 rows)
     for length in ${LENGTHS:-8192 32768}; do
       limit=270; [ $length -gt 16384 ] && limit=340
       step $limit python3 -m eval.throughput --workloads traces --trace-model llama3_1_8b \
         --lengths $length --episodes 12 --warmup 2 --rows max --budget-gib 60 \
-        --modes base_lowrank_shared,non_shared,fully_shared --no-progress \
+        --modes ${MODES:-base_lowrank_shared,non_shared,fully_shared} --no-progress \
         --out "$OUT/throughput_8b_$length.json"
     done
     step 60 python3 -m eval.throughput --merge "$OUT"/throughput_8b_*.json \
