@@ -13,7 +13,8 @@ exactly ``generate`` greedy tokens, on random weights of a preset shape with ran
   each running episodes one after another over one keep-alive connection, every turn one streamed
   ``/v1/completions`` request whose prompt is the episode's token ids so far, pinned to the
   episode (``trajectory``) and released at its end. Time to first token: from sending a request
-  to its first streamed text; the turn's latency: to its last chunk.
+  to its first streamed text; the turn's latency: to its last chunk. ``--client-processes N``
+  spreads the clients over N processes (separate agents), else they share one event loop.
 - In process: the same episodes (same seeds, same random tokens) through ``RolloutEngine`` on a
   session of the same rows and shapes (each turn's first token in a call of its own, as the
   server's streamed requests), measured as ``eval.throughput`` measures it.
@@ -194,9 +195,55 @@ async def _run_clients(url: str, seeds: list[int], length: int, clients: int, vo
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return {"seconds": time.perf_counter() - t0, "ttft": ttft, "turn_s": turn_s,
+    t1 = time.perf_counter()
+    return {"seconds": t1 - t0, "t0": t0, "t1": t1, "ttft": ttft, "turn_s": turn_s,
             "episode_s": episode_s, "generated": [generated[s] for s in seeds if s in generated],
-            "errors": errors}
+            "by_seed": generated, "errors": errors}
+
+
+def _client_process(results, barrier, *args) -> None:
+    """One client process of ``run_clients``: its clients in an event loop of their own."""
+    try:
+        barrier.wait(120)
+        results.put(asyncio.run(_run_clients(*args)))
+    except BaseException as e:  # reported by the parent: a hung get would hide it
+        results.put({"errors": [f"client process: {type(e).__name__}: {e}"]})
+
+
+def run_clients(url: str, seeds: list[int], length: int, clients: int, vocab: int, tokenizer,
+                token_offset: int = 0, processes: int = 1) -> dict:
+    """``_run_clients`` with the clients spread over ``processes`` OS processes (each its own
+    event loop, seeds dealt round-robin), as separate agents would be: in one process the
+    clients' JSON work is serialized. perf_counter is the system's monotonic clock on Linux, so
+    the processes' start and end times compare."""
+    processes = min(processes, clients)
+    if processes <= 1:
+        return asyncio.run(_run_clients(url, seeds, length, clients, vocab, tokenizer,
+                                        token_offset))
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+    results, barrier = ctx.Queue(), ctx.Barrier(processes)
+    workers = [ctx.Process(target=_client_process, daemon=True, args=(
+        results, barrier, url, seeds[p::processes], length,
+        clients // processes + (p < clients % processes), vocab, tokenizer, token_offset))
+        for p in range(processes)]
+    for w in workers:
+        w.start()
+    parts = [results.get(timeout=7200) for _ in workers]
+    for w in workers:
+        w.join(30)
+    errors = [e for part in parts for e in part["errors"]]
+    done = [part for part in parts if "t0" in part]
+    if len(done) < len(parts):
+        return {"seconds": 0.0, "ttft": [], "turn_s": [], "episode_s": [], "generated": [],
+                "errors": errors}
+    by_seed = {seed: ids for part in done for seed, ids in part["by_seed"].items()}
+    return {"seconds": max(p["t1"] for p in done) - min(p["t0"] for p in done),
+            "ttft": [x for p in done for x in p["ttft"]],
+            "turn_s": [x for p in done for x in p["turn_s"]],
+            "episode_s": [x for p in done for x in p["episode_s"]],
+            "generated": [by_seed[s] for s in seeds if s in by_seed], "errors": errors}
 
 
 def _metrics(url: str) -> dict:
@@ -294,14 +341,14 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
     try:
         vocab = tokenizer.vocab_size
         if opts.warmup:
-            warm = asyncio.run(_run_clients(url, [opts.seed + i for i in range(opts.warmup)],
-                                            opts.length, min(opts.clients, opts.warmup), vocab,
-                                            tokenizer, token_offset=WARMUP_TOKENS))
+            warm = run_clients(url, [opts.seed + i for i in range(opts.warmup)], opts.length,
+                               min(opts.clients, opts.warmup), vocab, tokenizer,
+                               token_offset=WARMUP_TOKENS, processes=opts.client_processes)
             if warm["errors"]:
                 raise RuntimeError(f"warm-up failed: {warm['errors'][:3]}")
         before = _metrics(url)
-        run = asyncio.run(_run_clients(url, [opts.seed + i for i in range(opts.episodes)],
-                                       opts.length, opts.clients, vocab, tokenizer))
+        run = run_clients(url, [opts.seed + i for i in range(opts.episodes)], opts.length,
+                          opts.clients, vocab, tokenizer, processes=opts.client_processes)
         after = _metrics(url)
     finally:
         stop_server(process)
@@ -309,6 +356,7 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
     generated = sum(map(len, run["generated"]))
     return {
         "side": "http", "mode": mode, "rows": opts.rows, "clients": opts.clients,
+        "client_processes": min(opts.client_processes, opts.clients),
         "episodes": len(run["episode_s"]), "failed": opts.episodes - len(run["episode_s"]),
         "errors": run["errors"][:5], "seconds": run["seconds"],
         "requests_s": turns / run["seconds"], "episodes_s": len(run["episode_s"]) / run["seconds"],
@@ -423,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed episodes first (default: --clients)")
     p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients (default 8)")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="spread the clients over this many processes, each its own event loop, "
+                        "as separate agents would be (default 1: all in one, their JSON work "
+                        "serialized)")
     p.add_argument("--rows", type=int, default=None, help="session rows (default --clients)")
     p.add_argument("--block-tokens", type=int, default=0,
                    help="the server's --block-tokens (default 0: a turn's rest in one call, as "
@@ -459,9 +511,9 @@ def main(argv=None) -> int:
         parser.error(f"--sides takes http and/or engine; got {opts.sides!r}")
     if opts.length < 256:
         parser.error(f"--length must be >= 256; got {opts.length}")
-    for name in ("episodes", "clients"):
+    for name in ("episodes", "clients", "client_processes"):
         if getattr(opts, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(opts, name)}")
     opts.rows = opts.rows or opts.clients
     opts.warmup = opts.clients if opts.warmup is None else opts.warmup
     if opts.compile_cache is None:

@@ -35,3 +35,30 @@ def test_bench_serve_runs_and_http_gives_the_engine_tokens(tmp_path):
     assert summary["mode"] == "base_lowrank_shared"
     assert summary["same_tokens_episodes"] == "3/3"  # greedy: the same tokens on both sides
     assert payload["environment"]["platform"] == "cpu"
+
+
+def test_clients_spread_over_processes_give_the_same_episodes(tmp_path):
+    """--client-processes: the clients run in separate processes (as separate agents would), the
+    runs' times merged over them; the same turns and greedy tokens as the in-process engine."""
+    from eval.bench_serve import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--random-weights", "tiny", "--length", "256", "--episodes", "3", "--clients",
+                 "3", "--client-processes", "2", "--warmup", "2", "--compile-cache", "",
+                 "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rows = {r["side"]: r for r in payload["rows"]}
+    http, engine = rows["http"], rows["engine"]
+    assert http["client_processes"] == 2 and not http["errors"]
+    assert http["episodes"] == engine["episodes"] == 3 and http["turns"] == engine["turns"]
+    assert http["prefilled_total"] == engine["prefilled_total"]
+    assert payload["summary"][0]["same_tokens_episodes"] == "3/3"
+    assert http["return_n"] == http["turns"] - http["episodes"]
+
+
+def test_client_processes_must_be_positive(capsys):
+    from eval.bench_serve import main
+
+    with pytest.raises(SystemExit):
+        main(["--client-processes", "0"])
+    assert "--client-processes must be >= 1; got 0" in capsys.readouterr().err
