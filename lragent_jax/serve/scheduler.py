@@ -266,11 +266,12 @@ class Engine:
         """Seconds after the last call's end that the next call may wait for the clients it
         answered (see ``_gather``). ``batch_wait`` when set. Else, once ``RETURN_WINDOW // 4``
         round trips of pinned trajectories were seen (the last ``RETURN_WINDOW`` kept): the wait
-        ``w`` that maximizes ``F(w) - w / C``, with ``F`` the share of those round trips within
-        ``w`` and ``C`` the last call's seconds: a returning client that misses a call waits about
-        a call, every row waits ``w`` (so clients that come back in a small part of a call are
-        waited for, clients slower than that are not: 0 when none is quicker than a call). Before
-        that: a tenth of the last call, at most 20 ms."""
+        ``w = 1.1 r`` (a margin) for the round trip ``r`` that maximizes ``F(r) - w / C``, with
+        ``F(r)`` the share of those round trips of at most ``r`` and ``C`` the last call's
+        seconds: a returning client that misses a call waits about a call, every row waits ``w``
+        (so clients that come back in a small part of a call are waited for, clients slower than
+        that are not: 0 when none is quicker than a call). Before that: a tenth of the last
+        call, at most 20 ms."""
         seconds = self._last_call[1]
         if self.batch_wait is not None:
             return self.batch_wait
@@ -325,7 +326,8 @@ class Engine:
                 self._arrived += 1
             pin = job.request.pin
             if pin is not None and pin in self._answered_at:
-                gap = job.received - self._answered_at.pop(pin)
+                # (>= 0: a request that came while the engine was still sending the answer)
+                gap = max(job.received - self._answered_at.pop(pin), 0.0)
                 self._returns.append(gap)
                 with self.metrics:
                     self.metrics.client_return.observe(gap)
