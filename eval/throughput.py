@@ -378,15 +378,21 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def plot_episodes_per_s(rows: list[dict], path: Path) -> Path:
     """Episodes/s per mode against context length (trace workload): solid lines at the same row
-    count, dashed at each mode's largest row count in the budget."""
+    count, dashed at each mode's largest row count in the budget. Several runs of one (mode, rows
+    rule, length), e.g. merged files, are drawn as their mean."""
     from eval import plots
 
     fig, ax = plots.plt.subplots(figsize=(6, 4))
     traces = [r for r in rows if r["workload"] == "traces" and "skipped" not in r]
     for rule, style in (("same", "-"), ("max", "--")):
         for mode in plots._modes({r["mode"] for r in traces}):
-            pts = sorted((r["length"], r["episodes_s"], r["rows"]) for r in traces
-                         if r["mode"] == mode and r["rows_rule"] == rule)
+            runs: dict[int, list] = {}
+            for r in traces:
+                if r["mode"] == mode and r["rows_rule"] == rule:
+                    runs.setdefault(r["length"], []).append(r)
+            pts = [(length, float(np.mean([r["episodes_s"] for r in rs])),
+                    "|".join(sorted({str(r["rows"]) for r in rs})))
+                   for length, rs in sorted(runs.items())]
             if pts:
                 rows_note = "/".join(str(p[2]) for p in pts)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style,
