@@ -36,6 +36,8 @@ def test_trace_workload_same_and_max_rows(tmp_path, capsys):
     for row in rows:
         assert row["failed"] == 0 and row["episodes"] == 3
         assert row["episodes_s"] > 0 and row["gen_tok_s"] > 0
+        assert row["episodes_s_ex_compile"] == pytest.approx(
+            row["episodes"] / (row["seconds"] - row["compile_s_in_timed"]))
         assert row["ttft_p50_s"] <= row["ttft_p99_s"]
         assert row["turns"] == sum(len(generate_trace(256, i).turns) for i in range(3))
         assert row["generated"] == sum(generate_trace(256, i).generated for i in range(3))
