@@ -262,6 +262,11 @@ def _sum(metrics: dict, prefix: str) -> float:
     return sum(v for k, v in metrics.items() if k.split("{")[0] == prefix)
 
 
+def _delta(before: dict, after: dict, prefix: str) -> float:
+    """How much a metric grew between two /metrics reads."""
+    return _sum(after, prefix) - _sum(before, prefix)
+
+
 def _round_trips(before: dict, after: dict, name: str = "lragent_client_return_seconds") -> dict:
     """Mean, p50 and p90 (upper bounds of the histogram's buckets) of the clients' round trips
     observed between two /metrics reads."""
@@ -363,24 +368,16 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
         "gen_tok_s": generated / run["seconds"], "turns": turns,
         "ttft_p50_s": _pct(run["ttft"], 50), "ttft_p99_s": _pct(run["ttft"], 99),
         "turn_p50_s": _pct(run["turn_s"], 50),
-        "prefilled_total": _sum(after, "lragent_prefilled_tokens_total")
-        - _sum(before, "lragent_prefilled_tokens_total"),
-        "cached_total": _sum(after, "lragent_cached_prompt_tokens_total")
-        - _sum(before, "lragent_cached_prompt_tokens_total"),
-        "calls": _sum(after, "lragent_engine_calls_total")
-        - _sum(before, "lragent_engine_calls_total"),
-        "call_s": _sum(after, "lragent_engine_call_seconds_total")
-        - _sum(before, "lragent_engine_call_seconds_total"),
-        "evictions": _sum(after, "lragent_evictions_total") - _sum(before,
-                                                                   "lragent_evictions_total"),
-        "compile_s_in_timed": _sum(after, "lragent_compile_seconds")
-        - _sum(before, "lragent_compile_seconds"),
+        "prefilled_total": _delta(before, after, "lragent_prefilled_tokens_total"),
+        "cached_total": _delta(before, after, "lragent_cached_prompt_tokens_total"),
+        "calls": _delta(before, after, "lragent_engine_calls_total"),
+        "call_s": _delta(before, after, "lragent_engine_call_seconds_total"),
+        "evictions": _delta(before, after, "lragent_evictions_total"),
+        "compile_s_in_timed": _delta(before, after, "lragent_compile_seconds"),
         # the clients' round trips between turns and what the engine waited for them
         **_round_trips(before, after),
-        "gather_s": _sum(after, "lragent_engine_gather_seconds_total")
-        - _sum(before, "lragent_engine_gather_seconds_total"),
-        "gather_short": _sum(after, "lragent_engine_gather_short_total")
-        - _sum(before, "lragent_engine_gather_short_total"),
+        "gather_s": _delta(before, after, "lragent_engine_gather_seconds_total"),
+        "gather_short": _delta(before, after, "lragent_engine_gather_short_total"),
         "_generated": run["generated"],
     }
 
