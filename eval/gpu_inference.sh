@@ -97,8 +97,10 @@ case "${1:-}" in
   kb)
     # KB_ROWS (default same:64): the row rules (same:64,max adds each mode's largest count).
     # Measured on an H200: non-shared and fully shared took 245 s with their warm-up (MODES= one
-    # or two modes a call, e.g. MODES=base_shared,base_lowrank_shared)
+    # or two modes a call, e.g. MODES=base_shared,base_lowrank_shared). KB_WARMUP (default 64,
+    # one full batch): 4 warm-up episodes left 12.9 of non-shared's 30.9 timed seconds compiling
     step 420 python3 -m eval.throughput --workloads kb --kb-episodes 256 --rows ${KB_ROWS:-same:64} \
+      --warmup ${KB_WARMUP:-64} \
       --modes ${MODES:-non_shared,fully_shared,base_shared,base_lowrank_shared} \
       --no-progress --out "$OUT/throughput_kb_smollm2.json"
     ;;
