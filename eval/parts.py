@@ -326,7 +326,8 @@ def _scienceqa_options(g):
                    help="published role files (plan/action/reflect.json); default: "
                         "../shared/data/lragent-trajectories/scienceqa when present")
     g.add_argument("--scienceqa-adapters", default=None,
-                   help="adapters trained on those files (required for the scienceqa part)")
+                   help="adapters trained on those files (required for the scienceqa parts); "
+                        "'scienceqa': the set shipped in the package (mixed view, shared A)")
     g.add_argument("--scienceqa-samples", type=int, default=32,
                    help="held-out samples per role, at most (default 32)")
     g.add_argument("--scienceqa-valid-fraction", type=float, default=0.05,

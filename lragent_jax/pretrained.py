@@ -70,8 +70,9 @@ class Model:
                       allow_other_weights: bool = False) -> "Model":
         """Attach role adapters from ``folder`` to this model in place (the base weights are not
         reloaded) and return it. ``folder``: an export of ``python -m train`` or
-        ``adapters_io.save_adapters``, or ``"default"`` for the adapters shipped with the package
-        (made for the embedded SmolLM2-135M-Instruct). ``dtype``: of the adapters (default: the
+        ``adapters_io.save_adapters``, or ``"default"`` / ``"scienceqa"`` for the adapters shipped
+        with the package (made for the embedded SmolLM2-135M-Instruct: the built-in task's, the
+        published ScienceQA role files'). ``dtype``: of the adapters (default: the
         base weights' dtype). Adapters made for another base model, or for other weights of the
         same shape (unless ``allow_other_weights``), are refused."""
         from lragent_jax.adapters_io import load_adapters
@@ -163,23 +164,31 @@ class Model:
 
 
 SHIPPED_ADAPTERS = "smollm2-135m-kb"
+# the names ``adapters=`` takes for the adapter sets shipped in the package (all for the embedded
+# SmolLM2-135M-Instruct, shared A): "default" the built-in task's, "scienceqa" the published
+# ScienceQA role files' (mixed view; the command and validation figures are in its manifest)
+SHIPPED = {"default": SHIPPED_ADAPTERS, "scienceqa": "smollm2-135m-scienceqa"}
 
 
-def shipped_adapters_path() -> Path | None:
-    """The folder of the role adapters shipped in the package (shared A, trained on the built-in
-    task for the embedded SmolLM2-135M-Instruct), or None when the package has none."""
+def shipped_adapters_path(name: str = "default") -> Path | None:
+    """The folder of a role-adapter set shipped in the package (``name``: a key of ``SHIPPED``;
+    "default": trained on the built-in task), or None when the package does not have it."""
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped adapters named {name!r}; shipped: {', '.join(SHIPPED)}")
     path = Path(str(importlib.resources.files("lragent_jax"))) / "assets" / "adapters" / \
-        SHIPPED_ADAPTERS
+        SHIPPED[name]
     return path if path.is_dir() else None
 
 
 def resolve_adapters(folder: str | os.PathLike) -> Path:
-    """``"default"`` -> the shipped adapters' folder; any other value is a path."""
-    if str(folder) == "default":
-        path = shipped_adapters_path()
+    """A name of ``SHIPPED`` (``"default"``, ``"scienceqa"``) -> that shipped set's folder; any
+    other value is a path."""
+    name = str(folder)
+    if name in SHIPPED and not Path(name).exists():
+        path = shipped_adapters_path(name)
         if path is None:
-            raise FileNotFoundError("adapters='default': this installation of lragent_jax ships no "
-                                    f"adapters (assets/adapters/{SHIPPED_ADAPTERS} is missing)")
+            raise FileNotFoundError(f"adapters={name!r}: this installation of lragent_jax does "
+                                    f"not ship them (assets/adapters/{SHIPPED[name]} is missing)")
         return path
     return Path(folder)
 

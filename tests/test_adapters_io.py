@@ -123,9 +123,17 @@ def test_export_never_overwrites_a_foreign_folder(tmp_path):
 
 @pytest.mark.skipif(not (SHIPPED / "lragent_adapters.json").is_file(),
                     reason="shipped adapters not built yet")
-def test_shipped_adapters_fit_smollm2_and_refuse_llama():
-    loaded, lora = load_adapters(SHIPPED, config=ModelConfig.smollm2_135m())
+@pytest.mark.parametrize("name", ["smollm2-135m-kb", "smollm2-135m-scienceqa"])
+def test_shipped_adapters_fit_smollm2_and_refuse_llama(name):
+    folder = SHIPPED.parent / name
+    loaded, lora = load_adapters(folder, config=ModelConfig.smollm2_135m())
     assert lora.shared_a and lora.agents == ("plan", "action", "reflect")
     assert "k" not in lora.targets
+    # every role's B is trained (nonzero), and the manifest says how the set was made
+    for i, _ in enumerate(lora.agents):  # B: (layers, agents, rank, out)
+        assert all(np.abs(np.asarray(leaves["b"][:, i], np.float32)).max() > 0
+                   for leaves in loaded.values())
+    meta = json.loads((folder / "lragent_adapters.json").read_text())["metadata"]
+    assert meta["command"].startswith("python -m train") and meta["validation"]["step"] > 0
     with pytest.raises(AdapterFileError, match="loaded base model is 'llama-3.1-8b'"):
-        load_adapters(SHIPPED, config=ModelConfig.llama3_1_8b())
+        load_adapters(folder, config=ModelConfig.llama3_1_8b())

@@ -383,3 +383,12 @@ def test_adapters_attach_without_reloading_the_base_model(tmp_path):
     assert (shipped_adapters_path() / "lragent_adapters.json").is_file()
     with pytest.raises(ValueError, match="were trained for base model"):
         model.load_adapters("default")
+    # the ScienceQA set by its name; a folder of that name in the working directory wins
+    assert resolve_adapters("scienceqa") == shipped_adapters_path("scienceqa") != \
+        shipped_adapters_path()
+    with pytest.raises(ValueError, match="'kb'.*shipped: default, scienceqa"):
+        shipped_adapters_path("kb")
+    (tmp_path / "scienceqa").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert resolve_adapters("scienceqa") == Path("scienceqa")

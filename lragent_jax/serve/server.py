@@ -5,7 +5,6 @@ preset shape), its session, the engine and the app; run by uvicorn in the foregr
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import socket
 import threading
 import time
@@ -19,13 +18,13 @@ from lragent_jax.serve.app import create_app
 from lragent_jax.serve.protocol import ServingContext
 from lragent_jax.serve.scheduler import Engine
 
-SHIPPED_ADAPTERS = "smollm2-135m-kb"  # the role adapters shipped for the embedded default model
 
 
 def shipped_adapters() -> Path | None:
-    path = Path(str(importlib.resources.files("lragent_jax"))) / "assets" / "adapters" / \
-        SHIPPED_ADAPTERS
-    return path if path.is_dir() else None
+    """The built-in task's role adapters shipped for the embedded default model, or None."""
+    from lragent_jax.pretrained import shipped_adapters_path
+
+    return shipped_adapters_path()
 
 
 class IdTokenizer:
