@@ -69,7 +69,7 @@ case "${1:-}" in
     #   scienceqa_runs     the best view's joint set again with RUNS (default 8) sampled runs per
     #                      question in SQA_MODES (default non_shared,base_lowrank_shared): the
     #                      standard error of one run is 2.4-2.6 points, of the paired difference
-    #                      3.2-3.4
+    #                      3.2-3.4; 12 runs: 1.0-1.4 and 1.5, 6.4 min for the two modes (H200)
     # Measured on one H200 (2026-12-01, 1 run per question): training 34-48 s a set (117 steps,
     # compilation included); the agents 73-81 s a mode in the first set (compiling), 22-36 s a
     # mode after it (the compilation cache below). So views ~9.5 min (agent 48 + 5 x 75 s, the
