@@ -267,6 +267,24 @@ def _delta(before: dict, after: dict, prefix: str) -> float:
     return _sum(after, prefix) - _sum(before, prefix)
 
 
+def _calls_by_shape(before: dict, after: dict) -> dict:
+    """The server's calls and seconds per shape (``"<rows>x<padded prefill length>"``) between two
+    /metrics reads: the keys of ``eval.throughput.calls_by_shape``."""
+    out = {}
+    for metric, field in (("lragent_engine_calls_by_shape_total", "calls"),
+                          ("lragent_engine_call_seconds_by_shape_total", "seconds")):
+        for key, value in after.items():
+            if key.split("{")[0] != metric:
+                continue
+            labels = dict(part.split("=", 1) for part in key[key.index("{") + 1:-1].split(","))
+            shape = f"{labels['rows'].strip(chr(34))}x{labels['chunk_bucket'].strip(chr(34))}"
+            grown = value - before.get(key, 0.0)
+            if grown:
+                entry = out.setdefault(shape, {"calls": 0, "seconds": 0.0})
+                entry[field] = int(grown) if field == "calls" else grown
+    return dict(sorted(out.items(), key=lambda kv: tuple(map(int, kv[0].split("x")))))
+
+
 def _round_trips(before: dict, after: dict, name: str = "lragent_client_return_seconds") -> dict:
     """Mean, p50 and p90 (upper bounds of the histogram's buckets) of the clients' round trips
     observed between two /metrics reads."""
@@ -378,6 +396,7 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
         **_round_trips(before, after),
         "gather_s": _delta(before, after, "lragent_engine_gather_seconds_total"),
         "gather_short": _delta(before, after, "lragent_engine_gather_short_total"),
+        "calls_by_shape": _calls_by_shape(before, after),
         "_generated": run["generated"],
     }
 
@@ -418,6 +437,7 @@ def run_engine(opts, mode: str, weights, log) -> dict:
             "ttft_p50_s": row["ttft_p50_s"], "ttft_p99_s": row["ttft_p99_s"],
             "turn_p50_s": row["turn_p50_s"], "prefilled_total": row["prefilled_total"],
             "calls": row["calls"], "compile_s_in_timed": row["compile_s_in_timed"],
+            "calls_by_shape": row["calls_by_shape"],
             "_generated": [kept[opts.seed + i] for i in range(opts.episodes)
                            if opts.seed + i in kept]}
 
@@ -577,6 +597,12 @@ def main(argv=None) -> int:
                     title="HTTP side: seconds in calls of the wall time; the clients' round trips "
                           "between turns (p50 / p90: histogram bucket bounds) and the engine's "
                           "waits for them (short: calls that started with a client missing)")
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        shapes = shape_table([r for r in rows if r["mode"] == mode])
+        if shapes:
+            print_table(shapes, ["shape", "http_calls", "http_s", "engine_calls", "engine_s"],
+                        title=f"{mode}: calls per shape (rows in the call x padded prefill "
+                              "length) and their seconds, HTTP side and in process")
     if summary:
         print_table(summary, ["mode", "http_vs_engine_requests_s", "http_cost",
                               "ttft_p50_http_minus_engine_s", "same_tokens_episodes"],
@@ -587,6 +613,22 @@ def main(argv=None) -> int:
     write_json(opts.out, payload)
     print(f"wrote {opts.out}")
     return 0
+
+
+def shape_table(rows: list[dict]) -> list[dict]:
+    """One line per call shape seen on either side of one mode: calls and seconds per side."""
+    by_side = {r["side"]: r.get("calls_by_shape") or {} for r in rows}
+    shapes = sorted({k for v in by_side.values() for k in v},
+                    key=lambda k: tuple(map(int, k.split("x"))))
+    out = []
+    for shape in shapes:
+        line = {"shape": shape}
+        for side, prefix in (("http", "http"), ("engine", "engine")):
+            entry = by_side.get(side, {}).get(shape, {})
+            line[f"{prefix}_calls"] = entry.get("calls", 0)
+            line[f"{prefix}_s"] = round(entry.get("seconds", 0.0), 3)
+        out.append(line)
+    return out
 
 
 def _line(row) -> str:

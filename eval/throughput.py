@@ -97,6 +97,17 @@ def _calls_by_bucket(calls) -> dict:
     return {str(k): {**v, "rows": v["rows"] / v["calls"]} for k, v in sorted(out.items())}
 
 
+def calls_by_shape(calls) -> dict:
+    """Per call shape ``"<rows>x<padded prefill length>"``: calls and seconds (the same keys as
+    the server's ``lragent_engine_calls_by_shape_total``)."""
+    out: dict[tuple, dict] = {}
+    for c in calls:
+        entry = out.setdefault((c.rows, c.chunk_bucket), {"calls": 0, "seconds": 0.0})
+        entry["calls"] += 1
+        entry["seconds"] += c.seconds
+    return {f"{r}x{b}": v for (r, b), v in sorted(out.items())}
+
+
 def _percentile(values, q):
     return float(np.percentile(values, q)) if len(values) else None
 
@@ -144,6 +155,7 @@ def measure(session: Session, make_episodes, *, episodes: int, warmup: int,
         # nothing else while it compiles, so those seconds are taken out of the wall time
         "episodes_s_ex_compile": len(results) / max(seconds - clock.seconds, 1e-9),
         "calls_by_bucket": _calls_by_bucket(batcher.calls),
+        "calls_by_shape": calls_by_shape(batcher.calls),
         "cache_bytes": session.analytic_cache_bytes()["total"],
         **_device_memory(),
     }

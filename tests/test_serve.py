@@ -241,6 +241,20 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(model, server):
     assert r.choices[0].text == before
 
 
+def shape_counts(text: str, name: str, before: str) -> dict:
+    """``{(rows, chunk_bucket): growth}`` of a by-shape counter between two /metrics texts."""
+    def read(t):
+        out = {}
+        for line in t.splitlines():
+            if line.startswith(name + "{"):
+                labels, value = line[len(name) + 1:].rsplit("} ", 1)
+                kv = dict(x.split("=") for x in labels.split(","))
+                out[(int(kv["rows"].strip('"')), int(kv["chunk_bucket"].strip('"')))] = float(value)
+        return out
+    now, then = read(text), read(before)
+    return {k: v - then.get(k, 0.0) for k, v in now.items() if v - then.get(k, 0.0)}
+
+
 def test_metrics_in_prometheus_text(server):
     srv, url, api = server
     status, before = get(url, "/metrics")
@@ -262,6 +276,13 @@ def test_metrics_in_prometheus_text(server):
     assert metric(after, "lragent_rows_busy") == 0
     assert metric(after, "lragent_engine_calls_total") > metric(before,
                                                                 "lragent_engine_calls_total")
+    # every call counted once by its shape (one row: only this request ran), seconds beside each
+    calls = metric(after, "lragent_engine_calls_total") - metric(before, "lragent_engine_calls_total")
+    shapes = shape_counts(after, "lragent_engine_calls_by_shape_total", before)
+    assert sum(shapes.values()) == calls and {rows for rows, _ in shapes} == {1}
+    assert max(chunk for _, chunk in shapes) >= 16
+    seconds = shape_counts(after, "lragent_engine_call_seconds_by_shape_total", before)
+    assert set(seconds) == set(shapes) and all(v > 0 for v in seconds.values())
     # a pinned trajectory's next request times its client's round trip, no other request does
     api.completions.create(model="plan", prompt=PROMPTS[1], max_tokens=3, temperature=0,
                            extra_body={"trajectory": "metrics-rt"})

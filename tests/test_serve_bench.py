@@ -31,6 +31,11 @@ def test_bench_serve_runs_and_http_gives_the_engine_tokens(tmp_path):
     assert http["return_n"] == http["turns"] - http["episodes"]
     assert 0 < http["return_p50_s"] <= http["return_p90_s"]
     assert http["return_mean_s"] < http["seconds"] and http["gather_s"] >= 0
+    # both sides count their calls per shape (rows x padded prefill), the same keys, all calls
+    for side in (http, engine):
+        shapes = side["calls_by_shape"]
+        assert sum(v["calls"] for v in shapes.values()) == side["calls"]
+        assert all(1 <= int(k.split("x")[0]) <= 2 and v["seconds"] > 0 for k, v in shapes.items())
     summary = payload["summary"][0]
     assert summary["mode"] == "base_lowrank_shared"
     assert summary["same_tokens_episodes"] == "3/3"  # greedy: the same tokens on both sides

@@ -146,6 +146,7 @@ class TurnBatcher:
         self.num_calls = 0
         self.call_seconds = 0.0
         self.padded_prefill = 0  # rows x padded chunk summed over calls (what prefill computed)
+        self.last_shape = (0, 0)  # (rows, padded chunk) of the last call
 
     # ------------------------------------------------------------------ rows
     @property
@@ -264,6 +265,7 @@ class TurnBatcher:
         self.num_calls += 1
         self.call_seconds += seconds
         self.padded_prefill += padded * self.rows
+        self.last_shape = (len(chosen), padded)
         if self.record_calls:
             self.calls.append(CallStats(
                 rows=len(chosen), agents=tuple(p.turn.agent for p in chosen),

@@ -154,6 +154,13 @@ class ServerMetrics:
         self.engine_calls = Counter("engine_calls_total", "Jitted turn calls run by the engine.")
         self.engine_seconds = Counter("engine_call_seconds_total",
                                       "Seconds spent in jitted turn calls.")
+        self.calls_by_shape = Counter(
+            "engine_calls_by_shape_total", "Jitted turn calls by the rows in the call and its "
+            "padded prefill length (a call prefills every row over its longest chunk).",
+            ("rows", "chunk_bucket"))
+        self.seconds_by_shape = Counter(
+            "engine_call_seconds_by_shape_total", "Seconds in jitted turn calls, by the same "
+            "shape.", ("rows", "chunk_bucket"))
         self.gather_seconds = Counter(
             "engine_gather_seconds_total", "Seconds the engine held its next call for the clients "
             "the last call answered (see --batch-wait-ms).")
@@ -190,7 +197,8 @@ class ServerMetrics:
             families = [self.requests, self.finished, self.prompt_tokens, self.cached_tokens,
                         self.prefilled_tokens, self.completion_tokens, self.cache_hits,
                         self.divergences, self.evictions, self.evicted_tokens,
-                        self.engine_calls, self.engine_seconds, self.gather_seconds,
+                        self.engine_calls, self.engine_seconds, self.calls_by_shape,
+                        self.seconds_by_shape, self.gather_seconds,
                         self.gather_short, self.client_return, self.ttft, self.latency]
             lines = [line for f in families for line in f.render()]
         lines += [line for g in self._gauges for line in g.render()]

@@ -437,6 +437,9 @@ class Engine:
         with self.metrics:
             self.metrics.engine_calls.inc()
             self.metrics.engine_seconds.inc(end - start)
+            rows, chunk = self.batcher.last_shape
+            self.metrics.calls_by_shape.inc(rows=rows, chunk_bucket=chunk)
+            self.metrics.seconds_by_shape.inc(end - start, rows=rows, chunk_bucket=chunk)
         answered = len(self._jobs)
         for d in done:
             job = d.tag
