@@ -74,6 +74,8 @@ case "${1:-}" in
     # compilation included); the agents 73-81 s a mode in the first set (compiling), 22-36 s a
     # mode after it (the compilation cache below). So views ~9.5 min (agent 48 + 5 x 75 s, the
     # others 45 + 4 x 30 s), recipes ~5 min, runs ~RUNS x 25 s a mode.
+    # SHIPPED=1: the mixed joint set is the shipped lragent_jax/assets/adapters/smollm2-135m-scienceqa
+    # (made by this recipe), not retrained (bf16 training on a GPU is not bit-exact).
     # Knobs: EPOCHS (1), RUNS per question (1), QUESTIONS (360), SQA_MODES, TRAIN_EXTRA (more train
     # flags, e.g. a smoke run's "--batch-size 2 --max-steps 2 --valid-samples 4") and LIMIT_SCALE
     # (gpu_common.sh; a CPU smoke run with QUESTIONS=3 needs about 10).
@@ -94,6 +96,10 @@ case "${1:-}" in
     sqa_train() {  # NAME VIEW VARIANT LIMIT
       [ -f "$OUT/train_$1/adapters/lragent_adapters.json" ] && {
         echo "=== $1: adapters already trained"; return; }
+      if [ "$1" = mixed ] && [ "${SHIPPED:-0}" = 1 ]; then  # the shipped set is this recipe's
+        mkdir -p "$OUT/train_mixed" && cp -r lragent_jax/assets/adapters/smollm2-135m-scienceqa \
+          "$OUT/train_mixed/adapters" && echo "=== mixed: the shipped adapters" && return
+      fi
       step "$4" python3 -m train --data "$DATA/scienceqa" --view "$2" --variant "$3" \
         --epochs "$EPOCHS" --max-len 2048 --bucket-multiple 512 --bucket-ratio 2 --batch-size 16 \
         --eval-batch-size 64 --lr 1e-3 --remat full --save-every 100000 --keep 1 \
