@@ -276,8 +276,8 @@ def _calls_by_shape(before: dict, after: dict) -> dict:
         for key, value in after.items():
             if key.split("{")[0] != metric:
                 continue
-            labels = dict(part.split("=", 1) for part in key[key.index("{") + 1:-1].split(","))
-            shape = f"{labels['rows'].strip(chr(34))}x{labels['chunk_bucket'].strip(chr(34))}"
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
+            shape = f"{labels['rows']}x{labels['chunk_bucket']}"
             grown = value - before.get(key, 0.0)
             if grown:
                 entry = out.setdefault(shape, {"calls": 0, "seconds": 0.0})
@@ -623,10 +623,10 @@ def shape_table(rows: list[dict]) -> list[dict]:
     out = []
     for shape in shapes:
         line = {"shape": shape}
-        for side, prefix in (("http", "http"), ("engine", "engine")):
+        for side in ("http", "engine"):
             entry = by_side.get(side, {}).get(shape, {})
-            line[f"{prefix}_calls"] = entry.get("calls", 0)
-            line[f"{prefix}_s"] = round(entry.get("seconds", 0.0), 3)
+            line[f"{side}_calls"] = entry.get("calls", 0)
+            line[f"{side}_s"] = round(entry.get("seconds", 0.0), 3)
         out.append(line)
     return out
 

@@ -15,7 +15,8 @@ pytest.importorskip("openai")
 
 import lragent_jax  # noqa: E402
 from lragent_jax.agents import run_model_episodes  # noqa: E402
-from lragent_jax.serve.server import ServerThread, build_server, shipped_adapters  # noqa: E402
+from lragent_jax.pretrained import shipped_adapters_path  # noqa: E402
+from lragent_jax.serve.server import ServerThread, build_server  # noqa: E402
 from lragent_jax.tasks.kb import KBTask  # noqa: E402
 from lragent_jax.workflow import TurnOutput, clean_output, run_episodes  # noqa: E402
 from tests.serve_helpers import client  # noqa: E402
@@ -60,7 +61,7 @@ class HTTPPolicy:
 
 @pytest.fixture(scope="module")
 def model():
-    return lragent_jax.load_pretrained(adapters=shipped_adapters())
+    return lragent_jax.load_pretrained(adapters=shipped_adapters_path())
 
 
 def test_react_episode_over_http_equals_the_in_process_workflow(model):

@@ -8,23 +8,14 @@ import dataclasses
 import socket
 import threading
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 
-from lragent_jax.pretrained import Model, load_pretrained
+from lragent_jax.pretrained import Model, load_pretrained, shipped_adapters_path
 from lragent_jax.rollout.engine import Schedule
 from lragent_jax.serve.app import create_app
 from lragent_jax.serve.protocol import ServingContext
 from lragent_jax.serve.scheduler import Engine
-
-
-
-def shipped_adapters() -> Path | None:
-    """The built-in task's role adapters shipped for the embedded default model, or None."""
-    from lragent_jax.pretrained import shipped_adapters_path
-
-    return shipped_adapters_path()
 
 
 class IdTokenizer:
@@ -75,7 +66,7 @@ def load_model(model: str = "default", adapters: str | None = "default", *, dtyp
     model, none for others) or None / "none"."""
     source = None if model in (None, "default") else model
     if adapters == "default":
-        folder = shipped_adapters() if source is None else None
+        folder = shipped_adapters_path() if source is None else None
         if source is None and folder is None:
             raise ValueError("--adapters default: the shipped adapters are missing from this "
                              "installation; give a folder or 'none'")
