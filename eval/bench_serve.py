@@ -316,6 +316,8 @@ def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str]:
         command += ["--attn", opts.attn]
     if opts.batch_wait_ms is not None:
         command += ["--batch-wait-ms", str(opts.batch_wait_ms)]
+    if opts.long_lane is not None:
+        command += ["--long-lane" if opts.long_lane else "--no-long-lane"]
     log("  $ " + " ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=_env(opts))
@@ -414,7 +416,8 @@ def run_engine(opts, mode: str, weights, log) -> dict:
     session = Session(config, params, NullTokenizer(), adapters=adapters, lora=lora, mode=mode,
                       batch=opts.rows, capacity=opts.capacity, attn_impl=opts.attn,
                       prefill_chunk=opts.prefill_chunk, seed=opts.seed,
-                      min_chunk_bucket=opts.min_chunk_bucket, min_new_bucket=opts.min_new_bucket)
+                      min_chunk_bucket=opts.min_chunk_bucket, min_new_bucket=opts.min_new_bucket,
+                      long_lane=opts.long_lane)
     kept: dict[int, list] = {}
 
     class Kept(TraceEpisode):
@@ -501,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-new-bucket", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--min-chunk-bucket", type=int, default=16)
+    p.add_argument("--long-lane", action=argparse.BooleanOptionalAction, default=None,
+                   help="the long-prefill lane on both sides (Session's long_lane; default: on "
+                        "when --prefill-chunk > --min-chunk-bucket)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--attn", default=None)

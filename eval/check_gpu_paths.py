@@ -3,7 +3,8 @@ the cuDNN training attention gives the reference's loss and gradients, in the ag
 adapter per row) and in the shared view (one adapter per token, factored v adapter); and sessions
 whose attention is chosen per call shape (Triton decode kernel, Triton prefill kernel, cuDNN with
 the adapter term materialised) score a multi-agent trajectory as the plain-JAX reference does, in
-every sharing mode.
+every sharing mode; and the long-prefill lane gives every row the cache entries and tokens of the
+same call without it, in every sharing mode.
 
     python -m eval.check_gpu_paths
 """
@@ -55,6 +56,7 @@ def main() -> int:
               f"{'OK' if ok else 'MISMATCH'}")
         failed += not ok
     failed += check_dispatched_sessions()
+    failed += check_long_lane()
     return 1 if failed else 0
 
 
@@ -67,7 +69,7 @@ def check_dispatched_sessions() -> int:
 
     cfg = ModelConfig.llama3_1_8b().replace(num_layers=2, vocab_size=512, hidden_size=1024,
                                             intermediate_size=2048, num_heads=8, num_kv_heads=2,
-                                            eos_token_ids=())
+                                            eos_token_ids=(), bos_token_id=None)
     params = to_inference_params(init_params(jax.random.key(0), cfg, jnp.bfloat16), cfg)
     lora = LoraConfig(rank=16, targets=("q", "v", "o", "gate", "up", "down"))
     adapters = init_adapters(jax.random.key(1), cfg, lora, dtype=jnp.bfloat16, b_scale=0.05)
@@ -99,6 +101,58 @@ def check_dispatched_sessions() -> int:
               f"{'identical' if same else 'differs (bf16 near-ties)'}: {'OK' if ok else 'MISMATCH'}")
         failed += not ok
     return failed
+
+
+def check_long_lane() -> int:
+    """Sessions with and without the long-prefill lane, dispatched attention, 8 rows: after three
+    calls (1, 2 and 4 rows with a long chunk, the others short: lanes of 2, 2 and 4 rows), each
+    generating one token that is then cut off again (so that a bf16 near-tie cannot make the two
+    trajectories differ), the caches agree; the first tokens are reported."""
+    from lragent_jax.cache import ALL_MODES
+    from lragent_jax.inference import to_inference_params
+    from lragent_jax.session import GenerationSettings, Session, Turn
+    from eval.common import NullTokenizer
+
+    cfg = ModelConfig.llama3_1_8b().replace(num_layers=2, vocab_size=512, hidden_size=1024,
+                                            intermediate_size=2048, num_heads=8, num_kv_heads=2,
+                                            eos_token_ids=(), bos_token_id=None)
+    params = to_inference_params(init_params(jax.random.key(5), cfg, jnp.bfloat16), cfg)
+    lora = LoraConfig(rank=16, targets=("q", "v", "o", "gate", "up", "down"))
+    adapters = init_adapters(jax.random.key(6), cfg, lora, dtype=jnp.bfloat16, b_scale=0.05)
+    rng = np.random.default_rng(1)
+    agents = ("plan", "action", "reflect")
+    calls = [[int(rng.integers(600, 1400))] + [int(rng.integers(1, 60)) for _ in range(7)],
+             [5, int(rng.integers(300, 900)), 2, int(rng.integers(100, 500)), 9, 1, 30, 7],
+             [int(rng.integers(70, 600)) if r % 2 else 3 for r in range(8)]]
+    draws = [[rng.integers(3, 512, n).tolist() for n in lengths] for lengths in calls]
+    failed = 0
+    for mode in ALL_MODES:
+        sessions = {lane: Session(cfg, params, NullTokenizer(), adapters=adapters, lora=lora,
+                                  mode=mode, batch=8, capacity=4096, prefill_chunk=512,
+                                  min_chunk_bucket=16, long_lane=lane) for lane in (True, False)}
+        tokens, lanes = {True: [], False: []}, []
+        for draw in draws:
+            for lane, s in sessions.items():
+                lengths = [len(s.tokens[r]) + len(ids) for r, ids in enumerate(draw)]
+                out = s.turn({r: Turn(agents[r % 3], append_ids=tuple(ids),
+                                      settings=GenerationSettings(max_new_tokens=1))
+                              for r, ids in enumerate(draw)})
+                tokens[lane].append([out[r].token_ids for r in range(8)])
+                for r, n in enumerate(lengths):
+                    s.truncate(r, n)
+            lanes.append(sessions[True].last_long_lane)
+        rel = max(float(np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+                        / max(np.linalg.norm(np.asarray(b, np.float32)), 1e-9))
+                  for a, b in zip(jax.tree.leaves(sessions[True].cache.arrays),
+                                  jax.tree.leaves(sessions[False].cache.arrays)))
+        same = tokens[True] == tokens[False]
+        ok = rel < 1e-2 and lanes == [2, 2, 4]
+        print(f"long-prefill lane, {mode.value}: lane rows per call {lanes}; cache relative "
+              f"difference max {rel:.2e}; first tokens "
+              f"{'identical' if same else 'differ (bf16 near-ties)'}: {'OK' if ok else 'MISMATCH'}")
+        failed += not ok
+    return failed
+
 
 if __name__ == "__main__":
     sys.exit(main())

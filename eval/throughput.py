@@ -238,7 +238,7 @@ def run_traces_workload(opts, modes, log=print) -> list[dict]:
                               mode=mode, batch=rows, capacity=capacity, attn_impl=opts.attn,
                               prefill_chunk=opts.prefill_chunk, seed=opts.seed,
                               min_chunk_bucket=min(opts.min_chunk_bucket, capacity),
-                              min_new_bucket=64)
+                              min_new_bucket=64, long_lane=opts.long_lane)
             row.update(measure(session, make, episodes=opts.episodes,
                                warmup=min(opts.warmup, opts.episodes), schedule=schedule,
                                label=f"{config.name} {length} {mode} x{rows}",
@@ -298,7 +298,8 @@ def run_kb_workload(opts, modes, log=print) -> list[dict]:
             continue
         session = model.session(mode, batch=rows, capacity=opts.kb_capacity,
                                 prefill_chunk=opts.kb_prefill_chunk,
-                                min_chunk_bucket=opts.kb_min_bucket, min_new_bucket=128)
+                                min_chunk_bucket=opts.kb_min_bucket, min_new_bucket=128,
+                                long_lane=opts.long_lane)
         row.update(measure(session, make, episodes=len(questions),
                            warmup=min(opts.warmup, len(questions)), schedule=schedule,
                            label=f"kb {mode} x{rows}", progress=not opts.no_progress, score=score))
@@ -476,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=2048)
     g.add_argument("--min-chunk-bucket", type=int, default=64,
                    help="smallest padded prefill length (fewer compiled shapes when larger)")
+    g.add_argument("--long-lane", action=argparse.BooleanOptionalAction, default=None,
+                   help="the long-prefill lane, both workloads (Session's long_lane; default: "
+                        "on when the prefill chunk is above the smallest bucket)")
     g = p.add_argument_group("kb workload (built-in task)")
     g.add_argument("--kb-model", default=None,
                    help="a .gguf file or HF folder (default: the embedded SmolLM2-135M-Instruct), "

@@ -48,6 +48,12 @@ class TurnShape:
     attn_impl: str | None = None
     return_hidden: bool = False  # also return the chunk's final hidden states (scoring)
     decode_block: int = 1  # decode steps between two checks of "every row is done"
+    # the long-prefill lane (0: off): ``long_rows`` gathered rows (``TurnInputs.long_row``) run
+    # the prefill of their long chunks, every other row prefills in steps of ``short_step``
+    # tokens, at most ``short_width`` in all (see ``_turn``)
+    long_rows: int = 0
+    short_step: int = 0
+    short_width: int = 0
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_KINDS:
@@ -56,12 +62,22 @@ class TurnShape:
             raise ValueError("chunk_bucket must be a multiple of prefill_chunk")
         if self.decode_block < 1:
             raise ValueError(f"decode_block must be >= 1; got {self.decode_block}")
+        if self.long_rows:
+            if self.return_hidden:
+                raise ValueError("the long-prefill lane does not return chunk hidden states")
+            if not 0 < self.long_rows < self.spec.batch:
+                raise ValueError(f"long_rows={self.long_rows}; allowed: 1..{self.spec.batch - 1}")
+            if (self.short_step < 1 or self.short_width % self.short_step
+                    or not 0 < self.short_width <= self.chunk_bucket):
+                raise ValueError(f"short_step={self.short_step}, short_width={self.short_width}: "
+                                 "the short lane needs 0 < short_step, short_width a multiple of "
+                                 f"it and at most chunk_bucket={self.chunk_bucket}")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["tokens", "chunk_len", "start", "agent", "processed0", "filled0",
                                 "max_new", "temperature", "top_p", "top_k", "stop_mask", "seed",
-                                "counter"],
+                                "counter", "long_row"],
                    meta_fields=[])
 @dataclasses.dataclass
 class TurnInputs:
@@ -73,7 +89,9 @@ class TurnInputs:
     max_new [B] tokens to generate at most; temperature / top_p / top_k [B] the row's sampling
     (temperature <= 0: greedy; top_k 0: off); stop_mask [B, V] tokens that end the row's output;
     seed [B], counter [B]: the row's sampling key is fold_in(key(seed), counter), so an episode's
-    samples do not depend on which row or batch it runs in.
+    samples do not depend on which row or batch it runs in. long_row [P]: the rows whose chunks
+    the long-prefill lane runs (``TurnShape.long_rows`` = P; entries B are padding), [0] without
+    the lane.
     """
 
     tokens: Int[Array, "B C"]
@@ -89,6 +107,7 @@ class TurnInputs:
     stop_mask: Bool[Array, "B V"]
     seed: UInt[Array, "B"]
     counter: Int[Array, "B"]
+    long_row: Int[Array, "P"]
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -172,10 +191,62 @@ def _step_keys(row_keys, step):
     return jax.vmap(lambda key: jax.random.fold_in(key, step))(row_keys)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lane:
+    """The rows one prefill loop runs: their chunks [R, W], valid lengths, start positions,
+    filled lengths and cache rows [R], and the forward pass over them."""
+
+    tokens: Array
+    chunk_len: Array
+    start: Array
+    filled0: Array
+    kv_row: Array
+    lowrank_row: Array
+    forward: object
+
+
+def _prefill(spec: CacheSpec, lane: _Lane, step: int, n_steps, carry):
+    """``n_steps`` prefill steps of ``step`` tokens over ``lane``'s rows. ``carry``: (cache
+    arrays, last hidden [R, D], chunk hidden [R, W, D] or None); each row's last hidden state is
+    taken at its last valid token."""
+
+    def body(i, carry):
+        arrays, last_hidden, hidden_all = carry
+        offset = i * step
+        chunk = jax.lax.dynamic_slice_in_dim(lane.tokens, offset, step, axis=1)
+        local = offset + jnp.arange(step, dtype=jnp.int32)[None, :]
+        plan = plan_chunk(spec, lane.start[:, None] + local, local < lane.chunk_len[:, None],
+                          lane.filled0, lane.kv_row, lane.lowrank_row,
+                          kv_lengths=lane.start + jnp.clip(lane.chunk_len, 0, offset + step),
+                          q_offset=lane.start + offset)
+        hidden, arrays = lane.forward(chunk, plan=plan, cache=arrays)
+        j = lane.chunk_len - 1 - offset
+        here = (j >= 0) & (j < step)
+        picked = jnp.take_along_axis(hidden, jnp.clip(j, 0, step - 1)[:, None, None], axis=1)[:, 0]
+        last_hidden = jnp.where(here[:, None], picked, last_hidden)
+        if hidden_all is not None:
+            hidden_all = jax.lax.dynamic_update_slice_in_dim(hidden_all, hidden, offset, axis=1)
+        return arrays, last_hidden, hidden_all
+
+    return jax.lax.fori_loop(0, n_steps, body, carry)
+
+
+def _steps(chunk_len, step: int, most: int, least: int = 1):
+    """Prefill steps of ``step`` tokens the longest of ``chunk_len`` needs, in least..most."""
+    return jnp.clip(-(-jnp.max(chunk_len) // step), least, most)
+
+
 def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnShape):
-    """The body of one jitted turn: the prefill loop, then the decode loop. One function on
-    purpose (longer than 80 lines): both loops close over the same forward, cache rows and
-    views, and splitting them would pass a dozen traced values between two halves of a program."""
+    """The body of one jitted turn: the prefill, then the decode loop. One function on purpose
+    (longer than 80 lines): both close over the same forward, cache rows and views, and splitting
+    them would pass a dozen traced values between two halves of a program.
+
+    Prefill, C tokens at a time, as many steps as the longest row needs (a chunk bucket wider than
+    C serves every long chunk: one compilation for all of them). With the long-prefill lane
+    (``shape.long_rows`` = P), the P rows of ``inputs.long_row`` are gathered and prefill their
+    long chunks alone, while every other row prefills its short chunk in steps of
+    ``shape.short_step`` tokens: a call where few rows bring a long chunk computes P rows over it,
+    not all B. Each row's tokens are the same either way; only which rows share a step changes."""
     spec, config = shape.spec, shape.config
     B, C = spec.batch, shape.prefill_chunk
     view = cache_view(inputs.agent)
@@ -183,37 +254,41 @@ def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnSh
     active = inputs.chunk_len > 0
     forward = functools.partial(
         forward_layers, params, config=config, lora=shape.lora, adapters=adapters,
-        adapter_index=inputs.agent, factored_v=spec.mode.factored_v, attn_impl=shape.attn_impl,
-        kv_indirect=spec.mode.base_per_agent, lowrank_indirect=spec.mode.lowrank_per_agent)
-
-    # ---- prefill, C tokens at a time, as many steps as the longest row needs (a chunk bucket
-    # wider than C serves every long chunk: one compilation for all of them)
-    n_steps = jnp.clip(-(-jnp.max(inputs.chunk_len) // C), 1, shape.chunk_bucket // C)
+        factored_v=spec.mode.factored_v, attn_impl=shape.attn_impl)
     dtype = params["embed"].dtype
     hidden_all = (jnp.zeros((B, shape.chunk_bucket, config.hidden_size), dtype)
                   if shape.return_hidden else None)
-
-    def prefill_step(i, carry):
-        arrays, last_hidden, hidden_all = carry
-        offset = i * C
-        chunk = jax.lax.dynamic_slice_in_dim(inputs.tokens, offset, C, axis=1)
-        local = offset + jnp.arange(C, dtype=jnp.int32)[None, :]
-        plan = plan_chunk(spec, inputs.start[:, None] + local, local < inputs.chunk_len[:, None],
-                          inputs.filled0, kv_row, lowrank_row,
-                          kv_lengths=inputs.start + jnp.clip(inputs.chunk_len, 0, offset + C),
-                          q_offset=inputs.start + offset)
-        hidden, arrays = forward(chunk, plan=plan, cache=arrays)
-        j = inputs.chunk_len - 1 - offset
-        here = (j >= 0) & (j < C)
-        picked = jnp.take_along_axis(hidden, jnp.clip(j, 0, C - 1)[:, None, None], axis=1)[:, 0]
-        last_hidden = jnp.where(here[:, None], picked, last_hidden)
-        if hidden_all is not None:
-            hidden_all = jax.lax.dynamic_update_slice_in_dim(hidden_all, hidden, offset, axis=1)
-        return arrays, last_hidden, hidden_all
-
     last_hidden = jnp.zeros((B, config.hidden_size), dtype)
-    arrays, last_hidden, hidden_all = jax.lax.fori_loop(
-        0, n_steps, prefill_step, (cache.arrays, last_hidden, hidden_all))
+    arrays = cache.arrays
+
+    def lane(rows, chunk_len, indirect):
+        pick = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0))
+        return _Lane(pick(inputs.tokens), chunk_len, pick(inputs.start), pick(inputs.filled0),
+                     pick(kv_row), pick(lowrank_row),
+                     functools.partial(forward, adapter_index=pick(inputs.agent),
+                                       kv_indirect=indirect or spec.mode.base_per_agent,
+                                       lowrank_indirect=indirect or spec.mode.lowrank_per_agent))
+
+    every_row = lane(None, inputs.chunk_len, False)
+    if not shape.long_rows:
+        arrays, last_hidden, hidden_all = _prefill(
+            spec, every_row, C,
+            _steps(inputs.chunk_len, C, shape.chunk_bucket // C), (arrays, last_hidden, hidden_all))
+    else:
+        real = inputs.long_row < B
+        rows = jnp.where(real, inputs.long_row, 0)
+        is_long = jnp.zeros((B,), bool).at[inputs.long_row].set(True, mode="drop")
+        short_len = jnp.where(is_long, 0, inputs.chunk_len)
+        step = shape.short_step
+        arrays, last_hidden, _ = _prefill(
+            spec, lane(None, short_len, False), step,
+            _steps(short_len, step, shape.short_width // step, least=0),
+            (arrays, last_hidden, None))
+        long_len = jnp.where(real, inputs.chunk_len[rows], 0)
+        arrays, long_hidden, _ = _prefill(
+            spec, lane(rows, long_len, True), C, _steps(long_len, C, shape.chunk_bucket // C),
+            (arrays, last_hidden[rows], None))
+        last_hidden = last_hidden.at[inputs.long_row].set(long_hidden, mode="drop")
     end = inputs.start + inputs.chunk_len  # trajectory length after the appended tokens
 
     M = shape.max_new_bucket
@@ -243,7 +318,7 @@ def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnSh
         plan = plan_chunk(spec, pos[:, None], (~s.done)[:, None], inputs.filled0, kv_row,
                           lowrank_row, kv_lengths=jnp.clip(pos + 1, 0, spec.capacity),
                           q_offset=pos)
-        hidden, arrays = forward(s.token[:, None], plan=plan, cache=s.arrays)
+        hidden, arrays = every_row.forward(s.token[:, None], plan=plan, cache=s.arrays)
         new_tok = sample(logits_from_hidden(params, hidden[:, 0], config),
                          _step_keys(row_keys, s.step))
         new_tok = jnp.where(s.done, s.token, new_tok)

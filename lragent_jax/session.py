@@ -191,6 +191,13 @@ class Session:
         so a larger buffer only costs memory, and saves compilations).
       decode_block: decode steps between two checks that every row is done (None: see
         ``default_decode_block``).
+      long_lane: when at most half the rows bring a long chunk (more than four smallest chunk
+        buckets), prefill those chunks over only their rows (a quarter or half of the batch,
+        gathered), and every other row's short chunk in steps of ``min_chunk_bucket`` tokens,
+        instead of every row over the longest chunk; taken when it computes at most 3/4 of the
+        tokens. The tokens each row gets are the same; each distinct lane size is one more
+        compiled program. None: on when ``prefill_chunk > min_chunk_bucket`` (the accelerator
+        default) and there is no mesh.
       seed: PRNG seed for sampling rows whose settings carry no seed of their own.
       cache_sharding: optional leaf name -> Sharding for the cache (multi-device).
       mesh: a (data, model) ``jax.sharding.Mesh`` (``sharding.make_mesh``) to run on: the weights
@@ -214,7 +221,8 @@ class Session:
                  batch: int = 1, capacity: int = 2048, cache_dtype=None,
                  attn_impl: str | None = None, prefill_chunk: int | None = None, seed: int = 0,
                  cache_sharding: Mapping | None = None, min_chunk_bucket: int = 16,
-                 min_new_bucket: int = 8, decode_block: int | None = None, mesh=None):
+                 min_new_bucket: int = 8, decode_block: int | None = None, mesh=None,
+                 long_lane: bool | None = None):
         self.mode = ShareMode.parse(mode)
         if (adapters is None) != (lora is None):
             raise ValueError("pass adapters together with their LoraConfig (or neither)")
@@ -239,6 +247,13 @@ class Session:
             raise ValueError(f"mesh must be a jax.sharding.Mesh (lragent_jax.sharding.make_mesh) "
                              f"or None; got {type(mesh).__name__}")
         self.mesh = mesh
+        if long_lane not in (None, True, False):
+            raise ValueError(f"long_lane must be True, False or None (automatic); got {long_lane!r}")
+        if long_lane and mesh is not None:
+            raise ValueError("long_lane=True needs a session without a mesh (rows are sharded "
+                             "over the mesh's data axis); pass None or False")
+        self.long_lane = (self.prefill_chunk > self.min_chunk_bucket and mesh is None
+                          if long_lane is None else long_lane)
         if mesh is not None:
             params = sharding.shard_inference_params(params, config, mesh)
         params = to_inference_params(params, config)
@@ -281,6 +296,8 @@ class Session:
         self._stop_masks: collections.OrderedDict = collections.OrderedDict()
         self._token_strings: list[str] | None = None
         self.last_turn_seconds = 0.0
+        self.last_long_lane = 0  # rows in the long-prefill lane of the last turn (0: none)
+        self.prefill_slots = 0  # row x position slots the prefill of every turn computed
 
     # ------------------------------------------------------------------ trajectories
     @property
@@ -490,13 +507,14 @@ class Session:
         inputs.tokens = np.zeros((B, chunk_bucket), np.int32)
         for row, ids in chunks.items():
             inputs.tokens[row, :len(ids)] = ids
+        lane = {} if scoring else self._long_lane(inputs, chunk_bucket)
         shape = TurnShape(config=self.config, spec=self.spec, lora=self.lora,
                           chunk_bucket=chunk_bucket,
                           prefill_chunk=min(self.prefill_chunk, chunk_bucket),
                           max_new_bucket=0 if scoring else bucket(int(inputs.max_new.max()),
                                                                   self.min_new_bucket),
                           sampling=sampling, attn_impl=self.attn_impl, return_hidden=scoring,
-                          decode_block=self.decode_block)
+                          decode_block=self.decode_block, **lane)
         t0 = time.perf_counter()
         try:
             with self._on_mesh():
@@ -508,6 +526,8 @@ class Session:
             raise
         self.cache = cache
         self.last_turn_seconds = time.perf_counter() - t0
+        self.last_long_lane = shape.long_rows
+        self.prefill_slots += self._prefill_slots(inputs, shape)
         for row, plan in plans.items():  # the call succeeded: commit the appended tokens
             self.tokens[row].extend(plan.add + (plan.scored or []))
         if scoring:
@@ -528,6 +548,38 @@ class Session:
             return width
         return -(-self.capacity // self.prefill_chunk) * self.prefill_chunk
 
+    def _long_lane(self, inputs: TurnInputs, chunk_bucket: int) -> dict:
+        """The long-prefill lane for this call (``TurnShape`` fields; ``inputs.long_row`` set), or
+        {} when it would not save a quarter of the prefill's tokens (see ``long_lane``)."""
+        B, step = self.batch, self.min_chunk_bucket
+        width = min(4 * step, chunk_bucket // step * step)
+        lengths = inputs.chunk_len
+        long = [r for r in range(B) if lengths[r] > width]
+        sizes = [p for p in sorted({B // 4, B // 2}) if len(long) <= p]
+        if not self.long_lane or not long or width < step or not sizes:
+            return {}
+        rows = sizes[0]
+        C = min(self.prefill_chunk, chunk_bucket)
+        longest = -(-int(lengths.max()) // C) * C
+        short = max((int(lengths[r]) for r in range(B) if r not in long), default=0)
+        if B * -(-short // step) * step + rows * longest > 0.75 * B * longest:
+            return {}
+        inputs.long_row = np.array(long + [B] * (rows - len(long)), np.int32)
+        return dict(long_rows=rows, short_step=step, short_width=width)
+
+    def _prefill_slots(self, inputs: TurnInputs, shape: TurnShape) -> int:
+        """Row x position slots a turn's prefill computes (padding included)."""
+        def extent(lengths, step, least=1):
+            return max(-(-int(max(lengths, default=0)) // step), least) * step
+
+        C = shape.prefill_chunk
+        if not shape.long_rows:
+            return self.batch * extent(inputs.chunk_len, C)
+        long = set(int(r) for r in inputs.long_row if r < self.batch)
+        short = [n for r, n in enumerate(inputs.chunk_len) if r not in long]
+        return (self.batch * extent(short, shape.short_step, least=0)
+                + shape.long_rows * extent([inputs.chunk_len[r] for r in long], C))
+
     def _empty_inputs(self) -> TurnInputs:
         B, V = self.batch, self.config.vocab_size
         return TurnInputs(
@@ -537,7 +589,7 @@ class Session:
             max_new=np.ones(B, np.int32), temperature=np.zeros(B, np.float32),
             top_p=np.ones(B, np.float32), top_k=np.zeros(B, np.int32),
             stop_mask=np.zeros((B, V), bool), seed=np.zeros(B, np.uint32),
-            counter=np.zeros(B, np.int32))
+            counter=np.zeros(B, np.int32), long_row=np.zeros(0, np.int32))
 
     def _recover_cache(self) -> None:
         """After a failed call: if the donated cache was consumed, start from an empty cache; the

@@ -114,7 +114,8 @@ class TurnDone:
 @dataclasses.dataclass(frozen=True)
 class CallStats:
     """One jitted call: rows in it (and their agents), its longest chunk and padded chunk, tokens,
-    seconds."""
+    seconds; rows in its long-prefill lane (0: none) and the row x position slots its prefill
+    computed."""
 
     rows: int
     agents: tuple
@@ -123,6 +124,8 @@ class CallStats:
     prefilled: int
     generated: int
     seconds: float
+    long_lane: int = 0
+    prefill_slots: int = 0
 
 
 class TurnBatcher:
@@ -145,7 +148,7 @@ class TurnBatcher:
         self.calls: list[CallStats] = []
         self.num_calls = 0
         self.call_seconds = 0.0
-        self.padded_prefill = 0  # rows x padded chunk summed over calls (what prefill computed)
+        self.padded_prefill = 0  # row x position slots the calls' prefills computed
         self.last_shape = (0, 0)  # (rows, padded chunk) of the last call
 
     # ------------------------------------------------------------------ rows
@@ -233,9 +236,10 @@ class TurnBatcher:
             del self._pending[p.row]
         turns = {p.row: p.turn for p in chosen}
         start = time.perf_counter()
+        slots = self.session.prefill_slots
         results, errors = self._run(turns)
         end = time.perf_counter()
-        self._account(chosen, results, end - start)
+        self._account(chosen, results, end - start, self.session.prefill_slots - slots)
         return [TurnDone(p.row, p.turn, p.tag, results.get(p.row), errors.get(p.row), p.ready,
                          start, end) for p in chosen]
 
@@ -259,17 +263,18 @@ class TurnBatcher:
             errors.update(e)
         return results, errors
 
-    def _account(self, chosen, results, seconds) -> None:
+    def _account(self, chosen, results, seconds, slots) -> None:
         chunk_max = max(p.chunk for p in chosen)
         padded = bucket(chunk_max, self.session.min_chunk_bucket)
         self.num_calls += 1
         self.call_seconds += seconds
-        self.padded_prefill += padded * self.rows
+        self.padded_prefill += slots
         self.last_shape = (len(chosen), padded)
         if self.record_calls:
             self.calls.append(CallStats(
                 rows=len(chosen), agents=tuple(p.turn.agent for p in chosen),
-                chunk_max=chunk_max, chunk_bucket=padded,
+                chunk_max=chunk_max, chunk_bucket=padded, long_lane=self.session.last_long_lane,
+                prefill_slots=slots,
                 prefilled=sum(r.prefilled for r in results.values()),
                 generated=sum(len(r.token_ids) for r in results.values()), seconds=seconds))
 

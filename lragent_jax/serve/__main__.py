@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per prefill step (a power of two; default 512)")
     g.add_argument("--min-chunk-bucket", type=_positive, default=16,
                    help="smallest padded prefill length (fewer compilations when larger)")
+    g.add_argument("--long-lane", action=argparse.BooleanOptionalAction, default=None,
+                   help="prefill the long chunks of a call where at most half the rows bring one "
+                        "over only those rows (a quarter or half of the rows); default: on when "
+                        "--prefill-chunk > --min-chunk-bucket")
     g.add_argument("--min-new-bucket", type=_positive, default=None,
                    help="smallest output buffer of a call (default: --block-tokens, at least 8; "
                         "64 with --block-tokens 0)")
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
             min_chunk_bucket=args.min_chunk_bucket, min_new_bucket=args.min_new_bucket,
             seed=args.seed, max_waiting=args.max_waiting,
             batch_wait=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
-            row_grace=args.row_grace_ms / 1000)
+            row_grace=args.row_grace_ms / 1000, long_lane=args.long_lane)
     except ValueError as e:
         parser.error(str(e))
     names = ", ".join(server.context.models)

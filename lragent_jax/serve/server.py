@@ -114,7 +114,7 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
                  min_chunk_bucket: int = 16, min_new_bucket: int | None = None, seed: int = 0,
                  schedule: Schedule | None = None, max_waiting: int = 4096,
                  batch_wait: float | None = None, row_grace: float = 0.05,
-                 cache_dtype=None) -> Server:
+                 cache_dtype=None, long_lane: bool | None = None) -> Server:
     """The engine (started) and app over a new session of ``model`` with ``rows`` trajectories of
     ``capacity`` tokens. Served model names: the role adapters and ``served_name`` (default the
     model config's name) for the bare base model."""
@@ -127,7 +127,7 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
         min_new_bucket = max(block_tokens, 8) if block_tokens else 64
     session = model.session(mode, batch=rows, capacity=capacity, prefill_chunk=prefill_chunk,
                             min_chunk_bucket=min_chunk_bucket, min_new_bucket=min_new_bucket,
-                            seed=seed, cache_dtype=cache_dtype)
+                            seed=seed, cache_dtype=cache_dtype, long_lane=long_lane)
     context = ServingContext(tokenizer=model.tokenizer,
                              models={**{a: a for a in agents}, base_name: None},
                              base_name=base_name, vocab_size=model.config.vocab_size,
