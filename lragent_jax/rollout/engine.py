@@ -48,7 +48,10 @@ class Schedule:
     ``long_fill`` of its padded prefill (rows x padded length; the longest padded length that does
     is chosen, with every pending turn that fits in it), when nothing short is pending, or when one
     of them has been passed over ``max_wait`` times. ``long_prefill=None`` runs every pending turn
-    in every call. Scheduling never changes an episode's tokens, only when they run.
+    in every call. With the session's long-prefill lane (``Session(long_lane=...)``), long turns
+    that the lane takes (at most half the rows) join at once: their prefill runs over their own
+    rows, so holding them back saves nothing and costs the call a later one would share.
+    Scheduling never changes an episode's tokens, only when they run.
     """
 
     long_prefill: int | None = 512
@@ -65,13 +68,14 @@ class Schedule:
             raise ValueError(f"max_wait must be an int >= 0; got {self.max_wait!r}")
 
     def select(self, pending: list[PendingTurn], rows: int,
-               min_bucket: int = 16) -> list[PendingTurn]:
+               min_bucket: int = 16, lane_rows: int = 0) -> list[PendingTurn]:
         """The turns of the next call, from ``pending`` (non-empty, one kind) in a session of
-        ``rows`` rows whose smallest padded chunk is ``min_bucket``."""
+        ``rows`` rows whose smallest padded chunk is ``min_bucket``; ``lane_rows``: the most long
+        chunks the session's long-prefill lane takes (0: no lane)."""
         if self.long_prefill is None:
             return pending
         short = [p for p in pending if p.chunk <= self.long_prefill]
-        if len(short) == len(pending) or not short:
+        if len(short) == len(pending) or not short or len(pending) - len(short) <= lane_rows:
             return pending
         if any(p.waited >= self.max_wait for p in pending if p.chunk > self.long_prefill):
             return pending
@@ -228,7 +232,9 @@ class TurnBatcher:
         # a call either scores on every row or generates on every row: the oldest turn's kind
         scoring = pending[0].turn.score_tokens is not None
         pending = [p for p in pending if (p.turn.score_tokens is not None) == scoring]
-        chosen = self.schedule.select(pending, self.rows, self.session.min_chunk_bucket)
+        lane_rows = self.rows // 2 if self.session.long_lane and not scoring else 0
+        chosen = self.schedule.select(pending, self.rows, self.session.min_chunk_bucket,
+                                      lane_rows=lane_rows)
         for p in self._pending.values():
             if p not in chosen:
                 p.waited += 1
