@@ -103,7 +103,11 @@ def test_compilation_cache_is_hit_on_a_second_run_and_can_be_turned_off(tmp_path
     jax.clear_caches()  # a new process would start with no compiled programs in memory
     assert cli.main(args + ["--out", str(tmp_path / "b"), "--compilation-cache", str(cache)]) == 0
     second = _results(tmp_path / "b")["compilation"]
-    assert second["cache_hits"] >= first["cache_misses"] and second["cache_misses"] == 0
+    # every program the first run wrote is read back; the second run may still write one whose
+    # compile time crossed the cache's 0.2 s write threshold on a loaded CPU (_fuse_layer takes
+    # about 0.16 s on an idle 2-core CPU)
+    assert second["cache_hits"] >= first["cache_misses"]
+    assert second["cache_misses"] < second["cache_hits"]
     assert second["compile_seconds"] < first["compile_seconds"]
 
     jax.clear_caches()
