@@ -26,22 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.common import (NullTokenizer, environment, positive_int_list, print_table,
+from eval.common import (NullTokenizer, csv_list, environment, positive_int_list, print_table,
                          write_json)
-from lragent_jax.cache import ALL_MODES
+from lragent_jax.cache import ShareMode
 from lragent_jax.config import ModelConfig
 from lragent_jax.session import GenerationSettings, Session, Turn
 
 AGENTS = ("plan", "action", "reflect")
-
-
-def _modes(text: str) -> list[str]:
-    names = [m.value for m in ALL_MODES]
-    values = [v for v in text.split(",") if v]
-    bad = [v for v in values if v not in names]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"modes {bad or text!r}; allowed: {', '.join(names)}")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--random-weights", default=None, metavar="PRESET",
                    help="model shape (default llama3_1_8b on an accelerator, tiny on a CPU)")
-    p.add_argument("--modes", type=_modes, default=["base_lowrank_shared", "non_shared"],
+    p.add_argument("--modes", type=csv_list(str), default=["base_lowrank_shared", "non_shared"],
                    help="comma-separated sharing modes (default base_lowrank_shared,non_shared)")
     p.add_argument("--rows", type=int, default=8, help="session rows (>= 2; default 8)")
     p.add_argument("--capacity", type=int, default=16384)
@@ -68,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(parser, opts) -> None:
+    try:
+        opts.modes = [ShareMode.parse(m).value for m in opts.modes]
+    except ValueError as e:
+        parser.error(str(e))
+    if not opts.modes:
+        parser.error("--modes is empty")
     if opts.rows < 2:
         parser.error(f"--rows {opts.rows}: the lane needs at least 2 rows")
     if max(opts.long) > opts.rows // 2:

@@ -60,19 +60,29 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def check_dispatched_sessions() -> int:
-    """Teacher-forced log-probs of a 3-agent trajectory: dispatched attention vs reference."""
-    from lragent_jax.cache import ALL_MODES
+def _small_llama(seed: int):
+    """A 2-layer Llama-shaped model (GQA 8/2 heads, head dim 128, 512-token vocabulary) in the
+    inference layout, bf16, with rank-16 adapters on every target: (config, params, lora,
+    adapters)."""
     from lragent_jax.inference import to_inference_params
-    from lragent_jax.session import GenerationSettings, Session, Turn
-    from eval.common import NullTokenizer
 
     cfg = ModelConfig.llama3_1_8b().replace(num_layers=2, vocab_size=512, hidden_size=1024,
                                             intermediate_size=2048, num_heads=8, num_kv_heads=2,
                                             eos_token_ids=(), bos_token_id=None)
-    params = to_inference_params(init_params(jax.random.key(0), cfg, jnp.bfloat16), cfg)
+    params = to_inference_params(init_params(jax.random.key(seed), cfg, jnp.bfloat16), cfg)
     lora = LoraConfig(rank=16, targets=("q", "v", "o", "gate", "up", "down"))
-    adapters = init_adapters(jax.random.key(1), cfg, lora, dtype=jnp.bfloat16, b_scale=0.05)
+    adapters = init_adapters(jax.random.key(seed + 1), cfg, lora, dtype=jnp.bfloat16,
+                             b_scale=0.05)
+    return cfg, params, lora, adapters
+
+
+def check_dispatched_sessions() -> int:
+    """Teacher-forced log-probs of a 3-agent trajectory: dispatched attention vs reference."""
+    from lragent_jax.cache import ALL_MODES
+    from lragent_jax.session import GenerationSettings, Session, Turn
+    from eval.common import NullTokenizer
+
+    cfg, params, lora, adapters = _small_llama(0)
     rng = np.random.default_rng(0)
     # (agent, appended tokens, scored tokens): chunks of 300 (cuDNN), 40 (prefill kernel), 1-16
     script = [("plan", 300, 12), ("action", 40, 6), ("plan", 1, 3), ("reflect", 700, 16)]
@@ -109,16 +119,10 @@ def check_long_lane() -> int:
     generating one token that is then cut off again (so that a bf16 near-tie cannot make the two
     trajectories differ), the caches agree; the first tokens are reported."""
     from lragent_jax.cache import ALL_MODES
-    from lragent_jax.inference import to_inference_params
     from lragent_jax.session import GenerationSettings, Session, Turn
     from eval.common import NullTokenizer
 
-    cfg = ModelConfig.llama3_1_8b().replace(num_layers=2, vocab_size=512, hidden_size=1024,
-                                            intermediate_size=2048, num_heads=8, num_kv_heads=2,
-                                            eos_token_ids=(), bos_token_id=None)
-    params = to_inference_params(init_params(jax.random.key(5), cfg, jnp.bfloat16), cfg)
-    lora = LoraConfig(rank=16, targets=("q", "v", "o", "gate", "up", "down"))
-    adapters = init_adapters(jax.random.key(6), cfg, lora, dtype=jnp.bfloat16, b_scale=0.05)
+    cfg, params, lora, adapters = _small_llama(5)
     rng = np.random.default_rng(1)
     agents = ("plan", "action", "reflect")
     calls = [[int(rng.integers(600, 1400))] + [int(rng.integers(1, 60)) for _ in range(7)],

@@ -527,7 +527,9 @@ class Session:
         self.cache = cache
         self.last_turn_seconds = time.perf_counter() - t0
         self.last_long_lane = shape.long_rows
-        self.prefill_slots += self._prefill_slots(inputs, shape)
+        self.prefill_slots += self._prefill_slots(
+            inputs.chunk_len, shape.prefill_chunk, [int(r) for r in inputs.long_row if r < B],
+            **lane)
         for row, plan in plans.items():  # the call succeeded: commit the appended tokens
             self.tokens[row].extend(plan.add + (plan.scored or []))
         if scoring:
@@ -548,6 +550,11 @@ class Session:
             return width
         return -(-self.capacity // self.prefill_chunk) * self.prefill_chunk
 
+    @property
+    def long_lane_rows(self) -> int:
+        """The most rows the long-prefill lane takes (half the batch), 0 without the lane."""
+        return self.batch // 2 if self.long_lane else 0
+
     def _long_lane(self, inputs: TurnInputs, chunk_bucket: int) -> dict:
         """The long-prefill lane for this call (``TurnShape`` fields; ``inputs.long_row`` set), or
         {} when it would not save a quarter of the prefill's tokens (see ``long_lane``)."""
@@ -555,30 +562,30 @@ class Session:
         width = min(4 * step, chunk_bucket // step * step)
         lengths = inputs.chunk_len
         long = [r for r in range(B) if lengths[r] > width]
-        sizes = [p for p in sorted({B // 4, B // 2}) if len(long) <= p]
-        if not self.long_lane or not long or width < step or not sizes:
+        sizes = [p for p in sorted({B // 4, self.long_lane_rows}) if len(long) <= p]
+        if not self.long_lane_rows or not long or width < step or not sizes:
             return {}
-        rows = sizes[0]
+        lane = dict(long_rows=sizes[0], short_step=step, short_width=width)
         C = min(self.prefill_chunk, chunk_bucket)
-        longest = -(-int(lengths.max()) // C) * C
-        short = max((int(lengths[r]) for r in range(B) if r not in long), default=0)
-        if B * -(-short // step) * step + rows * longest > 0.75 * B * longest:
+        if self._prefill_slots(lengths, C, long, **lane) > 0.75 * self._prefill_slots(lengths, C):
             return {}
-        inputs.long_row = np.array(long + [B] * (rows - len(long)), np.int32)
-        return dict(long_rows=rows, short_step=step, short_width=width)
+        inputs.long_row = np.array(long + [B] * (sizes[0] - len(long)), np.int32)
+        return lane
 
-    def _prefill_slots(self, inputs: TurnInputs, shape: TurnShape) -> int:
-        """Row x position slots a turn's prefill computes (padding included)."""
-        def extent(lengths, step, least=1):
-            return max(-(-int(max(lengths, default=0)) // step), least) * step
+    def _prefill_slots(self, lengths, prefill_chunk: int, long=(), long_rows: int = 0,
+                       short_step: int = 0, **_) -> int:
+        """Row x position slots a prefill of chunks ``lengths`` [B] computes (padding included):
+        every row over the longest in steps of ``prefill_chunk``, or with the lane of
+        ``long_rows`` rows over the ``long`` rows' chunks and every row over the others' in steps
+        of ``short_step``."""
+        def extent(chunks, step, least=1):
+            return max(-(-int(max(chunks, default=0)) // step), least) * step
 
-        C = shape.prefill_chunk
-        if not shape.long_rows:
-            return self.batch * extent(inputs.chunk_len, C)
-        long = set(int(r) for r in inputs.long_row if r < self.batch)
-        short = [n for r, n in enumerate(inputs.chunk_len) if r not in long]
-        return (self.batch * extent(short, shape.short_step, least=0)
-                + shape.long_rows * extent([inputs.chunk_len[r] for r in long], C))
+        if not long_rows:
+            return self.batch * extent(lengths, prefill_chunk)
+        short = [n for r, n in enumerate(lengths) if r not in long]
+        return (self.batch * extent(short, short_step, least=0)
+                + long_rows * extent([lengths[r] for r in long], prefill_chunk))
 
     def _empty_inputs(self) -> TurnInputs:
         B, V = self.batch, self.config.vocab_size

@@ -232,7 +232,7 @@ class TurnBatcher:
         # a call either scores on every row or generates on every row: the oldest turn's kind
         scoring = pending[0].turn.score_tokens is not None
         pending = [p for p in pending if (p.turn.score_tokens is not None) == scoring]
-        lane_rows = self.rows // 2 if self.session.long_lane and not scoring else 0
+        lane_rows = 0 if scoring else self.session.long_lane_rows
         chosen = self.schedule.select(pending, self.rows, self.session.min_chunk_bucket,
                                       lane_rows=lane_rows)
         for p in self._pending.values():
