@@ -70,12 +70,15 @@ case "${1:-}" in
     ;;
   serve)
     # SERVE_MODES (default both), CLIENT_PROCESSES (default 1: the 8 clients in one event loop;
-    # 8: one process each, as separate agents). Measured on an H200: 99 s base+LR, 169 s non-shared
+    # 8: one process each, as separate agents), EPISODES (default 8: one per client, a single
+    # wave; 24: three per client, so that episodes start out of step on both sides). Measured on
+    # an H200 with 8 episodes: 99-173 s base+LR, 169 s non-shared
+    episodes=${EPISODES:-8}
     for mode in ${SERVE_MODES:-base_lowrank_shared non_shared}; do
-      limit=250; [ $mode = non_shared ] && limit=300
+      limit=$(( 200 + 6 * episodes )); [ $mode = non_shared ] && limit=$(( 240 + 9 * episodes ))
       step $limit python3 -m eval.bench_serve --random-weights llama3_1_8b --length 16384 \
-        --episodes 8 --clients 8 --client-processes ${CLIENT_PROCESSES:-1} --modes $mode \
-        --out "$OUT/serve_8b_16k_${mode}_p${CLIENT_PROCESSES:-1}.json"
+        --episodes $episodes --clients 8 --client-processes ${CLIENT_PROCESSES:-1} --modes $mode \
+        --out "$OUT/serve_8b_16k_${mode}_p${CLIENT_PROCESSES:-1}_e${episodes}.json"
     done
     ;;
   modes)

@@ -192,8 +192,8 @@ class Session:
       decode_block: decode steps between two checks that every row is done (None: see
         ``default_decode_block``).
       long_lane: when at most half the rows bring a long chunk (more than four smallest chunk
-        buckets), prefill those chunks over only their rows (a quarter or half of the batch,
-        gathered), and every other row's short chunk in steps of ``min_chunk_bucket`` tokens,
+        buckets), prefill those chunks over only their rows (an eighth, a quarter or half of the
+        batch, gathered: ``lane_sizes``), and every other row's short chunk in steps of ``min_chunk_bucket`` tokens,
         instead of every row over the longest chunk; taken when it computes at most 3/4 of the
         tokens. The tokens each row gets are the same; each distinct lane size is one more
         compiled program. None: on when ``prefill_chunk > min_chunk_bucket`` (the accelerator
@@ -555,6 +555,14 @@ class Session:
         """The most rows the long-prefill lane takes (half the batch), 0 without the lane."""
         return self.batch // 2 if self.long_lane else 0
 
+    @property
+    def lane_sizes(self) -> tuple[int, ...]:
+        """The row counts a long-prefill lane may take (an eighth, a quarter or half of the batch, at
+        least one row; the smallest that holds a call's long rows is taken), () without the lane."""
+        if not self.long_lane_rows:
+            return ()
+        return tuple(sorted({max(self.batch // d, 1) for d in (8, 4, 2)}))
+
     def _long_lane(self, inputs: TurnInputs, chunk_bucket: int) -> dict:
         """The long-prefill lane for this call (``TurnShape`` fields; ``inputs.long_row`` set), or
         {} when it would not save a quarter of the prefill's tokens (see ``long_lane``)."""
@@ -562,7 +570,7 @@ class Session:
         width = min(4 * step, chunk_bucket // step * step)
         lengths = inputs.chunk_len
         long = [r for r in range(B) if lengths[r] > width]
-        sizes = [p for p in sorted({B // 4, self.long_lane_rows}) if len(long) <= p]
+        sizes = [p for p in self.lane_sizes if len(long) <= p]
         if not self.long_lane_rows or not long or width < step or not sizes:
             return {}
         lane = dict(long_rows=sizes[0], short_step=step, short_width=width)

@@ -117,12 +117,14 @@ def test_lane_is_taken_only_where_it_saves_a_quarter(model):
                       for r, n in enumerate(lengths)})
         return session.last_long_lane
 
-    assert call([100, 3, 3, 3, 3, 3, 3, 3]) == 2  # one long row: the quarter-batch lane
+    assert session.lane_sizes == (1, 2, 4)
+    assert call([100, 3, 3, 3, 3, 3, 3, 3]) == 1  # one long row: the eighth-batch lane
+    assert call([100, 90, 3, 3, 3, 3, 3, 3]) == 2  # two: the quarter-batch lane
     assert call([100, 90, 70, 3, 3, 3, 3, 3]) == 4  # three: the half-batch lane
     assert call([100, 90, 70, 60, 50, 3, 3, 3]) == 0  # more than half are long
     # the short rows' chunks fill the short lane: 8 x 32 + 2 x 64 of 8 x 64 tokens, 3/4, taken;
     # with a half-batch lane 8 x 32 + 4 x 64, nothing saved
-    assert call([40, 30, 30, 30, 30, 30, 30, 30]) == 2
+    assert call([40, 40, 30, 30, 30, 30, 30, 30]) == 2
     assert call([40, 40, 40, 30, 30, 30, 30, 30]) == 0
     assert call([10] * 8) == 0  # nothing long
     off = _session(model, "fully_shared", None, batch=8)
