@@ -193,9 +193,9 @@ class Session:
         ``default_decode_block``).
       long_lane: when at most half the rows bring a long chunk (more than four smallest chunk
         buckets), prefill those chunks over only their rows (an eighth, a quarter or half of the
-        batch, gathered: ``lane_sizes``), and every other row's short chunk in steps of ``min_chunk_bucket`` tokens,
-        instead of every row over the longest chunk; taken when it computes at most 3/4 of the
-        tokens. The tokens each row gets are the same; each distinct lane size is one more
+        batch, gathered: ``lane_sizes``), and every other row's short chunk in steps of
+        ``min_chunk_bucket`` tokens, instead of every row over the longest chunk; taken when it
+        computes at most 3/4 of the tokens. The tokens each row gets are the same; each distinct lane size is one more
         compiled program. None: on when ``prefill_chunk > min_chunk_bucket`` (the accelerator
         default) and there is no mesh.
       seed: PRNG seed for sampling rows whose settings carry no seed of their own.
@@ -553,13 +553,13 @@ class Session:
     @property
     def long_lane_rows(self) -> int:
         """The most rows the long-prefill lane takes (half the batch), 0 without the lane."""
-        return self.batch // 2 if self.long_lane else 0
+        return max(self.lane_sizes, default=0)
 
     @property
     def lane_sizes(self) -> tuple[int, ...]:
-        """The row counts a long-prefill lane may take (an eighth, a quarter or half of the batch, at
-        least one row; the smallest that holds a call's long rows is taken), () without the lane."""
-        if not self.long_lane_rows:
+        """The row counts a long-prefill lane may take (an eighth, a quarter or half of the batch,
+        at least one row; the smallest that holds a call's long rows is taken), () without it."""
+        if not self.long_lane or self.batch < 2:
             return ()
         return tuple(sorted({max(self.batch // d, 1) for d in (8, 4, 2)}))
 
@@ -571,7 +571,7 @@ class Session:
         lengths = inputs.chunk_len
         long = [r for r in range(B) if lengths[r] > width]
         sizes = [p for p in self.lane_sizes if len(long) <= p]
-        if not self.long_lane_rows or not long or width < step or not sizes:
+        if not long or width < step or not sizes:
             return {}
         lane = dict(long_rows=sizes[0], short_step=step, short_width=width)
         C = min(self.prefill_chunk, chunk_bucket)

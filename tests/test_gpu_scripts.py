@@ -21,7 +21,8 @@ SCRIPTS = ("eval/gpu_suite.sh", "eval/gpu_inference.sh")
 VALUES = {"OUT": "/tmp/out", "DATA": "/tmp/data", "2": "mixed", "3": "joint", "EPOCHS": "1",
           "RUNS": "1", "QUESTIONS": "360", "ALL_MODES": "non_shared,base_lowrank_shared",
           "mode": "base_lowrank_shared", "1": "agent", "src": "agent", "name": "agent",
-          "best": "mixed", "adapters": "/tmp/adapters", "length": "8192", "TRAIN_EXTRA": "", "episodes": "8"}
+          "best": "mixed", "adapters": "/tmp/adapters", "length": "8192", "TRAIN_EXTRA": "",
+          "episodes": "8"}
 NOT_PARSED = {"pytest", "eval.check_gpu_paths"}  # pytest's own flags; a module without options
 
 

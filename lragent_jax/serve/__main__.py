@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest padded prefill length (fewer compilations when larger)")
     g.add_argument("--long-lane", action=argparse.BooleanOptionalAction, default=None,
                    help="prefill the long chunks of a call where at most half the rows bring one "
-                        "over only those rows (an eighth, a quarter or half of the rows); default: on when "
-                        "--prefill-chunk > --min-chunk-bucket")
+                        "over only those rows (an eighth, a quarter or half of the rows); "
+                        "default: on when --prefill-chunk > --min-chunk-bucket")
     g.add_argument("--min-new-bucket", type=_positive, default=None,
                    help="smallest output buffer of a call (default: --block-tokens, at least 8; "
                         "64 with --block-tokens 0)")
