@@ -26,7 +26,7 @@ import numpy as np
 from lragent_jax.cache import (CacheSpec, KVCache, ShareMode, analytic_cache_bytes,
                                check_mode_compatible, init_cache, measured_cache_bytes)
 from lragent_jax.config import LoraConfig, ModelConfig
-from lragent_jax.generate import TurnInputs, TurnShape, bucket, run_turn
+from lragent_jax.generate import SAMPLING_KINDS, TurnInputs, TurnShape, bucket, run_turn
 from lragent_jax.inference import (check_fused_adapters, fuse_adapters, fused_groups,
                                    prepare_adapters, to_inference_params)
 from lragent_jax import sharding
@@ -508,13 +508,9 @@ class Session:
         for row, ids in chunks.items():
             inputs.tokens[row, :len(ids)] = ids
         lane = {} if scoring else self._long_lane(inputs, chunk_bucket)
-        shape = TurnShape(config=self.config, spec=self.spec, lora=self.lora,
-                          chunk_bucket=chunk_bucket,
-                          prefill_chunk=min(self.prefill_chunk, chunk_bucket),
-                          max_new_bucket=0 if scoring else bucket(int(inputs.max_new.max()),
+        shape = self._shape(chunk_bucket, 0 if scoring else bucket(int(inputs.max_new.max()),
                                                                   self.min_new_bucket),
-                          sampling=sampling, attn_impl=self.attn_impl, return_hidden=scoring,
-                          decode_block=self.decode_block, **lane)
+                            sampling=sampling, return_hidden=scoring, **lane)
         t0 = time.perf_counter()
         try:
             with self._on_mesh():
@@ -535,6 +531,79 @@ class Session:
         if scoring:
             return self._finish_scoring(plans, outputs[1])
         return self._finish_generation(turns, plans, inputs.chunk_len, *outputs)
+
+    def _shape(self, chunk_bucket: int, max_new_bucket: int, **fields) -> TurnShape:
+        """The compiled program of a call: its chunk bucket, output buffer (0: prefill only) and
+        ``fields`` (sampling, return_hidden, the long-prefill lane)."""
+        return TurnShape(config=self.config, spec=self.spec, lora=self.lora,
+                         chunk_bucket=chunk_bucket,
+                         prefill_chunk=min(self.prefill_chunk, chunk_bucket),
+                         max_new_bucket=max_new_bucket, attn_impl=self.attn_impl,
+                         decode_block=self.decode_block, **fields)
+
+    def turn_programs(self, max_new_tokens: Sequence[int] = (),
+                      sampling: Sequence[str] = ("greedy",)) -> list[TurnShape]:
+        """Every compiled program a generating turn of this session may run, for turns of at most
+        the given ``max_new_tokens`` (each rounded up to its output buffer; default: the
+        smallest, ``min_new_bucket``) and the given sampling kinds (``generate.SAMPLING_KINDS``):
+        every chunk bucket a chunk up to the capacity can take, each without the long-prefill
+        lane and with each lane size it can take. ``warm_up`` compiles them."""
+        bad = [k for k in sampling if k not in SAMPLING_KINDS]
+        if bad or not sampling:
+            raise ValueError(f"sampling={tuple(sampling)!r}; allowed: one or more of "
+                             f"{SAMPLING_KINDS}")
+        for n in max_new_tokens:
+            _positive_int("max_new_tokens", n)
+        outputs = sorted({bucket(int(n), self.min_new_bucket) for n in max_new_tokens}
+                         or {self.min_new_bucket})
+        longest = [min(1 << k, self.capacity) for k in range(self.capacity.bit_length() + 1)]
+        variants = []  # (chunk bucket, lane fields), each as a real call would decide it
+        for chunk_bucket in sorted({self._chunk_bucket(n) for n in longest}):
+            variants.append((chunk_bucket, {}))
+            length = min(chunk_bucket, self.capacity)
+            for rows in self.lane_sizes:
+                inputs = self._empty_inputs()
+                inputs.chunk_len[:rows] = length
+                lane = self._long_lane(inputs, chunk_bucket)
+                if lane and (chunk_bucket, lane) not in variants:
+                    variants.append((chunk_bucket, lane))
+        return [self._shape(chunk_bucket, m, sampling=kind, **lane)
+                for kind in dict.fromkeys(sampling) for m in outputs
+                for chunk_bucket, lane in variants]
+
+    def warm_up(self, max_new_tokens: Sequence[int] = (), sampling: Sequence[str] = ("greedy",),
+                *, progress=None) -> list[dict]:
+        """Compile ahead of time every program of ``turn_programs(max_new_tokens, sampling)``, so
+        that no turn of that kind stops to compile (a many-layer program takes seconds). Each is
+        run once with no row taking part: the trajectories, their cache entries and the counters
+        stay as they were, so it may be called at any time. ``progress(i, n, shape, seconds)`` is
+        called after each. Returns one dict per program (chunk_bucket, long_rows,
+        max_new_bucket, sampling, seconds). Prefill-only programs (scoring, the replay after a
+        failed call) are not included."""
+        shapes = self.turn_programs(max_new_tokens, sampling)
+        done = []
+        for i, shape in enumerate(shapes):
+            inputs = self._empty_inputs()
+            inputs.tokens = np.zeros((self.batch, shape.chunk_bucket), np.int32)
+            if shape.long_rows:
+                inputs.long_row = np.full(shape.long_rows, self.batch, np.int32)
+            t0 = time.perf_counter()
+            try:
+                with self._on_mesh():
+                    cache, *outputs = run_turn(self.params, self._prepared, self.cache, inputs,
+                                               shape=shape)
+                jax.block_until_ready(outputs)
+            except BaseException:
+                self._recover_cache()
+                raise
+            self.cache = cache
+            seconds = time.perf_counter() - t0
+            done.append({"chunk_bucket": shape.chunk_bucket, "long_rows": shape.long_rows,
+                         "max_new_bucket": shape.max_new_bucket, "sampling": shape.sampling,
+                         "seconds": seconds})
+            if progress is not None:
+                progress(i + 1, len(shapes), shape, seconds)
+        return done
 
     def _on_mesh(self):
         """The session's mesh set for a traced call (attention then runs per shard)."""
@@ -634,11 +703,7 @@ class Session:
             inputs.tokens = np.zeros((self.batch, chunk_bucket), np.int32)
             for row, ids in chunks.items():
                 inputs.tokens[row, :len(ids)] = ids
-            shape = TurnShape(config=self.config, spec=self.spec, lora=self.lora,
-                              chunk_bucket=chunk_bucket,
-                              prefill_chunk=min(self.prefill_chunk, chunk_bucket),
-                              max_new_bucket=0, attn_impl=self.attn_impl,
-                              decode_block=self.decode_block)
+            shape = self._shape(chunk_bucket, 0)
             try:
                 with self._on_mesh():
                     cache, _, _ = run_turn(self.params, self._prepared, self.cache, inputs,
