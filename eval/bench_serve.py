@@ -19,10 +19,11 @@ exactly ``generate`` greedy tokens, on random weights of a preset shape with ran
   session of the same rows and shapes (each turn's first token in a call of its own, as the
   server's streamed requests), measured as ``eval.throughput`` measures it.
 
-Both first run ``--warmup`` untimed episodes: the first timed episodes' traces with other random
-tokens, so that their call shapes are compiled (``--warmup`` = ``--episodes`` compiles every shape
-before the timing; the two processes share a persistent compilation cache, ``--compile-cache``;
-the compile seconds that still fall in the timed window are reported). Reported per mode and side:
+Both first compile every greedy call program the episodes may run (the server's ``--warm-up``,
+``Session.warm_up`` in process; ``--no-program-warm-up``: not), then run ``--warmup`` untimed
+episodes: the first timed episodes' traces with other random tokens (the two processes share a
+persistent compilation cache, ``--compile-cache``; the compile seconds that still fall in the
+timed window are reported). Reported per mode and side:
 requests (turns)/s, episodes/s, generated tokens/s, time to first token p50 / p99, turn latency
 p50, tokens prefilled, and the HTTP side over the in-process side. JSON with device, versions,
 date and command.
@@ -304,25 +305,34 @@ def _round_trips(before: dict, after: dict, name: str = "lragent_client_return_s
             "return_p50_s": quantile(0.5), "return_p90_s": quantile(0.9)}
 
 
-def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str]:
+def longest_generation(opts) -> int:
+    """The most tokens one turn of the episodes generates (the server's warm-up covers it)."""
+    return max(t.generate for i in range(opts.episodes)
+               for t in generate_trace(opts.length, opts.seed + i).turns)
+
+
+def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str, dict]:
+    """The server subprocess, its URL and its warm-up (programs, seconds; empty without)."""
     command = [sys.executable, "-m", "lragent_jax.serve", "--random-weights", opts.random_weights,
                "--rank", str(opts.rank), "--mode", mode, "--rows", str(opts.rows),
                "--capacity", str(opts.capacity), "--block-tokens", str(opts.block_tokens),
                "--min-new-bucket", str(opts.min_new_bucket), "--prefill-chunk",
                str(opts.prefill_chunk), "--min-chunk-bucket", str(opts.min_chunk_bucket),
                "--seed", str(opts.seed), "--dtype", opts.dtype, "--port", "0",
-               "--log-level", "warning"]
+               "--log-level", "warning", "--compilation-cache", opts.compile_cache or "off"]
     if opts.attn:
         command += ["--attn", opts.attn]
     if opts.batch_wait_ms is not None:
         command += ["--batch-wait-ms", str(opts.batch_wait_ms)]
     if opts.long_lane is not None:
         command += ["--long-lane" if opts.long_lane else "--no-long-lane"]
+    command += (["--warm-up", "greedy", "--warm-up-tokens", str(longest_generation(opts))]
+                if opts.program_warm_up else ["--warm-up", "none"])
     log("  $ " + " ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=_env(opts))
     deadline = time.monotonic() + opts.start_timeout
-    url = None
+    url, warm_up = None, {}
     while url is None:
         line = process.stdout.readline()
         if not line:
@@ -331,6 +341,10 @@ def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str]:
         match = re.search(r"on (http://[\d.]+:\d+)/v1", line)
         if match:
             url = match.group(1)
+        match = re.match(r"warm-up: (\d+) programs in ([\d.]+) s", line)
+        if match:
+            warm_up = {"warm_up_programs": int(match.group(1)),
+                       "warm_up_s": float(match.group(2))}
         if time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"the server did not start within {opts.start_timeout} s")
@@ -349,7 +363,7 @@ def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the server did not answer /health")
             time.sleep(0.2)
-    return process, url
+    return process, url, warm_up
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -362,7 +376,7 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def run_http(opts, mode: str, tokenizer, log) -> dict:
-    process, url = start_server(opts, mode, log)
+    process, url, warm_up = start_server(opts, mode, log)
     try:
         vocab = tokenizer.vocab_size
         if opts.warmup:
@@ -398,7 +412,7 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
         **_round_trips(before, after),
         "gather_s": _delta(before, after, "lragent_engine_gather_seconds_total"),
         "gather_short": _delta(before, after, "lragent_engine_gather_short_total"),
-        "calls_by_shape": _calls_by_shape(before, after),
+        "calls_by_shape": _calls_by_shape(before, after), **warm_up,
         "_generated": run["generated"],
     }
 
@@ -431,6 +445,12 @@ def run_engine(opts, mode: str, weights, log) -> dict:
                      seed=opts.seed + i + (WARMUP_TOKENS if start else 0))
                 for i in range(count))
 
+    warm_up = {}
+    if opts.program_warm_up:  # as the server does before serving
+        t0 = time.perf_counter()
+        done = session.warm_up(range(1, longest_generation(opts) + 1), ("greedy",))
+        warm_up = {"warm_up_programs": len(done), "warm_up_s": time.perf_counter() - t0}
+        log(f"  warm-up: {len(done)} programs in {warm_up['warm_up_s']:.1f} s")
     row = measure(session, make, episodes=opts.episodes, warmup=opts.warmup, schedule=Schedule(),
                   label=f"engine {mode} x{opts.rows}", progress=False)
     return {"side": "engine", "mode": mode, "rows": opts.rows, "clients": opts.rows,
@@ -440,7 +460,7 @@ def run_engine(opts, mode: str, weights, log) -> dict:
             "ttft_p50_s": row["ttft_p50_s"], "ttft_p99_s": row["ttft_p99_s"],
             "turn_p50_s": row["turn_p50_s"], "prefilled_total": row["prefilled_total"],
             "calls": row["calls"], "compile_s_in_timed": row["compile_s_in_timed"],
-            "calls_by_shape": row["calls_by_shape"],
+            "calls_by_shape": row["calls_by_shape"], **warm_up,
             "_generated": [kept[opts.seed + i] for i in range(opts.episodes)
                            if opts.seed + i in kept]}
 
@@ -515,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", default=None,
                    help="persistent compilation cache shared by the server and this process "
                         "(default: a folder in the temporary directory; '' for none)")
+    p.add_argument("--program-warm-up", action=argparse.BooleanOptionalAction, default=True,
+                   help="both sides compile every greedy call program before their warm-up "
+                        "episodes (the server's --warm-up greedy, Session.warm_up in process), "
+                        "so no timed call waits on a compile (default on)")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--out", default="results/bench_serve.json")
     return p
@@ -593,7 +617,7 @@ def main(argv=None) -> int:
     summary = compare(rows)
     print_table(rows, ["side", "mode", "rows", "clients", "episodes", "requests_s", "episodes_s",
                        "gen_tok_s", "ttft_p50_s", "ttft_p99_s", "turn_p50_s", "prefilled_total",
-                       "calls", "compile_s_in_timed", "failed"],
+                       "calls", "warm_up_s", "compile_s_in_timed", "failed"],
                 title=f"serving {opts.random_weights} at {opts.length} tokens on {env['device']} "
                       f"(jax {env['jax']}, {env['date']})")
     http = [r for r in rows if r["side"] == "http"]

@@ -20,8 +20,12 @@ import sys
 import time
 
 from lragent_jax.cache import ALL_MODES
+from lragent_jax.generate import SAMPLING_KINDS
 
 CPU_BUDGET_GIB = 2.0
+# What --warm-up auto compiles on an accelerator: greedy requests (temperature 0) and sampled
+# ones without top-p / top-k filtering (the clients' usual top_p=1).
+AUTO_WARM_UP = ("greedy", "sample")
 
 
 def _positive(text: str) -> int:
@@ -36,6 +40,18 @@ def _positive(text: str) -> int:
 
 def _rows(text: str):
     return text if text == "auto" else _positive(text)
+
+
+def _warm_up(text: str):
+    """'auto', 'none' or a comma-separated list of sampling kinds."""
+    if text in ("auto", "none"):
+        return text
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in SAMPLING_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected 'auto', 'none' or a comma-separated list of {SAMPLING_KINDS}")
+    return kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-max-tokens", type=_positive, default=1024,
                    help="max_tokens of a chat completion that gives none (default 1024)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed of requests without one")
+    g.add_argument("--warm-up", type=_warm_up, default="auto", metavar="KINDS|auto|none",
+                   help="before serving, compile every program a call of these sampling kinds "
+                        f"may run ({', '.join(SAMPLING_KINDS)}; comma-separated), so that no "
+                        "request waits on a compile (an 8B program takes seconds; the "
+                        "compilation cache makes later starts quick); auto: "
+                        f"{','.join(AUTO_WARM_UP)} on an accelerator, none on a CPU "
+                        "(default auto)")
+    g.add_argument("--warm-up-tokens", type=_positive, default=None, metavar="N",
+                   help="the warm-up covers calls making up to N tokens (default --block-tokens; "
+                        "with --block-tokens 0 the smallest output buffer, --min-new-bucket: "
+                        "give the largest max_tokens expected)")
+    g.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                   help="folder of compiled programs kept between runs, or 'off' (default: "
+                        "$LRAGENT_COMPILATION_CACHE, else ~/.cache/lragent-jax/xla)")
     g = p.add_argument_group("HTTP")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; the server has no authentication)")
@@ -135,9 +165,17 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from lragent_jax.rollout import device_free_bytes, plan_rows
+    from lragent_jax.runtime import enable_compilation_cache, resolve_cache_dir
     from lragent_jax.serve.server import ServerThread, build_server, load_model, random_model
 
+    cache_dir = enable_compilation_cache(resolve_cache_dir(args.compilation_cache))
+    print(f"compilation cache: {cache_dir or 'off'}", flush=True)
     on_cpu = jax.default_backend() == "cpu"
+    warm_up = args.warm_up
+    if warm_up == "auto":
+        warm_up = () if on_cpu else AUTO_WARM_UP
+    elif warm_up == "none":
+        warm_up = ()
     dtype = jnp.dtype(("float32" if on_cpu else "bfloat16") if args.dtype == "auto"
                       else args.dtype)
     try:
@@ -177,7 +215,8 @@ def main(argv=None) -> int:
             min_chunk_bucket=args.min_chunk_bucket, min_new_bucket=args.min_new_bucket,
             seed=args.seed, max_waiting=args.max_waiting,
             batch_wait=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
-            row_grace=args.row_grace_ms / 1000, long_lane=args.long_lane)
+            row_grace=args.row_grace_ms / 1000, long_lane=args.long_lane, warm_up=warm_up,
+            warm_up_tokens=args.warm_up_tokens)
     except ValueError as e:
         parser.error(str(e))
     names = ", ".join(server.context.models)

@@ -8,6 +8,7 @@ import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 
@@ -114,10 +115,16 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
                  min_chunk_bucket: int = 16, min_new_bucket: int | None = None, seed: int = 0,
                  schedule: Schedule | None = None, max_waiting: int = 4096,
                  batch_wait: float | None = None, row_grace: float = 0.05,
-                 cache_dtype=None, long_lane: bool | None = None) -> Server:
+                 cache_dtype=None, long_lane: bool | None = None,
+                 warm_up: Sequence[str] = (), warm_up_tokens: int | None = None,
+                 log=print) -> Server:
     """The engine (started) and app over a new session of ``model`` with ``rows`` trajectories of
     ``capacity`` tokens. Served model names: the role adapters and ``served_name`` (default the
-    model config's name) for the bare base model."""
+    model config's name) for the bare base model. ``warm_up``: sampling kinds
+    (``generate.SAMPLING_KINDS``) whose programs are all compiled before the engine starts (see
+    ``Session.warm_up``) for calls making up to ``warm_up_tokens`` tokens (default
+    ``block_tokens``; with ``block_tokens`` 0 the smallest output buffer), so no request waits on
+    a compile; ``log`` (None: quiet) reports it."""
     agents = tuple(model.lora.agents) if model.lora is not None else ()
     base_name = served_name or model.config.name
     if base_name in agents:
@@ -128,6 +135,8 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
     session = model.session(mode, batch=rows, capacity=capacity, prefill_chunk=prefill_chunk,
                             min_chunk_bucket=min_chunk_bucket, min_new_bucket=min_new_bucket,
                             seed=seed, cache_dtype=cache_dtype, long_lane=long_lane)
+    if warm_up:
+        warm_up_session(session, warm_up, max_new_tokens=warm_up_tokens or block_tokens, log=log)
     context = ServingContext(tokenizer=model.tokenizer,
                              models={**{a: a for a in agents}, base_name: None},
                              base_name=base_name, vocab_size=model.config.vocab_size,
@@ -137,6 +146,29 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
                     schedule=schedule, max_waiting=max_waiting, batch_wait=batch_wait,
                     row_grace=row_grace).start()
     return Server(model=model, engine=engine, context=context, app=create_app(engine, context))
+
+
+def warm_up_session(session, sampling: Sequence[str], *, max_new_tokens: int,
+                    log=print) -> dict:
+    """Compile every program the engine's calls may run for the given sampling kinds, with each
+    output buffer up to ``max_new_tokens`` (0: the smallest only). Returns the count and the
+    seconds taken."""
+    say = log or (lambda *a, **k: None)
+    lengths = range(1, max_new_tokens + 1) if max_new_tokens else ()
+    count = len(session.turn_programs(lengths, sampling))
+    say(f"warm-up: compiling {count} turn programs ({', '.join(dict.fromkeys(sampling))}) ...",
+        flush=True)
+
+    def progress(i, n, shape, seconds):
+        lane = f", long lane of {shape.long_rows}" if shape.long_rows else ""
+        say(f"  [{i}/{n}] chunk {shape.chunk_bucket}{lane}, {shape.max_new_bucket} new, "
+            f"{shape.sampling}: {seconds:.1f} s", flush=True)
+
+    t0 = time.perf_counter()
+    done = session.warm_up(lengths, sampling, progress=progress)
+    seconds = time.perf_counter() - t0
+    say(f"warm-up: {len(done)} programs in {seconds:.1f} s", flush=True)
+    return {"programs": len(done), "seconds": seconds}
 
 
 class ServerThread:
