@@ -12,10 +12,12 @@ output, they are rolled back to the tokens kept, and later turns simply overwrit
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -572,38 +574,57 @@ class Session:
                 for chunk_bucket, lane in variants]
 
     def warm_up(self, max_new_tokens: Sequence[int] = (), sampling: Sequence[str] = ("greedy",),
-                *, progress=None) -> list[dict]:
+                *, workers: int | None = None, progress=None) -> list[dict]:
         """Compile ahead of time every program of ``turn_programs(max_new_tokens, sampling)``, so
-        that no turn of that kind stops to compile (a many-layer program takes seconds). Each is
-        run once with no row taking part: the trajectories, their cache entries and the counters
-        stay as they were, so it may be called at any time. ``progress(i, n, shape, seconds)`` is
-        called after each. Returns one dict per program (chunk_bucket, long_rows,
-        max_new_bucket, sampling, seconds). Prefill-only programs (scoring, the replay after a
-        failed call) are not included."""
+        that no turn of that kind stops to compile (a many-layer program takes seconds).
+        ``workers`` programs compile at once, in threads (default: 1 on a CPU, whose compiler
+        already uses every core; else up to 8, one per two host cores). Each is then run once
+        with no row taking part: the trajectories, their cache entries and the counters stay as
+        they were, so it may be called at any time. ``progress(i, n, shape, seconds)`` is called
+        as each compile ends. Returns one dict per program (chunk_bucket, long_rows,
+        max_new_bucket, sampling, seconds: its compile). Prefill-only programs (scoring, the
+        replay after a failed call) are not included."""
         shapes = self.turn_programs(max_new_tokens, sampling)
-        done = []
-        for i, shape in enumerate(shapes):
+        if workers is None:
+            workers = 1 if jax.default_backend() == "cpu" else max(1, min(8, (os.cpu_count()
+                                                                              or 2) // 2))
+        _positive_int("workers", workers)
+
+        def idle_inputs(shape):
             inputs = self._empty_inputs()
             inputs.tokens = np.zeros((self.batch, shape.chunk_bucket), np.int32)
             if shape.long_rows:
                 inputs.long_row = np.full(shape.long_rows, self.batch, np.int32)
+            return inputs
+
+        def compile_one(shape):  # compiling fills run_turn's cache: the call below reuses it
             t0 = time.perf_counter()
+            with self._on_mesh():
+                run_turn.lower(self.params, self._prepared, self.cache, idle_inputs(shape),
+                               shape=shape).compile()
+            return time.perf_counter() - t0
+
+        seconds = [0.0] * len(shapes)
+        with concurrent.futures.ThreadPoolExecutor(workers, "lragent-warm-up") as pool:
+            futures = {pool.submit(compile_one, shape): i for i, shape in enumerate(shapes)}
+            for n, future in enumerate(concurrent.futures.as_completed(futures)):
+                i = futures[future]
+                seconds[i] = future.result()
+                if progress is not None:
+                    progress(n + 1, len(shapes), shapes[i], seconds[i])
+        for shape in shapes:  # the first run of each (its kernels load); nothing compiles
             try:
                 with self._on_mesh():
-                    cache, *outputs = run_turn(self.params, self._prepared, self.cache, inputs,
-                                               shape=shape)
+                    cache, *outputs = run_turn(self.params, self._prepared, self.cache,
+                                               idle_inputs(shape), shape=shape)
                 jax.block_until_ready(outputs)
             except BaseException:
                 self._recover_cache()
                 raise
             self.cache = cache
-            seconds = time.perf_counter() - t0
-            done.append({"chunk_bucket": shape.chunk_bucket, "long_rows": shape.long_rows,
-                         "max_new_bucket": shape.max_new_bucket, "sampling": shape.sampling,
-                         "seconds": seconds})
-            if progress is not None:
-                progress(i + 1, len(shapes), shape, seconds)
-        return done
+        return [{"chunk_bucket": shape.chunk_bucket, "long_rows": shape.long_rows,
+                 "max_new_bucket": shape.max_new_bucket, "sampling": shape.sampling,
+                 "seconds": t} for shape, t in zip(shapes, seconds)]
 
     def _on_mesh(self):
         """The session's mesh set for a traced call (attention then runs per shard)."""

@@ -111,3 +111,18 @@ def test_warm_up_compiles_every_program_the_turns_run_and_changes_nothing(model)
     assert lanes == [1, 2, 0, 0, 0]  # the script reached the lane sizes and the no-lane call
     assert run_turn._cache_size() == compiled, "a turn compiled a program warm_up did not"
     assert warm.tokens == cold.tokens
+
+
+def test_programs_compiled_in_threads_serve_the_turns(model):
+    s = _session(model, capacity=128)  # programs no other test compiled
+    seen = []
+    report = s.warm_up(workers=2, progress=lambda i, n, shape, sec: seen.append((i, n, shape)))
+    assert [i for i, _, _ in seen] == list(range(1, len(report) + 1))
+    assert sorted(map(repr, (shape for _, _, shape in seen))) == sorted(
+        map(repr, s.turn_programs()))
+    compiled = run_turn._cache_size()
+    for turns in _calls(int(np.random.default_rng().integers(1 << 30)))[:3]:
+        s.turn({row: t for row, t in turns.items()})
+    assert run_turn._cache_size() == compiled, "a turn compiled a program warm_up did not"
+    with pytest.raises(ValueError, match="workers"):
+        s.warm_up(workers=0)
