@@ -586,8 +586,8 @@ class Session:
         replay after a failed call) are not included."""
         shapes = self.turn_programs(max_new_tokens, sampling)
         if workers is None:
-            workers = 1 if jax.default_backend() == "cpu" else max(1, min(8, (os.cpu_count()
-                                                                              or 2) // 2))
+            host_cores = os.cpu_count() or 2
+            workers = 1 if jax.default_backend() == "cpu" else max(1, min(8, host_cores // 2))
         _positive_int("workers", workers)
 
         def idle_inputs(shape):

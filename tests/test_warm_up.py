@@ -122,7 +122,7 @@ def test_programs_compiled_in_threads_serve_the_turns(model):
         map(repr, s.turn_programs()))
     compiled = run_turn._cache_size()
     for turns in _calls(int(np.random.default_rng().integers(1 << 30)))[:3]:
-        s.turn({row: t for row, t in turns.items()})
+        s.turn(turns)
     assert run_turn._cache_size() == compiled, "a turn compiled a program warm_up did not"
     with pytest.raises(ValueError, match="workers"):
         s.warm_up(workers=0)
