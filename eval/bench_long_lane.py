@@ -1,18 +1,20 @@
-"""What the long-prefill lane saves: one call where a few rows prefill a long chunk and the others a
-short one, with the lane and without it, side by side in one run.
+"""What the packed long-prefill lane saves: one call where some rows prefill a long chunk and the
+others a short one, with the lane and without it, side by side in one run.
 
     python -m eval.bench_long_lane --random-weights llama3_1_8b --rows 8 --capacity 16384 \\
-        --long 1,2,4 --lengths 2048,8192                                # GPU, about 2 minutes
+        --long 1,2,4,6 --lengths 2048,8192 --staircase                  # GPU, about 3 minutes
     python -m eval.bench_long_lane --random-weights tiny --rows 8 --capacity 4096 --lengths 1024
 
 Random weights of a preset's shape with random plan / action / reflect adapters, in each
 ``--modes`` mode. A case is (rows with a long chunk, its length): after a reset, those rows append
-``length`` random tokens and the others ``--short`` tokens, each through its own agent, and every
-row generates one token (a call that is nearly all prefill). Each case runs once untimed
-(compilation) and ``--repeats`` times timed, on a session with the lane and on one without (the
-same shapes and rows otherwise); the table gives the median call seconds of both, their ratio, the
-lane's rows and the row x position slots each computed, next to the ideal ratio (the slots'
-ratio). JSON with device, versions, date and command.
+``length`` random tokens (with ``--staircase``, the i-th of n long rows ``length (n - i) / n``:
+chunks of different lengths, where the lane packs the shorter ones' segments together) and the
+others ``--short`` tokens, each through its own agent, and every row generates one token (a call
+that is nearly all prefill). Each case runs once untimed (compilation) and ``--repeats`` times
+timed, on a session with the lane and on one without (the same shapes and rows otherwise); the
+table gives the median call seconds of both, their ratio, the lane's segments per step
+(``lane_rows``; 0: the session did not take it) and the row x position slots each computed, next
+to the ideal ratio (the slots' ratio). JSON with device, versions, date and command.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows with a long chunk, one case each (default 1,2,4)")
     p.add_argument("--lengths", type=positive_int_list, default=[2048, 8192],
                    help="long chunk lengths in tokens (default 2048,8192)")
+    p.add_argument("--staircase", action="store_true",
+                   help="long chunks of falling lengths (length, ..., length / n) instead of one")
     p.add_argument("--short", type=int, default=8, help="the other rows' chunk (default 8)")
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--min-chunk-bucket", type=int, default=16)
@@ -67,9 +71,8 @@ def _check(parser, opts) -> None:
         parser.error("--modes is empty")
     if opts.rows < 2:
         parser.error(f"--rows {opts.rows}: the lane needs at least 2 rows")
-    if max(opts.long) > opts.rows // 2:
-        parser.error(f"--long {max(opts.long)}: at most half of --rows {opts.rows} rows take the "
-                     f"lane ({opts.rows // 2})")
+    if max(opts.long) > opts.rows:
+        parser.error(f"--long {max(opts.long)}: more long rows than --rows {opts.rows}")
     if max(opts.lengths) + 1 > opts.capacity:
         parser.error(f"--lengths {max(opts.lengths)} does not fit --capacity {opts.capacity}")
     if not 1 <= opts.short < opts.min_chunk_bucket * 4:
@@ -79,13 +82,17 @@ def _check(parser, opts) -> None:
         parser.error(f"--repeats {opts.repeats}: allowed >= 1")
 
 
-def _case(session: Session, n_long: int, length: int, short: int, rng) -> float:
+def _lengths(rows: int, n_long: int, length: int, short: int, staircase: bool) -> list[int]:
+    return [(length * (n_long - r) // n_long if staircase else length) if r < n_long else short
+            for r in range(rows)]
+
+
+def _case(session: Session, lengths: list[int], rng) -> float:
     session.reset()
     settings = GenerationSettings(max_new_tokens=1)
     vocab = session.config.vocab_size
-    turns = {r: Turn(AGENTS[r % 3], append_ids=tuple(
-        int(t) for t in rng.integers(3, vocab, length if r < n_long else short)),
-        settings=settings) for r in range(session.batch)}
+    turns = {r: Turn(AGENTS[r % 3], append_ids=tuple(int(t) for t in rng.integers(3, vocab, n)),
+                     settings=settings) for r, n in enumerate(lengths)}
     start = time.perf_counter()
     session.turn(turns)
     return time.perf_counter() - start
@@ -112,7 +119,9 @@ def main(argv=None) -> int:
     for mode in opts.modes:
         for n_long in opts.long:
             for length in opts.lengths:
-                row = {"mode": mode, "long_rows": n_long, "length": length}
+                row = {"mode": mode, "long_rows": n_long, "length": length,
+                       "staircase": opts.staircase}
+                lengths = _lengths(opts.rows, n_long, length, opts.short, opts.staircase)
                 for lane in (True, False):
                     session = Session(config, params, NullTokenizer(), adapters=adapters,
                                       lora=lora, mode=mode, batch=opts.rows,
@@ -120,9 +129,9 @@ def main(argv=None) -> int:
                                       min_chunk_bucket=opts.min_chunk_bucket, long_lane=lane,
                                       seed=opts.seed)
                     rng = np.random.default_rng(opts.seed)
-                    _case(session, n_long, length, opts.short, rng)  # compiles
+                    _case(session, lengths, rng)  # compiles
                     slots = session.prefill_slots
-                    times = [_case(session, n_long, length, opts.short, rng)
+                    times = [_case(session, lengths, rng)
                              for _ in range(opts.repeats)]
                     key = "lane" if lane else "full"
                     row[f"{key}_s"] = statistics.median(times)
@@ -134,12 +143,12 @@ def main(argv=None) -> int:
                 row["slots_ratio"] = row["lane_slots"] / row["full_slots"]
                 rows.append(row)
                 print(f"  {mode} {n_long} x {length}: lane {row['lane_s']:.4f} s "
-                      f"({row['lane_rows']} rows), full {row['full_s']:.4f} s, ratio "
+                      f"({row['lane_rows']} segments per step), full {row['full_s']:.4f} s, ratio "
                       f"{row['lane_over_full']:.3f} (slots {row['slots_ratio']:.3f})", flush=True)
                 write_json(opts.out, out)
-    print_table(rows, ["mode", "long_rows", "length", "lane_rows", "lane_s", "full_s",
+    print_table(rows, ["mode", "long_rows", "length", "staircase", "lane_rows", "lane_s", "full_s",
                        "lane_over_full", "slots_ratio"],
-                title=f"one call, {opts.rows} rows, long-prefill lane vs every row "
+                title=f"one call, {opts.rows} rows, packed long-prefill lane vs every row "
                       f"({env['device']}, jax {jax.__version__}, {env['date']})")
     print(f"wrote {opts.out}")
     return 0

@@ -114,8 +114,9 @@ def check_dispatched_sessions() -> int:
 
 
 def check_long_lane() -> int:
-    """Sessions with and without the long-prefill lane, dispatched attention, 8 rows: after three
-    calls (1, 2 and 4 rows with a long chunk, the others short: lanes of 1, 2 and 4 rows), each
+    """Sessions with and without the packed long-prefill lane, dispatched attention, 8 rows, in
+    segments of 512: after three calls (one row of 2 segments: 2 per step; a row of 3 and one of
+    1: 4 per step; six rows of 1 to 3 segments: 4 per step over three steps), each
     generating one token that is then cut off again (so that a bf16 near-tie cannot make the two
     trajectories differ), the caches agree; the first tokens are reported."""
     from lragent_jax.cache import ALL_MODES
@@ -125,9 +126,13 @@ def check_long_lane() -> int:
     cfg, params, lora, adapters = _small_llama(5)
     rng = np.random.default_rng(1)
     agents = ("plan", "action", "reflect")
-    calls = [[int(rng.integers(600, 1400))] + [int(rng.integers(1, 60)) for _ in range(7)],
-             [5, int(rng.integers(300, 900)), 2, int(rng.integers(100, 500)), 9, 1, 30, 7],
-             [int(rng.integers(70, 600)) if r % 2 else 3 for r in range(8)]]
+    def n(lo, hi):
+        return int(rng.integers(lo, hi + 1))
+
+    calls = [[n(513, 1024)] + [n(1, 60) for _ in range(7)],
+             [5, n(1025, 1536), 2, n(100, 500), 9, 1, 30, 7],
+             [3, n(1025, 1536), n(65, 512), n(513, 1024), 3, n(513, 1024), n(65, 512),
+              n(1025, 1536)]]
     draws = [[rng.integers(3, 512, n).tolist() for n in lengths] for lengths in calls]
     failed = 0
     for mode in ALL_MODES:
@@ -150,8 +155,8 @@ def check_long_lane() -> int:
                   for a, b in zip(jax.tree.leaves(sessions[True].cache.arrays),
                                   jax.tree.leaves(sessions[False].cache.arrays)))
         same = tokens[True] == tokens[False]
-        ok = rel < 1e-2 and lanes == [1, 2, 4]
-        print(f"long-prefill lane, {mode.value}: lane rows per call {lanes}; cache relative "
+        ok = rel < 1e-2 and lanes == [2, 4, 4]
+        print(f"long-prefill lane, {mode.value}: segments per step per call {lanes}; cache relative "
               f"difference max {rel:.2e}; first tokens "
               f"{'identical' if same else 'differ (bf16 near-ties)'}: {'OK' if ok else 'MISMATCH'}")
         failed += not ok

@@ -48,9 +48,10 @@ class TurnShape:
     attn_impl: str | None = None
     return_hidden: bool = False  # also return the chunk's final hidden states (scoring)
     decode_block: int = 1  # decode steps between two checks of "every row is done"
-    # the long-prefill lane (0: off): ``long_rows`` gathered rows (``TurnInputs.long_row``) run
-    # the prefill of their long chunks, every other row prefills in steps of ``short_step``
-    # tokens, at most ``short_width`` in all (see ``_turn``)
+    # the packed long-prefill lane (0: off): the long chunks, cut in segments of prefill_chunk
+    # tokens (``TurnInputs.long_row`` / ``long_offset``), prefill ``long_rows`` segments per step
+    # whatever rows they come from; every other row prefills in steps of ``short_step`` tokens,
+    # at most ``short_width`` in all (see ``_turn``)
     long_rows: int = 0
     short_step: int = 0
     short_width: int = 0
@@ -65,19 +66,29 @@ class TurnShape:
         if self.long_rows:
             if self.return_hidden:
                 raise ValueError("the long-prefill lane does not return chunk hidden states")
-            if not 0 < self.long_rows < self.spec.batch:
-                raise ValueError(f"long_rows={self.long_rows}; allowed: 1..{self.spec.batch - 1}")
+            if not 0 < self.long_rows <= self.spec.batch:
+                raise ValueError(f"long_rows={self.long_rows}; allowed: 1..{self.spec.batch}")
             if (self.short_step < 1 or self.short_width % self.short_step
                     or not 0 < self.short_width <= self.chunk_bucket):
                 raise ValueError(f"short_step={self.short_step}, short_width={self.short_width}: "
                                  "the short lane needs 0 < short_step, short_width a multiple of "
                                  f"it and at most chunk_bucket={self.chunk_bucket}")
 
+    @property
+    def lane_segments(self) -> int:
+        """Entries of ``TurnInputs.long_row`` / ``long_offset`` with the lane: room for every row's
+        whole chunk bucket in segments of ``prefill_chunk``, rounded up to whole steps (0 without
+        the lane)."""
+        if not self.long_rows:
+            return 0
+        most = self.spec.batch * (self.chunk_bucket // self.prefill_chunk)
+        return -(-most // self.long_rows) * self.long_rows
+
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["tokens", "chunk_len", "start", "agent", "processed0", "filled0",
                                 "max_new", "temperature", "top_p", "top_k", "stop_mask", "seed",
-                                "counter", "long_row"],
+                                "counter", "long_row", "long_offset"],
                    meta_fields=[])
 @dataclasses.dataclass
 class TurnInputs:
@@ -89,9 +100,11 @@ class TurnInputs:
     max_new [B] tokens to generate at most; temperature / top_p / top_k [B] the row's sampling
     (temperature <= 0: greedy; top_k 0: off); stop_mask [B, V] tokens that end the row's output;
     seed [B], counter [B]: the row's sampling key is fold_in(key(seed), counter), so an episode's
-    samples do not depend on which row or batch it runs in. long_row [P]: the rows whose chunks
-    the long-prefill lane runs (``TurnShape.long_rows`` = P; entries B are padding), [0] without
-    the lane.
+    samples do not depend on which row or batch it runs in. long_row / long_offset
+    [``TurnShape.lane_segments``]: the packed lane's segments in order, each the row it belongs to
+    (B: padding) and where it starts in the row's chunk (a multiple of ``prefill_chunk``; a row's
+    segments in order, so that each step's come after the ones they attend to); [0] without the
+    lane.
     """
 
     tokens: Int[Array, "B C"]
@@ -108,6 +121,7 @@ class TurnInputs:
     seed: UInt[Array, "B"]
     counter: Int[Array, "B"]
     long_row: Int[Array, "P"]
+    long_offset: Int[Array, "P"]
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -231,6 +245,44 @@ def _prefill(spec: CacheSpec, lane: _Lane, step: int, n_steps, carry):
     return jax.lax.fori_loop(0, n_steps, body, carry)
 
 
+def _packed_prefill(spec: CacheSpec, inputs: TurnInputs, kv_row, lowrank_row, forward, *,
+                    width: int, per_step: int, carry):
+    """The packed lane: the segments of ``inputs.long_row`` / ``long_offset`` (``width`` tokens
+    each), ``per_step`` of them per prefill step, each as a row of the step reading and writing
+    the cache row it belongs to. Segments of one row in the same step attend to each other's
+    entries: every layer writes the step's entries before it attends, and a segment's keys end
+    at its own last token. ``carry``: (cache arrays, last hidden [B, D]); a row's last hidden
+    state is taken from the segment that holds its last token."""
+    B = spec.batch
+    real = inputs.long_row < B
+    seg_row = jnp.where(real, inputs.long_row, 0)
+    seg_len = jnp.where(real, jnp.clip(inputs.chunk_len[seg_row] - inputs.long_offset, 0, width),
+                        0)
+    local = jnp.arange(width, dtype=jnp.int32)
+
+    def body(i, carry):
+        arrays, last_hidden = carry
+        part = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * per_step,
+                                 slice_size=per_step)
+        rows, offset, n = part(seg_row), part(inputs.long_offset), part(seg_len)
+        chunk = jax.vmap(lambda r, o: jax.lax.dynamic_slice(inputs.tokens[r], (o,), (width,)))(
+            rows, offset)
+        first = inputs.start[rows] + offset
+        plan = plan_chunk(spec, first[:, None] + local[None, :], local[None, :] < n[:, None],
+                          inputs.filled0[rows], kv_row[rows], lowrank_row[rows],
+                          kv_lengths=first + n, q_offset=first)
+        hidden, arrays = forward(chunk, plan=plan, cache=arrays,
+                                 adapter_index=inputs.agent[rows], kv_indirect=True,
+                                 lowrank_indirect=True)
+        ends = (n > 0) & (offset + n == inputs.chunk_len[rows])
+        picked = hidden[jnp.arange(per_step), jnp.clip(n - 1, 0, width - 1)]
+        last_hidden = last_hidden.at[jnp.where(ends, rows, B)].set(picked, mode="drop")
+        return arrays, last_hidden
+
+    steps = jnp.maximum(-(-jnp.sum(real) // per_step), 1)
+    return jax.lax.fori_loop(0, steps, body, carry)
+
+
 def _steps(chunk_len, step: int, most: int, least: int = 1):
     """Prefill steps of ``step`` tokens the longest of ``chunk_len`` needs, in least..most."""
     return jnp.clip(-(-jnp.max(chunk_len) // step), least, most)
@@ -242,11 +294,12 @@ def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnSh
     them would pass a dozen traced values between two halves of a program.
 
     Prefill, C tokens at a time, as many steps as the longest row needs (a chunk bucket wider than
-    C serves every long chunk: one compilation for all of them). With the long-prefill lane
-    (``shape.long_rows`` = P), the P rows of ``inputs.long_row`` are gathered and prefill their
-    long chunks alone, while every other row prefills its short chunk in steps of
-    ``shape.short_step`` tokens: a call where few rows bring a long chunk computes P rows over it,
-    not all B. Each row's tokens are the same either way; only which rows share a step changes."""
+    C serves every long chunk: one compilation for all of them). With the packed long-prefill
+    lane (``shape.long_rows`` = P), the long chunks are cut in segments of C tokens and P segments
+    prefill per step, whichever rows they come from (``_packed_prefill``), while every other row
+    prefills its short chunk in steps of ``shape.short_step`` tokens: a call's prefill then costs
+    about the tokens it brings, not all B rows over its longest chunk. Each row's tokens are the
+    same either way; only which tokens share a step changes."""
     spec, config = shape.spec, shape.config
     B, C = spec.batch, shape.prefill_chunk
     view = cache_view(inputs.agent)
@@ -261,34 +314,28 @@ def _turn(params, adapters, cache: KVCache, inputs: TurnInputs, *, shape: TurnSh
     last_hidden = jnp.zeros((B, config.hidden_size), dtype)
     arrays = cache.arrays
 
-    def lane(rows, chunk_len, indirect):
-        pick = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0))
-        return _Lane(pick(inputs.tokens), chunk_len, pick(inputs.start), pick(inputs.filled0),
-                     pick(kv_row), pick(lowrank_row),
-                     functools.partial(forward, adapter_index=pick(inputs.agent),
-                                       kv_indirect=indirect or spec.mode.base_per_agent,
-                                       lowrank_indirect=indirect or spec.mode.lowrank_per_agent))
+    def lane(chunk_len):  # every row, each over its first chunk_len tokens
+        return _Lane(inputs.tokens, chunk_len, inputs.start, inputs.filled0, kv_row, lowrank_row,
+                     functools.partial(forward, adapter_index=inputs.agent,
+                                       kv_indirect=spec.mode.base_per_agent,
+                                       lowrank_indirect=spec.mode.lowrank_per_agent))
 
-    every_row = lane(None, inputs.chunk_len, False)
+    every_row = lane(inputs.chunk_len)
     if not shape.long_rows:
         arrays, last_hidden, hidden_all = _prefill(
             spec, every_row, C,
             _steps(inputs.chunk_len, C, shape.chunk_bucket // C), (arrays, last_hidden, hidden_all))
     else:
-        real = inputs.long_row < B
-        rows = jnp.where(real, inputs.long_row, 0)
         is_long = jnp.zeros((B,), bool).at[inputs.long_row].set(True, mode="drop")
         short_len = jnp.where(is_long, 0, inputs.chunk_len)
         step = shape.short_step
         arrays, last_hidden, _ = _prefill(
-            spec, lane(None, short_len, False), step,
+            spec, lane(short_len), step,
             _steps(short_len, step, shape.short_width // step, least=0),
             (arrays, last_hidden, None))
-        long_len = jnp.where(real, inputs.chunk_len[rows], 0)
-        arrays, long_hidden, _ = _prefill(
-            spec, lane(rows, long_len, True), C, _steps(long_len, C, shape.chunk_bucket // C),
-            (arrays, last_hidden[rows], None))
-        last_hidden = last_hidden.at[inputs.long_row].set(long_hidden, mode="drop")
+        arrays, last_hidden = _packed_prefill(
+            spec, inputs, kv_row, lowrank_row, forward, width=C, per_step=shape.long_rows,
+            carry=(arrays, last_hidden))
     end = inputs.start + inputs.chunk_len  # trajectory length after the appended tokens
 
     M = shape.max_new_bucket

@@ -39,6 +39,10 @@ from pallas_kernels.flash_lora_attention.api import IMPLEMENTATIONS
 
 # stop-string sets whose vocabulary masks a session keeps (a server sees one per client's stops)
 STOP_MASK_CACHE = 256
+# A prefill step's fixed cost in tokens' worth of compute, for the packed lane's choice of
+# segments per step: each step reads every weight once, which on a Hopper GPU in bf16 takes about
+# as long as computing ~190 tokens (its FLOP/byte ridge), plus the step's launches.
+LANE_STEP_TOKENS = 256
 
 
 class CapacityError(ValueError):
@@ -193,11 +197,13 @@ class Session:
         so a larger buffer only costs memory, and saves compilations).
       decode_block: decode steps between two checks that every row is done (None: see
         ``default_decode_block``).
-      long_lane: when at most half the rows bring a long chunk (more than four smallest chunk
-        buckets), prefill those chunks over only their rows (an eighth, a quarter or half of the
-        batch, gathered: ``lane_sizes``), and every other row's short chunk in steps of
+      long_lane: when rows bring long chunks (more than four smallest chunk buckets), cut those
+        chunks in segments of the prefill step and prefill a fixed number of segments per step
+        whatever rows they come from (the packed lane: an eighth, a quarter, half or all of the
+        batch, ``lane_sizes``), and every other row's short chunk in steps of
         ``min_chunk_bucket`` tokens, instead of every row over the longest chunk; taken when it
-        computes at most 3/4 of the tokens. The tokens each row gets are the same; each distinct lane size is one more
+        computes at most 3/4 of the tokens. A call's prefill then costs about the tokens it
+        brings. The tokens each row gets are the same; each distinct lane size is one more
         compiled program. None: on when ``prefill_chunk > min_chunk_bucket`` (the accelerator
         default) and there is no mesh.
       seed: PRNG seed for sampling rows whose settings carry no seed of their own.
@@ -298,7 +304,7 @@ class Session:
         self._stop_masks: collections.OrderedDict = collections.OrderedDict()
         self._token_strings: list[str] | None = None
         self.last_turn_seconds = 0.0
-        self.last_long_lane = 0  # rows in the long-prefill lane of the last turn (0: none)
+        self.last_long_lane = 0  # segments per step of the last turn's long-prefill lane (0: none)
         self.prefill_slots = 0  # row x position slots the prefill of every turn computed
 
     # ------------------------------------------------------------------ trajectories
@@ -526,8 +532,8 @@ class Session:
         self.last_turn_seconds = time.perf_counter() - t0
         self.last_long_lane = shape.long_rows
         self.prefill_slots += self._prefill_slots(
-            inputs.chunk_len, shape.prefill_chunk, [int(r) for r in inputs.long_row if r < B],
-            **lane)
+            inputs.chunk_len, shape.prefill_chunk, sorted({int(r) for r in inputs.long_row
+                                                           if r < B}), **lane)
         for row, plan in plans.items():  # the call succeeded: commit the appended tokens
             self.tokens[row].extend(plan.add + (plan.scored or []))
         if scoring:
@@ -562,10 +568,21 @@ class Session:
         variants = []  # (chunk bucket, lane fields), each as a real call would decide it
         for chunk_bucket in sorted({self._chunk_bucket(n) for n in longest}):
             variants.append((chunk_bucket, {}))
-            length = min(chunk_bucket, self.capacity)
-            for rows in self.lane_sizes:
+            if not self.lane_sizes:
+                continue
+            # the lane size follows the number of segments; for each number, the chunks most in
+            # favour of the lane (as few rows as hold them, each as long as can be) show whether
+            # any call with that many takes it
+            C = min(self.prefill_chunk, chunk_bucket)
+            per_row = -(-min(chunk_bucket, self.capacity) // C)
+            floor = self._lane_width(chunk_bucket) // C + 1  # segments of the shortest long chunk
+            for segments in range(1, self.batch * per_row + 1):
                 inputs = self._empty_inputs()
-                inputs.chunk_len[:rows] = length
+                for row in range(self.batch):
+                    take = min(per_row, segments - row * per_row)
+                    if take > 0:
+                        inputs.chunk_len[row] = min(max(take, floor) * C, chunk_bucket,
+                                                    self.capacity)
                 lane = self._long_lane(inputs, chunk_bucket)
                 if lane and (chunk_bucket, lane) not in variants:
                     variants.append((chunk_bucket, lane))
@@ -594,7 +611,8 @@ class Session:
             inputs = self._empty_inputs()
             inputs.tokens = np.zeros((self.batch, shape.chunk_bucket), np.int32)
             if shape.long_rows:
-                inputs.long_row = np.full(shape.long_rows, self.batch, np.int32)
+                inputs.long_row = np.full(shape.lane_segments, self.batch, np.int32)
+                inputs.long_offset = np.zeros(shape.lane_segments, np.int32)
             return inputs
 
         def compile_one(shape):  # compiling fills run_turn's cache: the call below reuses it
@@ -642,48 +660,62 @@ class Session:
 
     @property
     def long_lane_rows(self) -> int:
-        """The most rows the long-prefill lane takes (half the batch), 0 without the lane."""
-        return max(self.lane_sizes, default=0)
+        """The most long chunks a call's lane takes: every row's (0 without the lane)."""
+        return self.batch if self.lane_sizes else 0
 
     @property
     def lane_sizes(self) -> tuple[int, ...]:
-        """The row counts a long-prefill lane may take (an eighth, a quarter or half of the batch,
-        at least one row; the smallest that holds a call's long rows is taken), () without it."""
+        """The segments per step a packed long-prefill lane may take (an eighth, a quarter, half
+        or all of the batch, at least one; see ``_long_lane``), () without the lane."""
         if not self.long_lane or self.batch < 2:
             return ()
-        return tuple(sorted({max(self.batch // d, 1) for d in (8, 4, 2)}))
+        return tuple(sorted({max(self.batch // d, 1) for d in (8, 4, 2, 1)}))
+
+    def _lane_width(self, chunk_bucket: int) -> int:
+        """The short lane's width: chunks longer than this go to the long-prefill lane."""
+        step = self.min_chunk_bucket
+        return min(4 * step, chunk_bucket // step * step)
 
     def _long_lane(self, inputs: TurnInputs, chunk_bucket: int) -> dict:
-        """The long-prefill lane for this call (``TurnShape`` fields; ``inputs.long_row`` set), or
-        {} when it would not save a quarter of the prefill's tokens (see ``long_lane``)."""
-        B, step = self.batch, self.min_chunk_bucket
-        width = min(4 * step, chunk_bucket // step * step)
+        """The packed long-prefill lane for this call (``TurnShape`` fields; ``inputs.long_row``
+        and ``long_offset`` set), or {} when it would not save a quarter of the prefill's tokens
+        (see ``long_lane``). The long chunks are cut in segments of the call's prefill step; the
+        segments per step are the lane size with the least ``steps x (size x step +
+        LANE_STEP_TOKENS)``."""
+        B, step, width = self.batch, self.min_chunk_bucket, self._lane_width(chunk_bucket)
         lengths = inputs.chunk_len
         long = [r for r in range(B) if lengths[r] > width]
-        sizes = [p for p in self.lane_sizes if len(long) <= p]
-        if not long or width < step or not sizes:
+        if not long or width < step or not self.lane_sizes:
             return {}
-        lane = dict(long_rows=sizes[0], short_step=step, short_width=width)
         C = min(self.prefill_chunk, chunk_bucket)
+        segments = [(r, o) for r in long for o in range(0, int(lengths[r]), C)]
+        size = min(self.lane_sizes, key=lambda p: (-(-len(segments) // p)
+                                                   * (p * C + LANE_STEP_TOKENS), p))
+        lane = dict(long_rows=size, short_step=step, short_width=width)
         if self._prefill_slots(lengths, C, long, **lane) > 0.75 * self._prefill_slots(lengths, C):
             return {}
-        inputs.long_row = np.array(long + [B] * (sizes[0] - len(long)), np.int32)
+        n = self._shape(chunk_bucket, 0, **lane).lane_segments
+        inputs.long_row = np.full(n, B, np.int32)
+        inputs.long_offset = np.zeros(n, np.int32)
+        inputs.long_row[:len(segments)] = [r for r, _ in segments]
+        inputs.long_offset[:len(segments)] = [o for _, o in segments]
         return lane
 
     def _prefill_slots(self, lengths, prefill_chunk: int, long=(), long_rows: int = 0,
                        short_step: int = 0, **_) -> int:
         """Row x position slots a prefill of chunks ``lengths`` [B] computes (padding included):
-        every row over the longest in steps of ``prefill_chunk``, or with the lane of
-        ``long_rows`` rows over the ``long`` rows' chunks and every row over the others' in steps
-        of ``short_step``."""
+        every row over the longest in steps of ``prefill_chunk``, or with the packed lane of
+        ``long_rows`` segments of ``prefill_chunk`` per step over the ``long`` rows' chunks and
+        every row over the others' in steps of ``short_step``."""
         def extent(chunks, step, least=1):
             return max(-(-int(max(chunks, default=0)) // step), least) * step
 
         if not long_rows:
             return self.batch * extent(lengths, prefill_chunk)
         short = [n for r, n in enumerate(lengths) if r not in long]
+        segments = sum(-(-int(lengths[r]) // prefill_chunk) for r in long)
         return (self.batch * extent(short, short_step, least=0)
-                + long_rows * extent([lengths[r] for r in long], prefill_chunk))
+                + max(-(-segments // long_rows), 1) * long_rows * prefill_chunk)
 
     def _empty_inputs(self) -> TurnInputs:
         B, V = self.batch, self.config.vocab_size
@@ -694,7 +726,8 @@ class Session:
             max_new=np.ones(B, np.int32), temperature=np.zeros(B, np.float32),
             top_p=np.ones(B, np.float32), top_k=np.zeros(B, np.int32),
             stop_mask=np.zeros((B, V), bool), seed=np.zeros(B, np.uint32),
-            counter=np.zeros(B, np.int32), long_row=np.zeros(0, np.int32))
+            counter=np.zeros(B, np.int32), long_row=np.zeros(0, np.int32),
+            long_offset=np.zeros(0, np.int32))
 
     def _recover_cache(self) -> None:
         """After a failed call: if the donated cache was consumed, start from an empty cache; the

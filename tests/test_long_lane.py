@@ -1,5 +1,7 @@
-"""The long-prefill lane: a call where few rows bring a long chunk prefills those chunks over only
-their rows; every row's tokens and cache entries are those of the call without the lane."""
+"""The packed long-prefill lane: a call's long chunks are cut in segments of the prefill step and
+a fixed number of segments prefill per step, whatever rows they come from (segments of one row in
+one step, a row spread over two steps); every row's tokens and cache entries are those of the call
+without the lane."""
 
 from __future__ import annotations
 
@@ -30,10 +32,10 @@ def model():
     return cfg, params, lora, init_adapters(jax.random.key(4), cfg, lora, b_scale=0.3)
 
 
-def _session(model, mode, long_lane, batch=4):
+def _session(model, mode, long_lane, batch=4, capacity=256):
     cfg, params, lora, adapters = model
     return Session(cfg, params, TOK, adapters=adapters, lora=lora, mode=mode, batch=batch,
-                   capacity=256, cache_dtype=jnp.float32, prefill_chunk=32, min_chunk_bucket=8,
+                   capacity=capacity, cache_dtype=jnp.float32, prefill_chunk=32, min_chunk_bucket=8,
                    min_new_bucket=8, long_lane=long_lane)
 
 
@@ -42,27 +44,42 @@ def _text(rng, n):
 
 
 def _script(seed):
-    """Three calls on 4 rows: one long row (lane of 1), two long rows (lane of 2), three long rows
-    (more than half: no lane); agents differ across rows (each row keeps its agent, so that no
-    non-shared agent catches up on a long history); the second call samples."""
+    """Five calls on 4 rows, in segments of 32 tokens (a long chunk: over 32 tokens), each with
+    the lane size it takes (steps cost 32 x size + 256 tokens: the fewest steps win here):
+    one 2-segment row (2 per step); one 3-segment row (4 per step, one step: a row's segments
+    attend to each other in one step); a 2- and a 4-segment row (4 per step, two steps: the
+    second row spans both); three long rows, more than half the batch (4 per step, two steps);
+    four long rows of one length (no lane: it would compute as much). Agents differ across rows
+    (each row keeps its agent, so that no non-shared agent catches up on a long history); the
+    third call samples."""
     rng = np.random.default_rng(seed)
-    lengths = [(int(rng.integers(70, 120)), 9, 13, 5),
-               (3, int(rng.integers(40, 90)), int(rng.integers(33, 60)), 1),
-               (int(rng.integers(40, 70)), 2, int(rng.integers(40, 70)), int(rng.integers(40, 70)))]
+
+    def n(lo, hi):
+        return int(rng.integers(lo, hi + 1))
+
+    lengths = [(n(33, 64), 5, 9, 3),
+               (3, n(65, 96), 9, 13),
+               (2, n(33, 64), 3, n(97, 128)),
+               (n(33, 40), 2, n(97, 128), n(33, 40)),
+               (40, 40, 40, 40)]
     calls = []
     for i, row_lengths in enumerate(lengths):
-        settings = GenerationSettings(max_new_tokens=int(rng.integers(3, 7)),
-                                      temperature=0.8 if i == 1 else 0.0,
+        settings = GenerationSettings(max_new_tokens=int(rng.integers(2, 6)),
+                                      temperature=0.8 if i == 2 else 0.0,
                                       seed=int(rng.integers(0, 1000)))
-        calls.append({row: Turn(AGENTS[row % 3], append=_text(rng, n), settings=settings)
-                      for row, n in enumerate(row_lengths)})
+        calls.append({row: Turn(AGENTS[row % 3], append=_text(rng, k), settings=settings)
+                      for row, k in enumerate(row_lengths)})
     return calls
+
+
+LANES = [2, 4, 4, 4, 0]
 
 
 @pytest.mark.parametrize("mode", [m.value for m in ALL_MODES])
 def test_lane_gives_every_row_the_tokens_and_cache_of_the_call_without_it(model, mode):
     seed = zlib.crc32(mode.encode())  # other text per mode
-    on, off = _session(model, mode, True), _session(model, mode, False)
+    on, off = _session(model, mode, True, capacity=384), _session(model, mode, False,
+                                                                  capacity=384)
     lanes = []
     for turns in _script(seed):
         with_lane, without = on.turn(turns), off.turn(turns)
@@ -71,7 +88,7 @@ def test_lane_gives_every_row_the_tokens_and_cache_of_the_call_without_it(model,
         for row in turns:
             assert with_lane[row].token_ids == without[row].token_ids, (mode, row)
             assert with_lane[row].prefilled == without[row].prefilled > 0
-    assert lanes == [1, 2, 0]
+    assert lanes == LANES
     assert on.tokens == off.tokens
     np.testing.assert_array_equal(on.processed, off.processed)
     for a, b in zip(jax.tree.leaves(on.cache), jax.tree.leaves(off.cache)):
@@ -79,17 +96,20 @@ def test_lane_gives_every_row_the_tokens_and_cache_of_the_call_without_it(model,
 
 
 def test_lane_row_matches_a_full_forward_without_cache(model):
-    """Independent check: the long row's greedy tokens, recomputed by a cache-free forward over
+    """Independent check: the greedy tokens of a long row whose segments fall in two steps (row 0
+    brings 3 segments first, row 3 then 4: 4 per step), recomputed by a cache-free forward over
     the whole sequence each step."""
     cfg, params, lora, adapters = model
     session = _session(model, "base_lowrank_shared", True)
-    rng = np.random.default_rng(11)
-    prompt = _text(rng, 97)
-    turns = {0: Turn("action", append=prompt, settings=GenerationSettings(max_new_tokens=5))}
+    rng = np.random.default_rng()
+    prompt = _text(rng, int(rng.integers(97, 121)))
+    turns = {3: Turn("action", append=prompt, settings=GenerationSettings(max_new_tokens=5)),
+             0: Turn("plan", append=_text(rng, int(rng.integers(65, 97))),
+                     settings=GenerationSettings(max_new_tokens=2))}
     turns.update({r: Turn("plan", append=_text(rng, 6),
-                          settings=GenerationSettings(max_new_tokens=2)) for r in (1, 2, 3)})
-    got = session.turn(turns)[0].token_ids
-    assert session.last_long_lane == 1
+                          settings=GenerationSettings(max_new_tokens=2)) for r in (1, 2)})
+    got = session.turn(turns)[3].token_ids
+    assert session.last_long_lane == 4
     ids = TOK.encode(prompt)
     fwd = jax.jit(forward, static_argnames=("config",))
     want = []
@@ -117,14 +137,17 @@ def test_lane_is_taken_only_where_it_saves_a_quarter(model):
                       for r, n in enumerate(lengths)})
         return session.last_long_lane
 
-    assert session.lane_sizes == (1, 2, 4)
-    assert call([100, 3, 3, 3, 3, 3, 3, 3]) == 1  # one long row: the eighth-batch lane
-    assert call([100, 90, 3, 3, 3, 3, 3, 3]) == 2  # two: the quarter-batch lane
-    assert call([100, 90, 70, 3, 3, 3, 3, 3]) == 4  # three: the half-batch lane
-    assert call([100, 90, 70, 60, 50, 3, 3, 3]) == 0  # more than half are long
-    # the short rows' chunks fill the short lane: 8 x 32 + 2 x 64 of 8 x 64 tokens, 3/4, taken;
-    # with a half-batch lane 8 x 32 + 4 x 64, nothing saved
-    assert call([40, 40, 30, 30, 30, 30, 30, 30]) == 2
+    assert session.lane_sizes == (1, 2, 4, 8)
+    # segments of 32 tokens; a step of p segments costs 32 p + 256 tokens' worth: the fewest
+    # steps, then the smallest p
+    assert call([40, 3, 3, 3, 3, 3, 3, 3]) == 2  # 2 segments: 8 x 8 + 2 x 32 of 8 x 64
+    assert call([100, 3, 3, 3, 3, 3, 3, 3]) == 4  # 4 segments, one step
+    # 14 segments in two steps of 8, more than half the rows long: 8 x 8 + 2 x 8 x 32 of 8 x 128
+    assert call([100, 90, 70, 60, 50, 3, 3, 3]) == 8
+    assert call([64] * 8) == 0  # 16 segments fill two steps of 8: as much as every row over 64
+    # the short rows' chunks fill the short lane: 8 x 32 + 4 x 32 of 8 x 64 tokens, 3/4, taken;
+    # with 6 segments, 8 x 32 + 8 x 32: nothing saved
+    assert call([40, 40, 30, 30, 30, 30, 30, 30]) == 4
     assert call([40, 40, 40, 30, 30, 30, 30, 30]) == 0
     assert call([10] * 8) == 0  # nothing long
     off = _session(model, "fully_shared", None, batch=8)
@@ -158,8 +181,8 @@ def test_batcher_counts_the_slots_the_lane_computed(model):
     done = batcher.step()
     assert len(done) == 4 and all(d.error is None for d in done)
     call = batcher.calls[-1]
-    # the 90-token chunk: 3 steps of 32 in a lane of 1 row; the others one step of 8
-    assert (call.long_lane, call.prefill_slots) == (1, 1 * 96 + 4 * 8)
+    # the 90-token chunk: 3 segments of 32 in one step of 4; the others one step of 8
+    assert (call.long_lane, call.prefill_slots) == (4, 4 * 32 + 4 * 8)
     assert batcher.padded_prefill == call.prefill_slots == session.prefill_slots
 
 
@@ -174,8 +197,8 @@ def test_bench_long_lane_script(tmp_path):
                                  "--lengths", "100", "--repeats", "1", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["lane_rows"] == 1
-    # 100 tokens: one step of the 128 bucket; the short rows one step of 16
+    # 100 tokens: one segment of the 128 bucket, one per step; the short rows one step of 16
     assert (row["full_slots"], row["lane_slots"]) == (4 * 128, 4 * 16 + 1 * 128)
     assert row["lane_s"] > 0 and row["full_s"] > 0
     with pytest.raises(SystemExit):
-        bench_long_lane.main(["--rows", "4", "--long", "3", "--out", str(out)])
+        bench_long_lane.main(["--rows", "4", "--long", "5", "--out", str(out)])

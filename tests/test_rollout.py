@@ -264,7 +264,7 @@ def test_schedule_holds_long_prefills_back_until_they_fill_a_call():
     long[0].waited = 2
     assert schedule.select(short + long, rows=8) == short + long  # waited long enough
     assert Schedule(long_prefill=None).select(short + long, rows=8) == short + long
-    # with the long-prefill lane (at most 4 of 8 rows), long turns it takes join at once
+    # with a long-prefill lane that takes up to 4 long turns, those join at once
     long[0].waited = 0
     assert schedule.select(short + long, rows=8, lane_rows=4) == short + long
     assert schedule.select(short + long + mid[:3], rows=8, lane_rows=4) == short + long + mid[:3]

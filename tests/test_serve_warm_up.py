@@ -17,7 +17,8 @@ from lragent_jax.serve.__main__ import build_parser, main  # noqa: E402
 from tests.serve_helpers import fresh, post, running, tiny_model  # noqa: E402
 
 ROWS, BLOCK = 4, 8
-# chunk buckets 16, 32, 64 and 256 (a chunk over 64 tokens), a long lane of 1 or 2 of the 4 rows
+# chunk buckets 16, 32, 64 and 256 (a chunk over 64 tokens), the packed lane of 2 or 4 segments of
+# 64 per step
 OPTIONS = dict(rows=ROWS, block_tokens=BLOCK, capacity=256, prefill_chunk=64, min_chunk_bucket=16,
                long_lane=True)
 
@@ -50,7 +51,7 @@ def test_a_warmed_server_compiles_nothing_while_serving_and_answers_as_a_cold_on
     with running(model, warm_up=("greedy",), log=lambda *a, **k: lines.append(" ".join(a)),
                  **OPTIONS) as (server, url):
         programs = len(server.session.turn_programs(range(1, BLOCK + 1), ("greedy",)))
-        assert programs == 6  # 4 chunk buckets, and the 256 bucket with a lane of 1 and of 2
+        assert programs == 6  # 4 chunk buckets, and the 256 bucket with a lane of 2 and of 4
         assert lines[0].startswith(f"warm-up: compiling {programs} turn programs (greedy)")
         assert len(lines) == programs + 2 and lines[-1].startswith(f"warm-up: {programs} programs")
         compiled = run_turn._cache_size()

@@ -43,11 +43,12 @@ def _text(rng, n):
 def test_turn_programs_are_every_chunk_bucket_with_and_without_each_lane_size(model):
     s = _session(model)
     # chunk buckets 8, 16, 32 (up to prefill_chunk) and 256 (the capacity: every long chunk); a
-    # lane needs chunks over 4 x 8 tokens, so only the long bucket has one, of 1 or 2 rows of 4
+    # lane needs chunks over 4 x 8 tokens, so only the long bucket has one: its chunks come in
+    # segments of 32, at least 2 of them, and take 2 or 4 per step (1 never has the fewest steps)
     got = [(p.chunk_bucket, p.long_rows, p.max_new_bucket, p.sampling)
            for p in s.turn_programs()]
     assert got == [(8, 0, 8, "greedy"), (16, 0, 8, "greedy"), (32, 0, 8, "greedy"),
-                   (256, 0, 8, "greedy"), (256, 1, 8, "greedy"), (256, 2, 8, "greedy")]
+                   (256, 0, 8, "greedy"), (256, 2, 8, "greedy"), (256, 4, 8, "greedy")]
     both = s.turn_programs(max_new_tokens=(3, 20), sampling=("greedy", "sample"))
     assert len(both) == 2 * 2 * 6
     assert {p.max_new_bucket for p in both} == {8, 32}
@@ -67,10 +68,11 @@ def test_turn_programs_reject_bad_values(model, bad, match):
 
 
 def _calls(seed):
-    """Greedy calls on 4 rows whose longest chunks fall in every chunk bucket: one long row (a
-    lane of 1), two (a lane of 2), three (no lane), and short chunks of each bucket."""
+    """Greedy calls on 4 rows whose longest chunks fall in every chunk bucket: one long row of 2
+    segments (2 per step), two of 2 (4 per step), three of 2 (no lane: it would compute as much),
+    and short chunks of each bucket."""
     rng = np.random.default_rng(seed)
-    lengths = [(int(rng.integers(5, 8)), 0, 3, 0), (int(rng.integers(60, 90)), 5, 7, 2),
+    lengths = [(int(rng.integers(5, 8)), 0, 3, 0), (int(rng.integers(40, 65)), 5, 7, 2),
                (3, int(rng.integers(40, 60)), int(rng.integers(33, 50)), 1),
                (int(rng.integers(9, 16)), 0, 4, 6), (int(rng.integers(17, 32)), 2, 0, 3),
                (int(rng.integers(40, 50)), 3, int(rng.integers(40, 50)), int(rng.integers(40, 50)))]
@@ -93,7 +95,7 @@ def test_warm_up_compiles_every_program_the_turns_run_and_changes_nothing(model)
     seen = []
     report = warm.warm_up(progress=lambda i, n, shape, s: seen.append((i, n, shape.long_rows)))
     assert [(r["chunk_bucket"], r["long_rows"]) for r in report] == [
-        (8, 0), (16, 0), (32, 0), (256, 0), (256, 1), (256, 2)]
+        (8, 0), (16, 0), (32, 0), (256, 0), (256, 2), (256, 4)]
     assert seen == [(i + 1, 6, r["long_rows"]) for i, r in enumerate(report)]
     assert all(r["seconds"] > 0 for r in report)
     # nothing a turn sees changed: tokens, counters and every cache entry
@@ -108,7 +110,7 @@ def test_warm_up_compiles_every_program_the_turns_run_and_changes_nothing(model)
         lanes.append(warm.last_long_lane)
         for row in turns:
             assert got[row].token_ids == want[row].token_ids, row
-    assert lanes == [1, 2, 0, 0, 0]  # the script reached the lane sizes and the no-lane call
+    assert lanes == [2, 4, 0, 0, 0]  # the script reached the lane sizes and the no-lane call
     assert run_turn._cache_size() == compiled, "a turn compiled a program warm_up did not"
     assert warm.tokens == cold.tokens
 

@@ -48,9 +48,10 @@ class Schedule:
     ``long_fill`` of its padded prefill (rows x padded length; the longest padded length that does
     is chosen, with every pending turn that fits in it), when nothing short is pending, or when one
     of them has been passed over ``max_wait`` times. ``long_prefill=None`` runs every pending turn
-    in every call. With the session's long-prefill lane (``Session(long_lane=...)``), long turns
-    that the lane takes (at most half the rows) join at once: their prefill runs over their own
-    rows, so holding them back saves nothing and costs the call a later one would share.
+    in every call. With the session's packed long-prefill lane (``Session(long_lane=...)``), long
+    turns join at once: the lane packs their chunks' segments, so a call's prefill costs about the
+    tokens it brings, and holding them back saves nothing and costs the call a later one would
+    share.
     Scheduling never changes an episode's tokens, only when they run.
     """
 
@@ -71,7 +72,7 @@ class Schedule:
                min_bucket: int = 16, lane_rows: int = 0) -> list[PendingTurn]:
         """The turns of the next call, from ``pending`` (non-empty, one kind) in a session of
         ``rows`` rows whose smallest padded chunk is ``min_bucket``; ``lane_rows``: the most long
-        chunks the session's long-prefill lane takes (0: no lane)."""
+        chunks the session's long-prefill lane takes (its rows; 0: no lane)."""
         if self.long_prefill is None:
             return pending
         short = [p for p in pending if p.chunk <= self.long_prefill]

@@ -160,7 +160,7 @@ def warm_up_session(session, sampling: Sequence[str], *, max_new_tokens: int,
         flush=True)
 
     def progress(i, n, shape, seconds):
-        lane = f", long lane of {shape.long_rows}" if shape.long_rows else ""
+        lane = f", long lane of {shape.long_rows} per step" if shape.long_rows else ""
         say(f"  [{i}/{n}] chunk {shape.chunk_bucket}{lane}, {shape.max_new_bucket} new, "
             f"{shape.sampling}: {seconds:.1f} s", flush=True)
 
