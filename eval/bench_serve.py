@@ -268,6 +268,10 @@ def _delta(before: dict, after: dict, prefix: str) -> float:
     return _sum(after, prefix) - _sum(before, prefix)
 
 
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
 def _calls_by_shape(before: dict, after: dict) -> dict:
     """The server's calls and seconds per shape (``"<rows>x<padded prefill length>"``) between two
     /metrics reads: the keys of ``eval.throughput.calls_by_shape``."""
@@ -406,6 +410,8 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
         "cached_total": _delta(before, after, "lragent_cached_prompt_tokens_total"),
         "calls": _delta(before, after, "lragent_engine_calls_total"),
         "call_s": _delta(before, after, "lragent_engine_call_seconds_total"),
+        "prefill_efficiency": _ratio(_delta(before, after, "lragent_prefilled_tokens_total"),
+                                     _delta(before, after, "lragent_engine_prefill_slots_total")),
         "evictions": _delta(before, after, "lragent_evictions_total"),
         "compile_s_in_timed": _delta(before, after, "lragent_compile_seconds"),
         # the clients' round trips between turns and what the engine waited for them
@@ -459,7 +465,8 @@ def run_engine(opts, mode: str, weights, log) -> dict:
             "episodes_s": row["episodes_s"], "gen_tok_s": row["gen_tok_s"], "turns": row["turns"],
             "ttft_p50_s": row["ttft_p50_s"], "ttft_p99_s": row["ttft_p99_s"],
             "turn_p50_s": row["turn_p50_s"], "prefilled_total": row["prefilled_total"],
-            "calls": row["calls"], "compile_s_in_timed": row["compile_s_in_timed"],
+            "calls": row["calls"], "prefill_efficiency": row["prefill_efficiency"],
+            "compile_s_in_timed": row["compile_s_in_timed"],
             "calls_by_shape": row["calls_by_shape"], **warm_up,
             "_generated": [kept[opts.seed + i] for i in range(opts.episodes)
                            if opts.seed + i in kept]}
@@ -617,7 +624,8 @@ def main(argv=None) -> int:
     summary = compare(rows)
     print_table(rows, ["side", "mode", "rows", "clients", "episodes", "requests_s", "episodes_s",
                        "gen_tok_s", "ttft_p50_s", "ttft_p99_s", "turn_p50_s", "prefilled_total",
-                       "calls", "warm_up_s", "compile_s_in_timed", "failed"],
+                       "calls", "prefill_efficiency", "warm_up_s", "compile_s_in_timed",
+                       "failed"],
                 title=f"serving {opts.random_weights} at {opts.length} tokens on {env['device']} "
                       f"(jax {env['jax']}, {env['date']})")
     http = [r for r in rows if r["side"] == "http"]

@@ -276,6 +276,12 @@ def test_metrics_in_prometheus_text(server):
     assert metric(after, "lragent_rows_busy") == 0
     assert metric(after, "lragent_engine_calls_total") > metric(before,
                                                                 "lragent_engine_calls_total")
+    # the prefill slots the calls computed hold the request's prefilled tokens, padding beside
+    slots = metric(after, "lragent_engine_prefill_slots_total") - metric(
+        before, "lragent_engine_prefill_slots_total")
+    prefilled = metric(after, "lragent_prefilled_tokens_total", model="reflect") - metric(
+        before, "lragent_prefilled_tokens_total", model="reflect")
+    assert slots >= prefilled > 0
     # every call counted once by its shape (one row: only this request ran), seconds beside each
     calls = metric(after, "lragent_engine_calls_total") - metric(before, "lragent_engine_calls_total")
     shapes = shape_counts(after, "lragent_engine_calls_by_shape_total", before)

@@ -36,6 +36,8 @@ def test_bench_serve_runs_and_http_gives_the_engine_tokens(tmp_path):
         shapes = side["calls_by_shape"]
         assert sum(v["calls"] for v in shapes.values()) == side["calls"]
         assert all(1 <= int(k.split("x")[0]) <= 2 and v["seconds"] > 0 for k, v in shapes.items())
+    # both sides count the slots their prefills computed: at most one per slot is a real token
+    assert all(0 < side["prefill_efficiency"] <= 1 for side in (http, engine))
     # both sides compiled the same call programs before their warm-up episodes
     assert http["warm_up_programs"] == engine["warm_up_programs"] > 0
     summary = payload["summary"][0]

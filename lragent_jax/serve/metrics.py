@@ -154,6 +154,10 @@ class ServerMetrics:
         self.engine_calls = Counter("engine_calls_total", "Jitted turn calls run by the engine.")
         self.engine_seconds = Counter("engine_call_seconds_total",
                                       "Seconds spent in jitted turn calls.")
+        self.prefill_slots = Counter(
+            "engine_prefill_slots_total", "Row x position slots the calls' prefills computed, "
+            "padding included (lragent_prefilled_tokens_total over this: how well the calls "
+            "packed their prefills).")
         self.calls_by_shape = Counter(
             "engine_calls_by_shape_total", "Jitted turn calls by the rows in the call and its "
             "padded prefill length (a call prefills every row over its longest chunk).",
@@ -197,7 +201,8 @@ class ServerMetrics:
             families = [self.requests, self.finished, self.prompt_tokens, self.cached_tokens,
                         self.prefilled_tokens, self.completion_tokens, self.cache_hits,
                         self.divergences, self.evictions, self.evicted_tokens,
-                        self.engine_calls, self.engine_seconds, self.calls_by_shape,
+                        self.engine_calls, self.engine_seconds, self.prefill_slots,
+                        self.calls_by_shape,
                         self.seconds_by_shape, self.gather_seconds,
                         self.gather_short, self.client_return, self.ttft, self.latency]
             lines = [line for f in families for line in f.render()]

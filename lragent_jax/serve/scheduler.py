@@ -420,7 +420,7 @@ class Engine:
         self._pending[job.row] = job
 
     def _step(self) -> None:
-        start = time.perf_counter()
+        start, slots = time.perf_counter(), self.session.prefill_slots
         try:
             done = self.batcher.step()
         except Exception as e:  # the call failed (e.g. device memory): the session kept its logs
@@ -437,6 +437,7 @@ class Engine:
         with self.metrics:
             self.metrics.engine_calls.inc()
             self.metrics.engine_seconds.inc(end - start)
+            self.metrics.prefill_slots.inc(self.session.prefill_slots - slots)
             rows, chunk = self.batcher.last_shape
             self.metrics.calls_by_shape.inc(rows=rows, chunk_bucket=chunk)
             self.metrics.seconds_by_shape.inc(end - start, rows=rows, chunk_bucket=chunk)
