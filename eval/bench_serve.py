@@ -315,8 +315,10 @@ def longest_generation(opts) -> int:
                for t in generate_trace(opts.length, opts.seed + i).turns)
 
 
-def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str, dict]:
-    """The server subprocess, its URL and its warm-up (programs, seconds; empty without)."""
+def start_server(opts, mode: str, log, call_log: str | None = None
+                 ) -> tuple[subprocess.Popen, str, dict]:
+    """The server subprocess, its URL and its warm-up (programs, seconds; empty without);
+    ``call_log``: its ``--call-log`` file."""
     command = [sys.executable, "-m", "lragent_jax.serve", "--random-weights", opts.random_weights,
                "--rank", str(opts.rank), "--mode", mode, "--rows", str(opts.rows),
                "--capacity", str(opts.capacity), "--block-tokens", str(opts.block_tokens),
@@ -326,6 +328,8 @@ def start_server(opts, mode: str, log) -> tuple[subprocess.Popen, str, dict]:
                "--log-level", "warning", "--compilation-cache", opts.compile_cache or "off"]
     if opts.attn:
         command += ["--attn", opts.attn]
+    if call_log:
+        command += ["--call-log", call_log]
     if opts.batch_wait_ms is not None:
         command += ["--batch-wait-ms", str(opts.batch_wait_ms)]
     if opts.long_lane is not None:
@@ -379,8 +383,14 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _read_calls(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def run_http(opts, mode: str, tokenizer, log) -> dict:
-    process, url, warm_up = start_server(opts, mode, log)
+    scratch = tempfile.TemporaryDirectory(prefix="lragent-bench-serve-")
+    call_log = Path(scratch.name) / "calls.jsonl"
+    process, url, warm_up = start_server(opts, mode, log, str(call_log))
     try:
         vocab = tokenizer.vocab_size
         if opts.warmup:
@@ -390,11 +400,16 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
             if warm["errors"]:
                 raise RuntimeError(f"warm-up failed: {warm['errors'][:3]}")
         before = _metrics(url)
+        first = len(_read_calls(call_log))
         run = run_clients(url, [opts.seed + i for i in range(opts.episodes)], opts.length,
                           opts.clients, vocab, tokenizer, processes=opts.client_processes)
         after = _metrics(url)
+        calls = _read_calls(call_log)[first:]
     finally:
         stop_server(process)
+        scratch.cleanup()
+    from eval.throughput import call_summary  # (importing jax claims no device)
+
     turns = len(run["ttft"])
     generated = sum(map(len, run["generated"]))
     return {
@@ -419,6 +434,7 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
         "gather_s": _delta(before, after, "lragent_engine_gather_seconds_total"),
         "gather_short": _delta(before, after, "lragent_engine_gather_short_total"),
         "calls_by_shape": _calls_by_shape(before, after), **warm_up,
+        "call_summary": call_summary(calls), "call_log": calls,
         "_generated": run["generated"],
     }
 
@@ -458,7 +474,7 @@ def run_engine(opts, mode: str, weights, log) -> dict:
         warm_up = {"warm_up_programs": len(done), "warm_up_s": time.perf_counter() - t0}
         log(f"  warm-up: {len(done)} programs in {warm_up['warm_up_s']:.1f} s")
     row = measure(session, make, episodes=opts.episodes, warmup=opts.warmup, schedule=Schedule(),
-                  label=f"engine {mode} x{opts.rows}", progress=False)
+                  label=f"engine {mode} x{opts.rows}", progress=False, keep_calls=True)
     return {"side": "engine", "mode": mode, "rows": opts.rows, "clients": opts.rows,
             "episodes": row["episodes"], "failed": row["failed"], "errors": row["errors"],
             "seconds": row["seconds"], "requests_s": row["turns"] / row["seconds"],
@@ -468,6 +484,7 @@ def run_engine(opts, mode: str, weights, log) -> dict:
             "calls": row["calls"], "prefill_efficiency": row["prefill_efficiency"],
             "compile_s_in_timed": row["compile_s_in_timed"],
             "calls_by_shape": row["calls_by_shape"], **warm_up,
+            "call_summary": row["call_summary"], "call_log": row["call_log"],
             "_generated": [kept[opts.seed + i] for i in range(opts.episodes)
                            if opts.seed + i in kept]}
 
@@ -641,6 +658,14 @@ def main(argv=None) -> int:
             print_table(shapes, ["shape", "http_calls", "http_s", "engine_calls", "engine_s"],
                         title=f"{mode}: calls per shape (rows in the call x padded prefill "
                               "length) and their seconds, HTTP side and in process")
+    made_up = [{"side": r["side"], "mode": r["mode"], "calls": r["calls"], **r["call_summary"]}
+               for r in rows if r.get("call_summary")]
+    if made_up:
+        print_table(made_up, ["side", "mode", "calls", "decode_steps", "long_calls",
+                              "long_chunks", "long_call_s", "other_call_s"],
+                    title="how the calls were made up: decode steps in all (a call decodes until "
+                          "its last row is done), calls with a chunk over 512 tokens, those "
+                          "chunks, seconds in those calls and in the others")
     if summary:
         print_table(summary, ["mode", "http_vs_engine_requests_s", "http_cost",
                               "ttft_p50_http_minus_engine_s", "same_tokens_episodes"],

@@ -20,9 +20,9 @@
 #   bash eval/gpu_inference.sh lengths OUTDIR    throughput at 8k and 32k (one step each), merged
 #                                                with the 16k run of eval/results/h200-2026-12-01:
 #                                                the episodes/s-against-length plot
-#   bash eval/gpu_inference.sh lane OUTDIR       the long-prefill lane: caches with and without it
-#                                                in every mode (GPU check), one call's seconds with
-#                                                and without it, 8B shape, base+LR (~4 min)
+#   bash eval/gpu_inference.sh lane OUTDIR       the packed long-prefill lane: caches with and
+#                                                without it in every mode (GPU check), one call's
+#                                                seconds with and without it, 8B shape, base+LR
 #   bash eval/gpu_inference.sh kb OUTDIR         the built-in task's 256 episodes on the embedded
 #                                                SmolLM2 with the shipped adapters (needs the
 #                                                model file: LRAGENT_DEFAULT_MODEL)
@@ -113,8 +113,11 @@ case "${1:-}" in
     ;;
   lane)
     step 170 python3 -c "import sys; from eval.check_gpu_paths import check_long_lane; sys.exit(check_long_lane())"
+    # LANE_LONG (default 1,2,4,7): long rows per case; with --staircase their chunks fall from
+    # 8192 tokens to 8192 / n (different lengths: where packing pays over a gathered-rows lane)
     step 260 python3 -m eval.bench_long_lane --random-weights llama3_1_8b --rows 8 --capacity 16384 \
-      --modes base_lowrank_shared --long 1,2,4 --lengths 2048,8192 --out "$OUT/bench_long_lane_8b.json"
+      --modes base_lowrank_shared --long ${LANE_LONG:-1,2,4,7} --lengths 8192 --staircase \
+      --out "$OUT/bench_long_lane_8b_staircase.json"
     ;;
   call2)
     bash "$0" kernels "$OUT"; bash "$0" replay "$OUT"; bash "$0" throughput "$OUT"

@@ -31,6 +31,7 @@ of episodes/s per mode against context length.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -108,15 +109,32 @@ def calls_by_shape(calls) -> dict:
     return {f"{r}x{b}": v for (r, b), v in sorted(out.items())}
 
 
+def call_summary(calls, long_prefill: int = 512) -> dict:
+    """How a run's calls were made up (``CallStats`` or their dicts): decode steps in all (a call
+    decodes until its last row is done), the calls carrying a chunk over ``long_prefill`` tokens
+    (the schedule's long turns), those chunks, and the seconds of those calls and of the rest."""
+    def get(c, name):
+        return c[name] if isinstance(c, dict) else getattr(c, name)
+
+    long = [c for c in calls if get(c, "chunk_max") > long_prefill]
+    return {"decode_steps": sum(get(c, "decode_steps") for c in calls),
+            "long_calls": len(long),
+            "long_chunks": sum(n > long_prefill for c in calls for n in get(c, "chunks")),
+            "long_call_s": sum(get(c, "seconds") for c in long),
+            "other_call_s": sum(get(c, "seconds") for c in calls) - sum(get(c, "seconds")
+                                                                         for c in long)}
+
+
 def _percentile(values, q):
     return float(np.percentile(values, q)) if len(values) else None
 
 
 def measure(session: Session, make_episodes, *, episodes: int, warmup: int,
-            schedule: Schedule, label: str, progress: bool = True, score=None) -> dict:
+            schedule: Schedule, label: str, progress: bool = True, score=None,
+            keep_calls: bool = False) -> dict:
     """Run ``warmup`` then ``episodes`` episodes of ``make_episodes(start, count)`` through one
     engine on ``session``; the measurements of the timed run. ``score(results)`` adds fields (the
-    task's accuracy)."""
+    task's accuracy); ``keep_calls`` adds ``call_log``, one dict per call (``CallStats``)."""
     if warmup:
         list(RolloutEngine(session, schedule=schedule).run(make_episodes(10_000, warmup)))
     clock = _compile_clock()
@@ -156,11 +174,14 @@ def measure(session: Session, make_episodes, *, episodes: int, warmup: int,
         "episodes_s_ex_compile": len(results) / max(seconds - clock.seconds, 1e-9),
         "calls_by_bucket": _calls_by_bucket(batcher.calls),
         "calls_by_shape": calls_by_shape(batcher.calls),
+        "call_summary": call_summary(batcher.calls),
         "cache_bytes": session.analytic_cache_bytes()["total"],
         **_device_memory(),
     }
     if score is not None:
         row.update(score(results))
+    if keep_calls:
+        row["call_log"] = [dataclasses.asdict(c) for c in batcher.calls]
     return row
 
 

@@ -36,6 +36,13 @@ def test_bench_serve_runs_and_http_gives_the_engine_tokens(tmp_path):
         shapes = side["calls_by_shape"]
         assert sum(v["calls"] for v in shapes.values()) == side["calls"]
         assert all(1 <= int(k.split("x")[0]) <= 2 and v["seconds"] > 0 for k, v in shapes.items())
+    # both sides log every timed call; the logs add up to the totals
+    for side in (http, engine):
+        log = side["call_log"]
+        assert len(log) == side["calls"] == sum(v["calls"] for v in side["calls_by_shape"].values())
+        assert sum(c["prefilled"] for c in log) == side["prefilled_total"]
+        assert side["call_summary"]["decode_steps"] == sum(c["decode_steps"] for c in log) > 0
+        assert all(max(c["chunks"]) == c["chunk_max"] for c in log)
     # both sides count the slots their prefills computed: at most one per slot is a real token
     assert all(0 < side["prefill_efficiency"] <= 1 for side in (http, engine))
     # both sides compiled the same call programs before their warm-up episodes

@@ -1,10 +1,12 @@
 """The server's warm-up: every program the engine's calls run for the warmed sampling kinds is
 compiled before the first request (none compiles while serving), the answers stay those of a
-cold server, and the CLI's --warm-up takes only 'auto', 'none' or sampling kinds."""
+cold server, and the CLI's --warm-up takes only 'auto', 'none' or sampling kinds. The call log:
+one JSON line per engine call, appended."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import numpy as np
 import pytest
@@ -75,3 +77,31 @@ def test_warm_up_flag_takes_auto_none_or_sampling_kinds(capsys):
             main(["--warm-up", bad])
         err = capsys.readouterr().err
         assert "--warm-up" in err and "sample_filtered" in err and repr(bad) in err
+
+
+def test_call_log_appends_one_line_per_call_and_keeps_what_was_there(tmp_path):
+    model = tiny_model()
+    log = tmp_path / "calls.jsonl"
+    log.write_text('{"kept": true}\n')
+    requests = _requests(int(np.random.default_rng().integers(1 << 30)))
+    with running(model, call_log=str(log), **OPTIONS) as (server, url):
+        _answers(url, requests)
+        calls = server.engine.batcher.num_calls
+    kept, *lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert kept == {"kept": True} and len(lines) == calls > 0
+    for line in lines:
+        assert len(line["chunks"]) == line["rows"] == len(line["agents"])
+        assert max(line["chunks"]) == line["chunk_max"] and line["seconds"] > 0
+        assert line["prefill_slots"] >= line["prefilled"] > 0
+    assert [line["end"] for line in lines] == sorted(line["end"] for line in lines)
+    # every request's first call prefilled its prompt: at least the prompts' tokens in all
+    assert sum(line["prefilled"] for line in lines) >= sum(
+        len(model.tokenizer.encode(r["prompt"])) for r in requests)
+
+
+def test_call_log_flag_refuses_a_file_it_cannot_append_to(tmp_path, capsys):
+    bad = tmp_path / "missing" / "calls.jsonl"
+    with pytest.raises(SystemExit):
+        main(["--call-log", str(bad)])
+    err = capsys.readouterr().err
+    assert "--call-log" in err and str(bad) in err

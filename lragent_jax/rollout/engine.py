@@ -119,8 +119,9 @@ class TurnDone:
 @dataclasses.dataclass(frozen=True)
 class CallStats:
     """One jitted call: rows in it (and their agents), its longest chunk and padded chunk, tokens,
-    seconds; rows in its long-prefill lane (0: none) and the row x position slots its prefill
-    computed."""
+    seconds; its long-prefill lane's segments per step (0: none), the row x position slots its
+    prefill computed, its decode steps (the most tokens a row generated: the call decodes until
+    every row is done) and each row's chunk (tokens prefilled)."""
 
     rows: int
     agents: tuple
@@ -131,6 +132,8 @@ class CallStats:
     seconds: float
     long_lane: int = 0
     prefill_slots: int = 0
+    decode_steps: int = 0
+    chunks: tuple = ()
 
 
 class TurnBatcher:
@@ -155,6 +158,7 @@ class TurnBatcher:
         self.call_seconds = 0.0
         self.padded_prefill = 0  # row x position slots the calls' prefills computed
         self.last_shape = (0, 0)  # (rows, padded chunk) of the last call
+        self.last_call: CallStats | None = None
 
     # ------------------------------------------------------------------ rows
     @property
@@ -277,13 +281,15 @@ class TurnBatcher:
         self.call_seconds += seconds
         self.padded_prefill += slots
         self.last_shape = (len(chosen), padded)
+        self.last_call = CallStats(
+            rows=len(chosen), agents=tuple(p.turn.agent for p in chosen),
+            chunk_max=chunk_max, chunk_bucket=padded, long_lane=self.session.last_long_lane,
+            prefill_slots=slots, prefilled=sum(r.prefilled for r in results.values()),
+            generated=sum(len(r.token_ids) for r in results.values()), seconds=seconds,
+            decode_steps=max((len(r.token_ids) for r in results.values()), default=0),
+            chunks=tuple(p.chunk for p in chosen))
         if self.record_calls:
-            self.calls.append(CallStats(
-                rows=len(chosen), agents=tuple(p.turn.agent for p in chosen),
-                chunk_max=chunk_max, chunk_bucket=padded, long_lane=self.session.last_long_lane,
-                prefill_slots=slots,
-                prefilled=sum(r.prefilled for r in results.values()),
-                generated=sum(len(r.token_ids) for r in results.values()), seconds=seconds))
+            self.calls.append(self.last_call)
 
 
 # ----------------------------------------------------------------------------------- episodes

@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-chunk-bucket", type=_positive, default=16,
                    help="smallest padded prefill length (fewer compilations when larger)")
     g.add_argument("--long-lane", action=argparse.BooleanOptionalAction, default=None,
-                   help="prefill the long chunks of a call where at most half the rows bring one "
-                        "over only those rows (an eighth, a quarter or half of the rows); "
-                        "default: on when --prefill-chunk > --min-chunk-bucket")
+                   help="prefill a call's long chunks packed: in segments of --prefill-chunk "
+                        "tokens, a fixed number per step whatever rows they come from, so a "
+                        "call costs about the tokens it brings; default: on when --prefill-chunk "
+                        "> --min-chunk-bucket")
     g.add_argument("--min-new-bucket", type=_positive, default=None,
                    help="smallest output buffer of a call (default: --block-tokens, at least 8; "
                         "64 with --block-tokens 0)")
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the warm-up covers calls making up to N tokens (default --block-tokens; "
                         "with --block-tokens 0 the smallest output buffer, --min-new-bucket: "
                         "give the largest max_tokens expected)")
+    g.add_argument("--call-log", default=None, metavar="FILE",
+                   help="append one JSON line per engine call to FILE (its rows, agents, chunks, "
+                        "prefill slots, decode steps and seconds), to see how requests were "
+                        "batched; the file is appended to, never truncated")
     g.add_argument("--compilation-cache", default=None, metavar="DIR|off",
                    help="folder of compiled programs kept between runs, or 'off' (default: "
                         "$LRAGENT_COMPILATION_CACHE, else ~/.cache/lragent-jax/xla)")
@@ -160,6 +165,11 @@ def main(argv=None) -> int:
         parser.error("--random-weights replaces --model and --adapters; give one or the other")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be in 0..65535; got {args.port}")
+    if args.call_log is not None:
+        try:  # before the model loads and the warm-up compiles
+            open(args.call_log, "a", encoding="utf-8").close()
+        except OSError as e:
+            parser.error(f"--call-log {args.call_log!r} cannot be appended to: {e}")
 
     import jax
     import jax.numpy as jnp
@@ -216,7 +226,7 @@ def main(argv=None) -> int:
             seed=args.seed, max_waiting=args.max_waiting,
             batch_wait=None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
             row_grace=args.row_grace_ms / 1000, long_lane=args.long_lane, warm_up=warm_up,
-            warm_up_tokens=args.warm_up_tokens)
+            warm_up_tokens=args.warm_up_tokens, call_log=args.call_log)
     except ValueError as e:
         parser.error(str(e))
     names = ", ".join(server.context.models)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import threading
 import time
 import traceback
@@ -117,7 +118,9 @@ class Engine:
     ``stream_first_token``: a streaming generation's first turn makes one token (its time to first
     token), the others make ``block_tokens``; ``max_waiting``: requests queued for a row at most
     (more are refused with 429); ``batch_wait``: see ``_gather``; ``row_grace``: seconds after an
-    answer during which its row is not evicted for another trajectory (``prefix.RowTable``).
+    answer during which its row is not evicted for another trajectory (``prefix.RowTable``);
+    ``call_log``: a file path to which one JSON line per call is appended (``rollout.CallStats``'
+    fields and ``end``, seconds since the engine started), to see how calls were made up.
     Thread-safe: ``submit``, ``cancel`` and ``forget`` may be called from any thread; everything
     else runs in the engine thread.
     """
@@ -125,7 +128,7 @@ class Engine:
     def __init__(self, session: Session, *, block_tokens: int = 32,
                  stream_first_token: bool = True, schedule: Schedule | None = None,
                  max_waiting: int = 4096, batch_wait: float | None = None,
-                 row_grace: float = 0.05):
+                 row_grace: float = 0.05, call_log: str | None = None):
         if not isinstance(block_tokens, int) or block_tokens < 0:
             raise ValueError(f"block_tokens must be an int >= 0 (0: no limit); got "
                              f"{block_tokens!r}")
@@ -135,6 +138,11 @@ class Engine:
             raise ValueError(f"batch_wait must be None (automatic) or seconds >= 0; got "
                              f"{batch_wait!r}")
         self.batch_wait = batch_wait
+        try:  # appended to, never truncated
+            self._call_log = open(call_log, "a", encoding="utf-8") if call_log else None
+        except OSError as e:
+            raise ValueError(f"call_log {call_log!r} cannot be opened for appending: {e}") from e
+        self._started = time.perf_counter()
         self._last_call = (0.0, 0.0)  # (end, seconds) of the last call
         self._answered = 0  # generations the last call finished: their clients may come back
         self._arrived = 0  # requests received since the last call ended
@@ -261,6 +269,8 @@ class Engine:
                       if self.error else "the server is shutting down")
             for job in leftover + list(self._jobs.values()):
                 self._fail(job, APIError(503, reason, type="server_error", code="engine_stopped"))
+            if self._call_log is not None:
+                self._call_log.close()
 
     def gather_wait(self) -> float:
         """Seconds after the last call's end that the next call may wait for the clients it
@@ -438,6 +448,10 @@ class Engine:
             self.metrics.engine_calls.inc()
             self.metrics.engine_seconds.inc(end - start)
             self.metrics.prefill_slots.inc(self.session.prefill_slots - slots)
+        if self._call_log is not None and self.batcher.last_call is not None:
+            record = {"end": end - self._started, **dataclasses.asdict(self.batcher.last_call)}
+            self._call_log.write(json.dumps(record) + "\n")
+            self._call_log.flush()
             rows, chunk = self.batcher.last_shape
             self.metrics.calls_by_shape.inc(rows=rows, chunk_bucket=chunk)
             self.metrics.seconds_by_shape.inc(end - start, rows=rows, chunk_bucket=chunk)

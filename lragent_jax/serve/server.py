@@ -117,14 +117,14 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
                  batch_wait: float | None = None, row_grace: float = 0.05,
                  cache_dtype=None, long_lane: bool | None = None,
                  warm_up: Sequence[str] = (), warm_up_tokens: int | None = None,
-                 log=print) -> Server:
+                 call_log: str | None = None, log=print) -> Server:
     """The engine (started) and app over a new session of ``model`` with ``rows`` trajectories of
     ``capacity`` tokens. Served model names: the role adapters and ``served_name`` (default the
     model config's name) for the bare base model. ``warm_up``: sampling kinds
     (``generate.SAMPLING_KINDS``) whose programs are all compiled before the engine starts (see
     ``Session.warm_up``) for calls making up to ``warm_up_tokens`` tokens (default
     ``block_tokens``; with ``block_tokens`` 0 the smallest output buffer), so no request waits on
-    a compile; ``log`` (None: quiet) reports it."""
+    a compile; ``log`` (None: quiet) reports it. ``call_log``: see ``scheduler.Engine``."""
     agents = tuple(model.lora.agents) if model.lora is not None else ()
     base_name = served_name or model.config.name
     if base_name in agents:
@@ -144,7 +144,7 @@ def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int =
                              chat_max_tokens=chat_max_tokens)
     engine = Engine(session, block_tokens=block_tokens, stream_first_token=stream_first_token,
                     schedule=schedule, max_waiting=max_waiting, batch_wait=batch_wait,
-                    row_grace=row_grace).start()
+                    row_grace=row_grace, call_log=call_log).start()
     return Server(model=model, engine=engine, context=context, app=create_app(engine, context))
 
 
