@@ -464,7 +464,8 @@ def run_engine(opts, mode: str, weights, log) -> dict:
 
     def make(start, count):  # measure() warms up with start=10_000: the same traces' shapes
         return (Kept(generate_trace(opts.length, opts.seed + start % 10_000 + i),
-                     seed=opts.seed + i + (WARMUP_TOKENS if start else 0))
+                     seed=opts.seed + i + (WARMUP_TOKENS if start else 0),
+                     block_tokens=opts.block_tokens)
                 for i in range(count))
 
     warm_up = {}
@@ -541,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "serialized)")
     p.add_argument("--rows", type=int, default=None, help="session rows (default --clients)")
     p.add_argument("--block-tokens", type=int, default=0,
-                   help="the server's --block-tokens (default 0: a turn's rest in one call, as "
-                        "the in-process engine)")
+                   help="tokens per call of a generation after its first, on both sides: the "
+                        "server's --block-tokens and the in-process episodes' continuations "
+                        "(default 0: a turn's rest in one call)")
     p.add_argument("--batch-wait-ms", type=float, default=None,
                    help="the server's --batch-wait-ms (default: its own)")
     p.add_argument("--min-new-bucket", type=int, default=64)

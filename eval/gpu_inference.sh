@@ -71,7 +71,8 @@ case "${1:-}" in
   serve)
     # SERVE_MODES (default both), CLIENT_PROCESSES (default 1: the 8 clients in one event loop;
     # 8: one process each, as separate agents), EPISODES (default 8: one per client, a single
-    # wave; 24: three per client, so that episodes start out of step on both sides). Measured on
+    # wave; 24: three per client, so that episodes start out of step on both sides), BLOCK_TOKENS
+    # (default 0: a turn's rest in one call; else both sides generate in blocks). Measured on
     # an H200 with 8 episodes: 99-173 s base+LR, 169 s non-shared, before both sides compiled
     # every call program ahead (bench_serve's program warm-up, up to about 2 minutes a side cold)
     episodes=${EPISODES:-8}
@@ -79,7 +80,8 @@ case "${1:-}" in
       limit=$(( 320 + 6 * episodes )); [ $mode = non_shared ] && limit=$(( 360 + 9 * episodes ))
       step $limit python3 -m eval.bench_serve --random-weights llama3_1_8b --length 16384 \
         --episodes $episodes --clients 8 --client-processes ${CLIENT_PROCESSES:-1} --modes $mode \
-        --out "$OUT/serve_8b_16k_${mode}_p${CLIENT_PROCESSES:-1}_e${episodes}.json"
+        --block-tokens ${BLOCK_TOKENS:-0} \
+        --out "$OUT/serve_8b_16k_${mode}_p${CLIENT_PROCESSES:-1}_e${episodes}_b${BLOCK_TOKENS:-0}.json"
     done
     ;;
   modes)

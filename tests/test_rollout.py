@@ -332,6 +332,17 @@ def test_trace_replay_generates_exact_counts_whatever_the_rows(model):
         got = [r.record for r in results]
         assert outputs is None or got == outputs
         outputs = got
+    # in blocks of 3 tokens: more calls, the same tokens (a 9-token turn: 1, 3, 3, 2)
+    session = _session(model, "base_shared", 2, tokenizer=NullTokenizer(), config=cfg)
+    engine = RolloutEngine(session, record_calls=True)
+    blocked = list(run_traces(traces, session, seed=7, engine=engine, block_tokens=3))
+    assert [r.record for r in blocked] == outputs
+    assert max(c.decode_steps for c in engine.batcher.calls) == 3
+    turn_calls = sum(1 + -(-(g - 1) // 3) for t in traces for _, _, g in
+                     ((x.agent, x.append, x.generate) for x in t.turns))
+    assert sum(c.rows for c in engine.batcher.calls) == turn_calls
+    with pytest.raises(ValueError, match="block_tokens must be an int >= 0.*-1"):
+        list(run_traces(traces, session, block_tokens=-1))
     # a trace longer than the row fails alone; a model with EOS ids is refused
     long = _trace("long", 300, [("plan", 1, 1)])
     results = list(run_traces(traces + [long], session, seed=7))

@@ -103,14 +103,21 @@ class TraceEpisode:
 
     ``first_token_call``: run each turn as a prefill call that generates one token (its time to
     first token) and a ``Continuation`` for the rest, as the efficiency benchmark times turns.
+    ``block_tokens`` (0: no limit): the rest in continuations of at most this many tokens, as a
+    server generates in blocks (rows whose turn ends early start their next turn in the next
+    call instead of waiting for the call's longest generation); the tokens are the same.
     The model must have no EOS ids (``config.replace(eos_token_ids=())``) so that every turn
     generates exactly its count.
     """
 
     def __init__(self, trace, *, seed: int = 0, first_token_call: bool = True,
-                 lowest_token: int = 3):
+                 lowest_token: int = 3, block_tokens: int = 0):
+        if not isinstance(block_tokens, int) or block_tokens < 0:
+            raise ValueError(f"block_tokens must be an int >= 0 (0: no limit); got "
+                             f"{block_tokens!r}")
         self.trace = self.task = trace
         self.seed, self.first_token_call, self.lowest_token = seed, first_token_call, lowest_token
+        self.block_tokens = block_tokens
         self.generated: list[int] = []  # the generated token ids, in order
         self._turn = 0
         self._rest = 0  # tokens the current turn still has to generate in its continuation
@@ -138,7 +145,8 @@ class TraceEpisode:
     def next_turn(self) -> Turn | Continuation | None:
         if self._rest:
             agent = self.trace.turns[self._turn - 1].agent
-            self._expect, self._rest = self._rest, 0
+            take = min(self._rest, self.block_tokens) if self.block_tokens else self._rest
+            self._expect, self._rest = take, self._rest - take
             return Continuation(Turn(agent, settings=GenerationSettings(
                 max_new_tokens=self._expect)))
         if self._turn >= len(self.trace.turns):
@@ -146,6 +154,8 @@ class TraceEpisode:
         t = self.trace.turns[self._turn]
         self._turn += 1
         first = 1 if self.first_token_call else t.generate
+        if self.block_tokens:
+            first = min(first, self.block_tokens)
         self._expect, self._rest = first, t.generate - first
         return Turn(t.agent, append_ids=self._random(t.append),
                     settings=GenerationSettings(max_new_tokens=first))
@@ -185,14 +195,15 @@ def run_workflow(workflow: Workflow, tasks: Iterable[Any], session: Session, *,
 def run_traces(traces: Iterable[Any], session: Session, *, seed: SeedRule = 0,
                first_token_call: bool = True, ordered: bool = True,
                schedule: Schedule | None = None, progress=None,
-               engine: RolloutEngine | None = None) -> Iterator[RolloutResult]:
+               engine: RolloutEngine | None = None,
+               block_tokens: int = 0) -> Iterator[RolloutResult]:
     """Replay every trace of the stream over the session's rows (``TraceEpisode``), continuously;
     the random tokens of trace ``i`` come from ``episode_seed(seed, i, trace)``."""
     total = len(traces) if hasattr(traces, "__len__") else None
     engine = engine or RolloutEngine(session, schedule=schedule,
                                      progress=_progress(progress, total))
     episodes = (TraceEpisode(trace, seed=episode_seed(seed if seed is not None else 0, i, trace),
-                             first_token_call=first_token_call)
+                             first_token_call=first_token_call, block_tokens=block_tokens)
                 for i, trace in enumerate(traces))
     yield from _closing(engine, engine.run(episodes, ordered=ordered, total=total))
 
