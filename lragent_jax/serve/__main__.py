@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--capacity", type=_positive, default=4096,
                    help="tokens per trajectory: prompt plus completion (default 4096)")
     g = p.add_argument_group("scheduling")
-    g.add_argument("--block-tokens", type=int, default=32,
+    g.add_argument("--block-tokens", type=int, default=16,
                    help="tokens a generation makes per engine call before other requests may "
-                        "join (0: a whole generation in one call; default 32)")
+                        "join (a call decodes until its longest row is done, so shorter blocks "
+                        "let rows that finish early take their next turn sooner; 0: a whole "
+                        "generation in one call; default 16)")
     g.add_argument("--stream-first-token", action=argparse.BooleanOptionalAction, default=True,
                    help="a streamed generation's first call makes one token (earlier first "
                         "token; default on)")

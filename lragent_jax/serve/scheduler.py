@@ -125,7 +125,7 @@ class Engine:
     else runs in the engine thread.
     """
 
-    def __init__(self, session: Session, *, block_tokens: int = 32,
+    def __init__(self, session: Session, *, block_tokens: int = 16,
                  stream_first_token: bool = True, schedule: Schedule | None = None,
                  max_waiting: int = 4096, batch_wait: float | None = None,
                  row_grace: float = 0.05, call_log: str | None = None):

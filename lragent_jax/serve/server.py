@@ -109,7 +109,7 @@ class Server:
 
 
 def build_server(model: Model, *, mode: str = "base_lowrank_shared", rows: int = 8,
-                 capacity: int = 4096, block_tokens: int = 32, stream_first_token: bool = True,
+                 capacity: int = 4096, block_tokens: int = 16, stream_first_token: bool = True,
                  served_name: str | None = None, completion_max_tokens: int = 16,
                  chat_max_tokens: int = 1024, prefill_chunk: int = 512,
                  min_chunk_bucket: int = 16, min_new_bucket: int | None = None, seed: int = 0,
