@@ -595,7 +595,8 @@ class Session:
         """Compile ahead of time every program of ``turn_programs(max_new_tokens, sampling)``, so
         that no turn of that kind stops to compile (a many-layer program takes seconds).
         ``workers`` programs compile at once, in threads (default: 1 on a CPU, whose compiler
-        already uses every core; else up to 8, one per two host cores). Each is then run once
+        already uses every core, and always 1 there while a persistent compilation cache is on;
+        else up to 8, one per two host cores). Each is then run once
         with no row taking part: the trajectories, their cache entries and the counters stay as
         they were, so it may be called at any time. ``progress(i, n, shape, seconds)`` is called
         as each compile ends. Returns one dict per program (chunk_bucket, long_rows,
@@ -606,6 +607,11 @@ class Session:
             host_cores = os.cpu_count() or 2
             workers = 1 if jax.default_backend() == "cpu" else max(1, min(8, host_cores // 2))
         _positive_int("workers", workers)
+        if (workers > 1 and jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache
+                and jax.config.jax_compilation_cache_dir):
+            # jax 0.11.2 can crash writing CPU executables to the persistent cache from several
+            # threads at once (seen as a segmentation fault in put_executable_and_time)
+            workers = 1
 
         def idle_inputs(shape):
             inputs = self._empty_inputs()

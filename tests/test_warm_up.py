@@ -115,7 +115,17 @@ def test_warm_up_compiles_every_program_the_turns_run_and_changes_nothing(model)
     assert warm.tokens == cold.tokens
 
 
-def test_programs_compiled_in_threads_serve_the_turns(model):
+@pytest.fixture
+def no_persistent_cache():
+    """Another test may have turned the persistent compilation cache on (on a CPU, warm_up then
+    compiles one program at a time); this one needs threads."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+def test_programs_compiled_in_threads_serve_the_turns(model, no_persistent_cache):
     s = _session(model, capacity=128)  # programs no other test compiled
     seen = []
     report = s.warm_up(workers=2, progress=lambda i, n, shape, sec: seen.append((i, n, shape)))
@@ -128,3 +138,36 @@ def test_programs_compiled_in_threads_serve_the_turns(model):
     assert run_turn._cache_size() == compiled, "a turn compiled a program warm_up did not"
     with pytest.raises(ValueError, match="workers"):
         s.warm_up(workers=0)
+
+
+def test_warm_up_compiles_one_at_a_time_on_a_cpu_with_a_persistent_cache(model, tmp_path,
+                                                                          monkeypatch):
+    """jax 0.11.2 can crash writing CPU executables to the persistent cache from several threads:
+    there warm_up takes one worker whatever it is asked."""
+    import concurrent.futures
+
+    from lragent_jax import session as session_module
+    from lragent_jax.runtime import enable_compilation_cache
+
+    pools = []
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers, *args, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, *args, **kwargs)
+
+    monkeypatch.setattr(session_module.concurrent.futures, "ThreadPoolExecutor", Recording)
+    saved = {name: getattr(jax.config, name) for name in (
+        "jax_enable_compilation_cache", "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs")}
+    try:
+        enable_compilation_cache(tmp_path / "cache")
+        s = _session(model, batch=1, capacity=64)
+        assert len(s.warm_up(workers=2)) == len(s.turn_programs()) > 0
+        assert pools == [1]
+    finally:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()  # later compiles use the restored folder, if any

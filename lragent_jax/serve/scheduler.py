@@ -448,13 +448,13 @@ class Engine:
             self.metrics.engine_calls.inc()
             self.metrics.engine_seconds.inc(end - start)
             self.metrics.prefill_slots.inc(self.session.prefill_slots - slots)
+            rows, chunk = self.batcher.last_shape
+            self.metrics.calls_by_shape.inc(rows=rows, chunk_bucket=chunk)
+            self.metrics.seconds_by_shape.inc(end - start, rows=rows, chunk_bucket=chunk)
         if self._call_log is not None and self.batcher.last_call is not None:
             record = {"end": end - self._started, **dataclasses.asdict(self.batcher.last_call)}
             self._call_log.write(json.dumps(record) + "\n")
             self._call_log.flush()
-            rows, chunk = self.batcher.last_shape
-            self.metrics.calls_by_shape.inc(rows=rows, chunk_bucket=chunk)
-            self.metrics.seconds_by_shape.inc(end - start, rows=rows, chunk_bucket=chunk)
         answered = len(self._jobs)
         for d in done:
             job = d.tag
