@@ -119,13 +119,20 @@ def test_warm_up_compiles_every_program_the_turns_run_and_changes_nothing(model)
 def no_persistent_cache():
     """Another test may have turned the persistent compilation cache on (on a CPU, warm_up then
     compiles one program at a time); this one needs threads."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # jax keeps a cache it started using until reset
     yield
     jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
 
 
 def test_programs_compiled_in_threads_serve_the_turns(model, no_persistent_cache):
+    from lragent_jax.session import _persistent_cache_active
+
+    assert not _persistent_cache_active()  # so warm_up below compiles in two threads
     s = _session(model, capacity=128)  # programs no other test compiled
     seen = []
     report = s.warm_up(workers=2, progress=lambda i, n, shape, sec: seen.append((i, n, shape)))
