@@ -109,20 +109,16 @@ def calls_by_shape(calls) -> dict:
     return {f"{r}x{b}": v for (r, b), v in sorted(out.items())}
 
 
-def call_summary(calls, long_prefill: int = 512) -> dict:
-    """How a run's calls were made up (``CallStats`` or their dicts): decode steps in all (a call
-    decodes until its last row is done), the calls carrying a chunk over ``long_prefill`` tokens
-    (the schedule's long turns), those chunks, and the seconds of those calls and of the rest."""
-    def get(c, name):
-        return c[name] if isinstance(c, dict) else getattr(c, name)
-
-    long = [c for c in calls if get(c, "chunk_max") > long_prefill]
-    return {"decode_steps": sum(get(c, "decode_steps") for c in calls),
-            "long_calls": len(long),
-            "long_chunks": sum(n > long_prefill for c in calls for n in get(c, "chunks")),
-            "long_call_s": sum(get(c, "seconds") for c in long),
-            "other_call_s": sum(get(c, "seconds") for c in calls) - sum(get(c, "seconds")
-                                                                         for c in long)}
+def call_summary(calls: list[dict], long_prefill: int = 512) -> dict:
+    """How a run's calls were made up (``CallStats`` as dicts, or a server's ``--call-log``
+    lines): decode steps in all (a call decodes until its last row is done), the calls carrying a
+    chunk over ``long_prefill`` tokens (the schedule's long turns), those chunks, and the seconds
+    of those calls and of the rest."""
+    long = [c for c in calls if c["chunk_max"] > long_prefill]
+    long_s = sum(c["seconds"] for c in long)
+    return {"decode_steps": sum(c["decode_steps"] for c in calls), "long_calls": len(long),
+            "long_chunks": sum(n > long_prefill for c in calls for n in c["chunks"]),
+            "long_call_s": long_s, "other_call_s": sum(c["seconds"] for c in calls) - long_s}
 
 
 def _percentile(values, q):
@@ -155,6 +151,7 @@ def measure(session: Session, make_episodes, *, episodes: int, warmup: int,
     prefilled = {a: sum(r.prefilled.get(a, 0) for r in results) for a in session.agent_names}
     generated = sum(r.generated for r in results)
     batcher = engine.batcher
+    log = [dataclasses.asdict(c) for c in batcher.calls]
     row = {
         "rows": session.batch, "capacity": session.capacity, "episodes": len(results),
         "failed": len(results) - len(ok),
@@ -174,14 +171,14 @@ def measure(session: Session, make_episodes, *, episodes: int, warmup: int,
         "episodes_s_ex_compile": len(results) / max(seconds - clock.seconds, 1e-9),
         "calls_by_bucket": _calls_by_bucket(batcher.calls),
         "calls_by_shape": calls_by_shape(batcher.calls),
-        "call_summary": call_summary(batcher.calls),
+        "call_summary": call_summary(log),
         "cache_bytes": session.analytic_cache_bytes()["total"],
         **_device_memory(),
     }
     if score is not None:
         row.update(score(results))
     if keep_calls:
-        row["call_log"] = [dataclasses.asdict(c) for c in batcher.calls]
+        row["call_log"] = log
     return row
 
 

@@ -69,6 +69,20 @@ def enable_compilation_cache(path: str | os.PathLike | None, *,
     return path
 
 
+def persistent_cache_active() -> bool:
+    """Whether compiles may write to jax's persistent compilation cache: its settings say so, or
+    an earlier compile started using it (jax keeps using it until ``reset_cache``)."""
+    import jax
+
+    if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
+        return True
+    try:
+        from jax._src import compilation_cache
+        return bool(compilation_cache._cache_used or compilation_cache._cache_initialized)
+    except (ImportError, AttributeError):  # another jax: trust the settings
+        return False
+
+
 # ---------------------------------------------------------------------------- compile statistics
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"

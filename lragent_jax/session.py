@@ -32,6 +32,7 @@ from lragent_jax.generate import SAMPLING_KINDS, TurnInputs, TurnShape, bucket, 
 from lragent_jax.inference import (check_fused_adapters, fuse_adapters, fused_groups,
                                    prepare_adapters, to_inference_params)
 from lragent_jax import sharding
+from lragent_jax.runtime import persistent_cache_active
 from lragent_jax.lora import NO_ADAPTER, cache_view, validate_adapters
 from lragent_jax.stops import stop_index
 from pallas_kernels.flash_lora_attention.api import IMPLEMENTATIONS
@@ -43,18 +44,6 @@ STOP_MASK_CACHE = 256
 # segments per step: each step reads every weight once, which on a Hopper GPU in bf16 takes about
 # as long as computing ~190 tokens (its FLOP/byte ridge), plus the step's launches.
 LANE_STEP_TOKENS = 256
-
-
-def _persistent_cache_active() -> bool:
-    """Whether compiles may write to jax's persistent compilation cache: its settings say so, or
-    an earlier compile started using it (jax keeps using it until ``reset_cache``)."""
-    if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
-        return True
-    try:
-        from jax._src import compilation_cache
-        return bool(compilation_cache._cache_used or compilation_cache._cache_initialized)
-    except (ImportError, AttributeError):  # another jax: trust the settings
-        return False
 
 
 class CapacityError(ValueError):
@@ -619,7 +608,7 @@ class Session:
             host_cores = os.cpu_count() or 2
             workers = 1 if jax.default_backend() == "cpu" else max(1, min(8, host_cores // 2))
         _positive_int("workers", workers)
-        if workers > 1 and jax.default_backend() == "cpu" and _persistent_cache_active():
+        if workers > 1 and jax.default_backend() == "cpu" and persistent_cache_active():
             # jax 0.11.2 can crash writing CPU executables to the persistent cache from several
             # threads at once (seen as a segmentation fault in put_executable_and_time)
             workers = 1

@@ -130,9 +130,9 @@ def no_persistent_cache():
 
 
 def test_programs_compiled_in_threads_serve_the_turns(model, no_persistent_cache):
-    from lragent_jax.session import _persistent_cache_active
+    from lragent_jax.runtime import persistent_cache_active
 
-    assert not _persistent_cache_active()  # so warm_up below compiles in two threads
+    assert not persistent_cache_active()  # so warm_up below compiles in two threads
     s = _session(model, capacity=128)  # programs no other test compiled
     seen = []
     report = s.warm_up(workers=2, progress=lambda i, n, shape, sec: seen.append((i, n, shape)))

@@ -430,7 +430,7 @@ class Engine:
         self._pending[job.row] = job
 
     def _step(self) -> None:
-        start, slots = time.perf_counter(), self.session.prefill_slots
+        start = time.perf_counter()
         try:
             done = self.batcher.step()
         except Exception as e:  # the call failed (e.g. device memory): the session kept its logs
@@ -447,11 +447,11 @@ class Engine:
         with self.metrics:
             self.metrics.engine_calls.inc()
             self.metrics.engine_seconds.inc(end - start)
-            self.metrics.prefill_slots.inc(self.session.prefill_slots - slots)
+            self.metrics.prefill_slots.inc(self.batcher.last_call.prefill_slots)
             rows, chunk = self.batcher.last_shape
             self.metrics.calls_by_shape.inc(rows=rows, chunk_bucket=chunk)
             self.metrics.seconds_by_shape.inc(end - start, rows=rows, chunk_bucket=chunk)
-        if self._call_log is not None and self.batcher.last_call is not None:
+        if self._call_log is not None:
             record = {"end": end - self._started, **dataclasses.asdict(self.batcher.last_call)}
             self._call_log.write(json.dumps(record) + "\n")
             self._call_log.flush()
