@@ -597,7 +597,7 @@ class Session:
         that no turn of that kind stops to compile (a many-layer program takes seconds).
         ``workers`` programs compile at once, in threads (default: 1 on a CPU, whose compiler
         already uses every core, and always 1 there while a persistent compilation cache is on;
-        else up to 8, one per two host cores). Each is then run once
+        else up to 8, one per two host cores; 1: in the calling thread). Each is then run once
         with no row taking part: the trajectories, their cache entries and the counters stay as
         they were, so it may be called at any time. ``progress(i, n, shape, seconds)`` is called
         as each compile ends. Returns one dict per program (chunk_bucket, long_rows,
@@ -629,13 +629,19 @@ class Session:
             return time.perf_counter() - t0
 
         seconds = [0.0] * len(shapes)
-        with concurrent.futures.ThreadPoolExecutor(workers, "lragent-warm-up") as pool:
-            futures = {pool.submit(compile_one, shape): i for i, shape in enumerate(shapes)}
-            for n, future in enumerate(concurrent.futures.as_completed(futures)):
-                i = futures[future]
-                seconds[i] = future.result()
+        if workers == 1:  # in this thread, as every other compile (no pool)
+            for i, shape in enumerate(shapes):
+                seconds[i] = compile_one(shape)
                 if progress is not None:
-                    progress(n + 1, len(shapes), shapes[i], seconds[i])
+                    progress(i + 1, len(shapes), shape, seconds[i])
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, "lragent-warm-up") as pool:
+                futures = {pool.submit(compile_one, shape): i for i, shape in enumerate(shapes)}
+                for n, future in enumerate(concurrent.futures.as_completed(futures)):
+                    i = futures[future]
+                    seconds[i] = future.result()
+                    if progress is not None:
+                        progress(n + 1, len(shapes), shapes[i], seconds[i])
         for shape in shapes:  # the first run of each (its kernels load); nothing compiles
             try:
                 with self._on_mesh():

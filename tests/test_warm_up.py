@@ -149,8 +149,9 @@ def test_programs_compiled_in_threads_serve_the_turns(model, no_persistent_cache
 
 def test_warm_up_compiles_one_at_a_time_on_a_cpu_with_a_persistent_cache(model, tmp_path,
                                                                           monkeypatch):
-    """jax 0.11.2 can crash writing CPU executables to the persistent cache from several threads:
-    there warm_up takes one worker whatever it is asked."""
+    """jax 0.11.2 can crash writing CPU executables to the persistent cache from several threads
+    (and crashed once compiling in a pool thread there): warm_up then compiles in the calling
+    thread, whatever number of workers it is asked for."""
     import concurrent.futures
 
     from lragent_jax import session as session_module
@@ -171,7 +172,7 @@ def test_warm_up_compiles_one_at_a_time_on_a_cpu_with_a_persistent_cache(model, 
         enable_compilation_cache(tmp_path / "cache")
         s = _session(model, batch=1, capacity=64)
         assert len(s.warm_up(workers=2)) == len(s.turn_programs()) > 0
-        assert pools == [1]
+        assert pools == []  # no thread pool: every program compiled in this thread
     finally:
         from jax.experimental.compilation_cache import compilation_cache
 
