@@ -71,14 +71,16 @@ def enable_compilation_cache(path: str | os.PathLike | None, *,
 
 def persistent_cache_active() -> bool:
     """Whether compiles may write to jax's persistent compilation cache: its settings say so, or
-    an earlier compile started using it (jax keeps using it until ``reset_cache``)."""
+    an earlier compile opened a cache folder (jax keeps using it until ``reset_cache``). jax's own
+    ``_cache_used`` is not asked: it is set on the first compile whenever the cache is enabled,
+    which it is by default, with or without a folder."""
     import jax
 
     if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
         return True
     try:
         from jax._src import compilation_cache
-        return bool(compilation_cache._cache_used or compilation_cache._cache_initialized)
+        return bool(compilation_cache._cache_initialized)
     except (ImportError, AttributeError):  # another jax: trust the settings
         return False
 

@@ -6,6 +6,13 @@ import os
 
 import pytest
 
+# No test of this process uses jax's persistent compilation cache, and none writes to the user's
+# cache folder: a run of the eval CLI or the main job here resolves its cache to "off". jax 0.11.2
+# crashed (segmentation faults, in a compile or a cache write) late in full CI runs once the CPU
+# cache had been used in the pytest process. The tests of the cache itself run in subprocesses.
+os.environ["LRAGENT_COMPILATION_CACHE"] = "off"
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # read by jax when it is imported
+
 
 class CharTokenizer:
     """ids: 0 pad, 1 bos, 2 eos, 3.. printable ASCII (32..126) and newline."""

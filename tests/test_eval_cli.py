@@ -29,13 +29,6 @@ SMALL = TINY + ["--questions", "2", "--batch", "2", "--max-steps", "2", "--min-b
                 "--capacity", "2048"]
 
 
-@pytest.fixture
-def cache_off_after():
-    """Tests that point the compilation cache somewhere put it back off for the next tests."""
-    yield
-    runtime.enable_compilation_cache(None)
-
-
 def _results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
@@ -90,18 +83,27 @@ def test_every_registered_part_lands_in_the_json(tmp_path, capsys):
         capsys.readouterr().out
 
 
+def _eval_in_subprocess(argv: list[str], env: dict[str, str]) -> None:
+    """``python -m eval argv`` in its own process: the persistent cache is never used in the pytest
+    process (see conftest.py), and a new process starts with no compiled programs in memory."""
+    proc = subprocess.run([sys.executable, "-m", "eval", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
-def test_compilation_cache_is_hit_on_a_second_run_and_can_be_turned_off(tmp_path,
-                                                                       cache_off_after):
+def test_compilation_cache_is_hit_on_a_second_run_and_can_be_turned_off(tmp_path):
     cache = tmp_path / "xla"
-    jax.clear_caches()  # programs compiled by earlier tests would never reach the disk cache
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env.pop(runtime.CACHE_ENV, None)
     args = SMALL + ["--parts", "rollout", "--modes", "base_lowrank_shared", "--no-plots"]
-    assert cli.main(args + ["--out", str(tmp_path / "a"), "--compilation-cache", str(cache)]) == 0
+    _eval_in_subprocess(args + ["--out", str(tmp_path / "a"), "--compilation-cache", str(cache)],
+                        env)
     first = _results(tmp_path / "a")["compilation"]
     assert first["cache_misses"] > 0 and first["cache_hits"] == 0
     assert any(cache.iterdir())
-    jax.clear_caches()  # a new process would start with no compiled programs in memory
-    assert cli.main(args + ["--out", str(tmp_path / "b"), "--compilation-cache", str(cache)]) == 0
+    _eval_in_subprocess(args + ["--out", str(tmp_path / "b"), "--compilation-cache", str(cache)],
+                        env)
     second = _results(tmp_path / "b")["compilation"]
     # every program the first run wrote is read back; the second run may still write one whose
     # compile time crossed the cache's 0.2 s write threshold on a loaded CPU (_fuse_layer takes
@@ -110,13 +112,9 @@ def test_compilation_cache_is_hit_on_a_second_run_and_can_be_turned_off(tmp_path
     assert second["cache_misses"] < second["cache_hits"]
     assert second["compile_seconds"] < first["compile_seconds"]
 
-    jax.clear_caches()
-    other = tmp_path / "unused"
-    os.environ[runtime.CACHE_ENV] = str(other)
-    try:
-        assert cli.main(args + ["--out", str(tmp_path / "c"), "--compilation-cache", "off"]) == 0
-    finally:
-        del os.environ[runtime.CACHE_ENV]
+    other = tmp_path / "unused"  # the flag's "off" wins over a folder in the environment
+    _eval_in_subprocess(args + ["--out", str(tmp_path / "c"), "--compilation-cache", "off"],
+                        {**env, runtime.CACHE_ENV: str(other)})
     third = _results(tmp_path / "c")
     assert third["compilation_cache"] is None
     assert third["compilation"]["cache_hits"] == 0 and not other.exists()

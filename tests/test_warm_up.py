@@ -19,12 +19,16 @@ TOK = CharTokenizer()
 AGENTS = ("plan", "action", "reflect")
 
 
-@pytest.fixture(scope="module")
-def model():
+def _model():
     cfg = ModelConfig.tiny(vocab_size=TOK.vocab_size, eos_token_ids=())
     params = init_params(jax.random.key(11), cfg)
     lora = LoraConfig(rank=4, targets=("q", "v"), agents=AGENTS)
     return cfg, params, lora, init_adapters(jax.random.key(12), cfg, lora, b_scale=0.3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
 
 
 def _session(model, batch=4, **kw):
@@ -115,24 +119,10 @@ def test_warm_up_compiles_every_program_the_turns_run_and_changes_nothing(model)
     assert warm.tokens == cold.tokens
 
 
-@pytest.fixture
-def no_persistent_cache():
-    """Another test may have turned the persistent compilation cache on (on a CPU, warm_up then
-    compiles one program at a time); this one needs threads."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # jax keeps a cache it started using until reset
-    yield
-    jax.config.update("jax_enable_compilation_cache", before)
-    compilation_cache.reset_cache()
-
-
-def test_programs_compiled_in_threads_serve_the_turns(model, no_persistent_cache):
+def test_programs_compiled_in_threads_serve_the_turns(model):
     from lragent_jax.runtime import persistent_cache_active
 
-    assert not persistent_cache_active()  # so warm_up below compiles in two threads
+    assert not persistent_cache_active()  # conftest.py: so warm_up below compiles in two threads
     s = _session(model, capacity=128)  # programs no other test compiled
     seen = []
     report = s.warm_up(workers=2, progress=lambda i, n, shape, sec: seen.append((i, n, shape)))
@@ -147,35 +137,55 @@ def test_programs_compiled_in_threads_serve_the_turns(model, no_persistent_cache
         s.warm_up(workers=0)
 
 
-def test_warm_up_compiles_one_at_a_time_on_a_cpu_with_a_persistent_cache(model, tmp_path,
-                                                                          monkeypatch):
+_ONE_AT_A_TIME = """
+import concurrent.futures, json, sys
+
+from lragent_jax import session as session_module
+from lragent_jax.runtime import enable_compilation_cache, persistent_cache_active
+from tests.test_warm_up import _model, _session
+
+pools = []
+
+class Recording(concurrent.futures.ThreadPoolExecutor):
+    def __init__(self, workers, *args, **kwargs):
+        pools.append(workers)
+        super().__init__(workers, *args, **kwargs)
+
+session_module.concurrent.futures.ThreadPoolExecutor = Recording
+enable_compilation_cache(sys.argv[1], min_compile_seconds=0)  # every program is written
+s = _session(_model(), batch=1, capacity=64)
+out = {"active": persistent_cache_active(), "compiled": len(s.warm_up(workers=2)),
+       "programs": len(s.turn_programs()), "pools": pools}
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+jax.config.update("jax_enable_compilation_cache", False)
+out["active_after_settings_off"] = persistent_cache_active()  # jax still holds the folder
+compilation_cache.reset_cache()
+out["active_after_reset"] = persistent_cache_active()
+print(json.dumps(out))
+"""
+
+
+def test_warm_up_compiles_one_at_a_time_on_a_cpu_with_a_persistent_cache(tmp_path):
     """jax 0.11.2 can crash writing CPU executables to the persistent cache from several threads
     (and crashed once compiling in a pool thread there): warm_up then compiles in the calling
-    thread, whatever number of workers it is asked for."""
-    import concurrent.futures
+    thread, whatever number of workers it is asked for. In a subprocess: no test uses the
+    persistent cache in the pytest process (conftest.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from lragent_jax import session as session_module
-    from lragent_jax.runtime import enable_compilation_cache
-
-    pools = []
-
-    class Recording(concurrent.futures.ThreadPoolExecutor):
-        def __init__(self, workers, *args, **kwargs):
-            pools.append(workers)
-            super().__init__(workers, *args, **kwargs)
-
-    monkeypatch.setattr(session_module.concurrent.futures, "ThreadPoolExecutor", Recording)
-    saved = {name: getattr(jax.config, name) for name in (
-        "jax_enable_compilation_cache", "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs")}
-    try:
-        enable_compilation_cache(tmp_path / "cache")
-        s = _session(model, batch=1, capacity=64)
-        assert len(s.warm_up(workers=2)) == len(s.turn_programs()) > 0
-        assert pools == []  # no thread pool: every program compiled in this thread
-    finally:
-        from jax.experimental.compilation_cache import compilation_cache
-
-        for name, value in saved.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()  # later compiles use the restored folder, if any
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _ONE_AT_A_TIME, str(tmp_path / "cache")],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["active"]
+    assert out["compiled"] == out["programs"] > 0
+    assert out["pools"] == []  # no thread pool: every program compiled in the calling thread
+    assert any((tmp_path / "cache").iterdir())  # the programs went to the persistent cache
+    assert out["active_after_settings_off"] and not out["active_after_reset"]
