@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 
 import pytest
 
 # No test of this process uses jax's persistent compilation cache, and none writes to the user's
-# cache folder: a run of the eval CLI or the main job here resolves its cache to "off". jax 0.11.2
-# crashed (segmentation faults, in a compile or a cache write) late in full CI runs once the CPU
-# cache had been used in the pytest process. The tests of the cache itself run in subprocesses.
+# cache folder: a run of the eval CLI or the main job here resolves its cache to "off". The tests
+# of the cache itself run in subprocesses.
 os.environ["LRAGENT_COMPILATION_CACHE"] = "off"
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # read by jax when it is imported
 
@@ -30,6 +31,20 @@ class CharTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return "".join(self.chars[i - 3] if i >= 3 else ("" if skip_special_tokens else f"<{i}>")
                        for i in ids)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """After each test module, drop every compiled program. On a CPU each one holds about three
+    memory mappings, and one process running the whole suite reached Linux's default limit of
+    65,530 (vm.max_map_count): XLA then crashed in a later compile (a segmentation fault or an
+    abort, late in the run, in whichever test compiled next). Tests share programs within a module
+    only."""
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
