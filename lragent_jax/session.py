@@ -609,8 +609,9 @@ class Session:
             workers = 1 if jax.default_backend() == "cpu" else max(1, min(8, host_cores // 2))
         _positive_int("workers", workers)
         if workers > 1 and jax.default_backend() == "cpu" and persistent_cache_active():
-            # jax 0.11.2 can crash writing CPU executables to the persistent cache from several
-            # threads at once (seen as a segmentation fault in put_executable_and_time)
+            # conservative: a crash once seen there (a CPU cache write from a pool thread) was
+            # traced to the process's memory-mapping limit, but concurrent CPU cache writes in
+            # jax 0.11.2 have not been shown safe either
             workers = 1
 
         def idle_inputs(shape):

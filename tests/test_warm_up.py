@@ -168,10 +168,9 @@ print(json.dumps(out))
 
 
 def test_warm_up_compiles_one_at_a_time_on_a_cpu_with_a_persistent_cache(tmp_path):
-    """jax 0.11.2 can crash writing CPU executables to the persistent cache from several threads
-    (and crashed once compiling in a pool thread there): warm_up then compiles in the calling
-    thread, whatever number of workers it is asked for. In a subprocess: no test uses the
-    persistent cache in the pytest process (conftest.py)."""
+    """On a CPU with the persistent cache on, warm_up compiles in the calling thread, whatever
+    number of workers it is asked for (concurrent CPU cache writes are not shown safe). In a
+    subprocess: no test uses the persistent cache in the pytest process (conftest.py)."""
     import json
     import os
     import subprocess
