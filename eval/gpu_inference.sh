@@ -74,7 +74,8 @@ case "${1:-}" in
     # wave; 24: three per client, so that episodes start out of step on both sides), BLOCK_TOKENS
     # (default 0: a turn's rest in one call; else both sides generate in blocks). Measured on
     # an H200 with 8 episodes: 99-173 s base+LR, 169 s non-shared, before both sides compiled
-    # every call program ahead (bench_serve's program warm-up, up to about 2 minutes a side cold)
+    # every call program ahead (bench_serve's program warm-up, up to about 2 minutes a side cold);
+    # with it and BLOCK_TOKENS=16, non-shared took 334 s with 24 episodes and 205 s with 8
     episodes=${EPISODES:-8}
     for mode in ${SERVE_MODES:-base_lowrank_shared non_shared}; do
       limit=$(( 320 + 6 * episodes )); [ $mode = non_shared ] && limit=$(( 360 + 9 * episodes ))
