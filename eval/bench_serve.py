@@ -155,9 +155,9 @@ def _episode_tokens(trace, seed: int, vocab: int):
 
 
 async def _run_clients(url: str, seeds: list[int], length: int, clients: int, vocab: int,
-                       tokenizer, token_offset: int = 0) -> dict:
-    """Episodes of ``generate_trace(length, seed)`` for each seed, their random tokens drawn from
-    ``seed + token_offset``, by ``clients`` concurrent clients."""
+                       tokenizer, token_offset: int = 0, generate_scale: float = 1.0) -> dict:
+    """Episodes of ``generate_trace(length, seed, generate_scale=...)`` for each seed, their
+    random tokens drawn from ``seed + token_offset``, by ``clients`` concurrent clients."""
     host, port = url.removeprefix("http://").split(":")
     queue = list(reversed(seeds))
     ttft, turn_s, episode_s, generated = [], [], [], {}
@@ -168,7 +168,7 @@ async def _run_clients(url: str, seeds: list[int], length: int, clients: int, vo
         try:
             while queue:
                 seed = queue.pop()
-                trace = generate_trace(length, seed)
+                trace = generate_trace(length, seed, generate_scale=generate_scale)
                 history, appends = _episode_tokens(trace, seed + token_offset, vocab)
                 name = f"bench-{seed + token_offset}"
                 t0 = time.perf_counter()
@@ -212,7 +212,7 @@ def _client_process(results, barrier, *args) -> None:
 
 
 def run_clients(url: str, seeds: list[int], length: int, clients: int, vocab: int, tokenizer,
-                token_offset: int = 0, processes: int = 1) -> dict:
+                token_offset: int = 0, processes: int = 1, generate_scale: float = 1.0) -> dict:
     """``_run_clients`` with the clients spread over ``processes`` OS processes (each its own
     event loop, seeds dealt round-robin), as separate agents would be: in one process the
     clients' JSON work is serialized. perf_counter is the system's monotonic clock on Linux, so
@@ -220,14 +220,15 @@ def run_clients(url: str, seeds: list[int], length: int, clients: int, vocab: in
     processes = min(processes, clients)
     if processes <= 1:
         return asyncio.run(_run_clients(url, seeds, length, clients, vocab, tokenizer,
-                                        token_offset))
+                                        token_offset, generate_scale))
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     results, barrier = ctx.Queue(), ctx.Barrier(processes)
     workers = [ctx.Process(target=_client_process, daemon=True, args=(
         results, barrier, url, seeds[p::processes], length,
-        clients // processes + (p < clients % processes), vocab, tokenizer, token_offset))
+        clients // processes + (p < clients % processes), vocab, tokenizer, token_offset,
+        generate_scale))
         for p in range(processes)]
     for w in workers:
         w.start()
@@ -310,9 +311,11 @@ def _round_trips(before: dict, after: dict, name: str = "lragent_client_return_s
 
 
 def longest_generation(opts) -> int:
-    """The most tokens one turn of the episodes generates (the server's warm-up covers it)."""
-    return max(t.generate for i in range(opts.episodes)
-               for t in generate_trace(opts.length, opts.seed + i).turns)
+    """The most tokens one call of the episodes generates (the warm-up covers it): a turn's
+    longest generation, or with ``--block-tokens`` at most a block."""
+    longest = max(t.generate for i in range(opts.episodes) for t in generate_trace(
+        opts.length, opts.seed + i, generate_scale=opts.generate_scale).turns)
+    return min(longest, opts.block_tokens) if opts.block_tokens else longest
 
 
 def start_server(opts, mode: str, log, call_log: str | None = None
@@ -396,13 +399,15 @@ def run_http(opts, mode: str, tokenizer, log) -> dict:
         if opts.warmup:
             warm = run_clients(url, [opts.seed + i for i in range(opts.warmup)], opts.length,
                                min(opts.clients, opts.warmup), vocab, tokenizer,
-                               token_offset=WARMUP_TOKENS, processes=opts.client_processes)
+                               token_offset=WARMUP_TOKENS, processes=opts.client_processes,
+                               generate_scale=opts.generate_scale)
             if warm["errors"]:
                 raise RuntimeError(f"warm-up failed: {warm['errors'][:3]}")
         before = _metrics(url)
         first = len(_read_calls(call_log))
         run = run_clients(url, [opts.seed + i for i in range(opts.episodes)], opts.length,
-                          opts.clients, vocab, tokenizer, processes=opts.client_processes)
+                          opts.clients, vocab, tokenizer, processes=opts.client_processes,
+                          generate_scale=opts.generate_scale)
         after = _metrics(url)
         calls = _read_calls(call_log)[first:]
     finally:
@@ -463,7 +468,8 @@ def run_engine(opts, mode: str, weights, log) -> dict:
             return out
 
     def make(start, count):  # measure() warms up with start=10_000: the same traces' shapes
-        return (Kept(generate_trace(opts.length, opts.seed + start % 10_000 + i),
+        return (Kept(generate_trace(opts.length, opts.seed + start % 10_000 + i,
+                                    generate_scale=opts.generate_scale),
                      seed=opts.seed + i + (WARMUP_TOKENS if start else 0),
                      block_tokens=opts.block_tokens)
                 for i in range(count))
@@ -533,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated from {', '.join(MODES)} (default base_lowrank_shared)")
     p.add_argument("--length", type=int, default=16384, help="episode length in tokens (>= 256)")
     p.add_argument("--episodes", type=int, default=16, help="timed episodes per mode and side")
+    p.add_argument("--generate-scale", type=float, default=1.0,
+                   help="multiply every turn's generated tokens (default 1: 2-48 a turn, 13 on "
+                        "average at 16k; 8: about 100), for workloads of longer answers")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed episodes first (default: --clients)")
     p.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients (default 8)")
@@ -584,6 +593,12 @@ def main(argv=None) -> int:
         parser.error(f"--sides takes http and/or engine; got {opts.sides!r}")
     if opts.length < 256:
         parser.error(f"--length must be >= 256; got {opts.length}")
+    try:  # every trace the run will replay (warm-up and timed episodes share seeds)
+        for i in range(max(opts.episodes, opts.warmup if opts.warmup is not None else 0,
+                           opts.clients)):
+            generate_trace(opts.length, opts.seed + i, generate_scale=opts.generate_scale)
+    except ValueError as e:
+        parser.error(f"--generate-scale: {e}")
     for name in ("episodes", "clients", "client_processes"):
         if getattr(opts, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(opts, name)}")

@@ -73,20 +73,35 @@ def _count(value, what: str) -> int:
 
 
 def generate_trace(total: int, seed: int = 0, *, plan: str = "plan", action: str = "action",
-                   reflect: str = "reflect") -> Trace:
-    """A ReAct-shaped trace of exactly ``total`` tokens (>= 256), deterministic by (total, seed)."""
+                   reflect: str = "reflect", generate_scale: float = 1.0) -> Trace:
+    """A ReAct-shaped trace of exactly ``total`` tokens (>= 256), deterministic by (total, seed).
+
+    A turn generates 2-48 tokens (13 on average at 16k); ``generate_scale`` multiplies every
+    turn's generation (at least 1 token each) for workloads of longer answers, the prompt and
+    observations taking what is left of ``total``."""
     if total < 256:
         raise ValueError(f"trace total length must be >= 256 tokens; got {total}")
+    if isinstance(generate_scale, bool) or not isinstance(generate_scale, (int, float)) \
+            or not generate_scale > 0:
+        raise ValueError(f"generate_scale must be a number > 0; got {generate_scale!r}")
     rng = np.random.default_rng([seed, total])
+
+    def scaled(n: int) -> int:
+        return max(1, round(n * generate_scale))
+
     steps = int(rng.integers(2, 5))  # tool-using steps before Finish
-    step_turns = [[(plan, 8, int(rng.integers(16, 48))), (plan, 8, 3),
-                   (action, 10, int(rng.integers(6, 16)))] for _ in range(steps)]
-    closing = [(plan, 8, int(rng.integers(12, 32))), (plan, 8, 2), (action, 10, 2),
-               (reflect, 14, int(rng.integers(10, 24))), (reflect, 8, 4)]
+    step_turns = [[(plan, 8, scaled(int(rng.integers(16, 48)))), (plan, 8, scaled(3)),
+                   (action, 10, scaled(int(rng.integers(6, 16))))] for _ in range(steps)]
+    closing = [(plan, 8, scaled(int(rng.integers(12, 32)))), (plan, 8, scaled(2)),
+               (action, 10, scaled(2)), (reflect, 14, scaled(int(rng.integers(10, 24)))),
+               (reflect, 8, scaled(4))]
     # short traces get fewer tool steps so that the prompt keeps at least 48 tokens
     while steps > 1 and sum(a + g for t in step_turns + [closing] for _, a, g in t) > total - 48:
         step_turns.pop()
         steps -= 1
+    if sum(a + g for t in step_turns + [closing] for _, a, g in t) > total - 48:
+        raise ValueError(f"generate_scale {generate_scale:g} leaves no room for a 48-token prompt "
+                         f"in a {total}-token trace: use a longer trace or a smaller scale")
     turns = [t for group in step_turns for t in group] + closing
     fixed = sum(a + g for _, a, g in turns)
     # the rest is the prompt (instruction + question) and the tool observations
@@ -105,7 +120,8 @@ def generate_trace(total: int, seed: int = 0, *, plan: str = "plan", action: str
             append += int(sizes[step])
             step += 1
         out.append(TraceTurn(agent, append, gen))
-    trace = Trace(name=f"react-{total}-s{seed}", prompt=prompt, turns=tuple(out))
+    name = f"react-{total}-s{seed}" + (f"-g{generate_scale:g}" if generate_scale != 1 else "")
+    trace = Trace(name=name, prompt=prompt, turns=tuple(out))
     assert trace.total == total, (trace.total, total)
     return trace
 

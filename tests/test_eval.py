@@ -94,6 +94,23 @@ def test_trace_generation_is_deterministic_and_exact(length, tmp_path):
     assert load_traces(path) == [a]
 
 
+def test_generate_scale_multiplies_every_turns_generation_and_keeps_the_total():
+    base = generate_trace(16384, seed=5)
+    assert generate_trace(16384, seed=5, generate_scale=1.0) == base  # the default, exactly
+    long = generate_trace(16384, seed=5, generate_scale=8)
+    assert long.total == 16384 and long.name == base.name + "-g8"
+    assert [t.agent for t in long.turns] == [t.agent for t in base.turns]
+    assert [t.generate for t in long.turns] == [max(1, round(t.generate * 8)) for t in base.turns]
+    assert long.prompt < base.prompt  # the prompt and observations make room
+    short = generate_trace(16384, seed=5, generate_scale=0.1)
+    assert min(t.generate for t in short.turns) == 1 and short.total == 16384
+    for bad in (0, -1, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="generate_scale must be a number > 0"):
+            generate_trace(16384, generate_scale=bad)
+    with pytest.raises(ValueError, match="leaves no room for a 48-token prompt in a 256-token"):
+        generate_trace(256, generate_scale=10)
+
+
 def test_trace_errors(tmp_path):
     with pytest.raises(ValueError, match="must be >= 256 tokens; got 100"):
         generate_trace(100)

@@ -55,13 +55,15 @@ def test_bench_serve_runs_and_http_gives_the_engine_tokens(tmp_path):
 
 def test_clients_spread_over_processes_give_the_same_episodes(tmp_path):
     """--client-processes: the clients run in separate processes (as separate agents would), the
-    runs' times merged over them; the same turns and greedy tokens as the in-process engine."""
+    runs' times merged over them; the same turns and greedy tokens as the in-process engine.
+    With --generate-scale 2 both sides generate the scaled traces' tokens, in blocks of 8."""
     from eval.bench_serve import main
+    from eval.traces import generate_trace
 
     out = tmp_path / "bench.json"
-    assert main(["--random-weights", "tiny", "--length", "256", "--episodes", "3", "--clients",
+    assert main(["--random-weights", "tiny", "--length", "384", "--episodes", "3", "--clients",
                  "3", "--client-processes", "2", "--warmup", "2", "--compile-cache", "",
-                 "--out", str(out)]) == 0
+                 "--generate-scale", "2", "--block-tokens", "8", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = {r["side"]: r for r in payload["rows"]}
     http, engine = rows["http"], rows["engine"]
@@ -70,6 +72,14 @@ def test_clients_spread_over_processes_give_the_same_episodes(tmp_path):
     assert http["prefilled_total"] == engine["prefilled_total"]
     assert payload["summary"][0]["same_tokens_episodes"] == "3/3"
     assert http["return_n"] == http["turns"] - http["episodes"]
+    traces = [generate_trace(384, i, generate_scale=2) for i in range(3)]
+    assert http["turns"] == sum(len(t.turns) for t in traces)
+    generated = sum(t.generate for tr in traces for t in tr.turns)
+    assert generated > sum(generate_trace(384, i).generated for i in range(3))
+    for side in (http, engine):
+        assert side["gen_tok_s"] * side["seconds"] == pytest.approx(generated)
+        # in blocks of 8: no call decodes more than 8 steps, and the warm-up covered 8 at most
+        assert max(c["decode_steps"] for c in side["call_log"]) <= 8
 
 
 def test_client_processes_must_be_positive(capsys):
@@ -78,3 +88,14 @@ def test_client_processes_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["--client-processes", "0"])
     assert "--client-processes must be >= 1; got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale, message", [
+    ("0", "generate_scale must be a number > 0; got 0.0"),
+    ("8", "generate_scale 8 leaves no room for a 48-token prompt in a 256-token trace")])
+def test_generate_scale_is_checked_on_every_trace_before_anything_starts(capsys, scale, message):
+    from eval.bench_serve import main
+
+    with pytest.raises(SystemExit):
+        main(["--random-weights", "tiny", "--length", "256", "--generate-scale", scale])
+    assert f"--generate-scale: {message}" in capsys.readouterr().err
