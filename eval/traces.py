@@ -99,11 +99,11 @@ def generate_trace(total: int, seed: int = 0, *, plan: str = "plan", action: str
     while steps > 1 and sum(a + g for t in step_turns + [closing] for _, a, g in t) > total - 48:
         step_turns.pop()
         steps -= 1
-    if sum(a + g for t in step_turns + [closing] for _, a, g in t) > total - 48:
-        raise ValueError(f"generate_scale {generate_scale:g} leaves no room for a 48-token prompt "
-                         f"in a {total}-token trace: use a longer trace or a smaller scale")
     turns = [t for group in step_turns for t in group] + closing
     fixed = sum(a + g for _, a, g in turns)
+    if fixed > total - 48:  # even one tool step does not fit
+        raise ValueError(f"generate_scale {generate_scale:g} leaves no room for a 48-token prompt "
+                         f"in a {total}-token trace: use a longer trace or a smaller scale")
     # the rest is the prompt (instruction + question) and the tool observations
     budget = total - fixed
     prompt = max(32, int(budget * rng.uniform(0.3, 0.5)))
